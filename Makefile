@@ -1,0 +1,57 @@
+# convert: make install | demo | test | test-fast | lint | bench | clean
+# Everything runs inside a project virtualenv (.venv); `make install` creates it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+OUT    ?= out
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+# The test environment is pinned by constraints.txt (torch must be exactly 2.13.0: its CPU
+# build is cached on the project machines; anything else pulls GBs of CUDA packages).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+# The main job on the bundled example: a TensorFlow checkpoint folder (examples/model1, written by
+# tf.compat.v1.train.Saver) to safetensors and back to a V2 checkpoint, then a V1 checkpoint migrated.
+demo: install
+	rm -rf $(OUT) && mkdir -p $(OUT)
+	$(BIN)/convert inspect examples/model1
+	$(BIN)/convert tf-ckpt examples/model1 --to safetensors -o $(OUT)/model1.safetensors
+	$(BIN)/convert safetensors $(OUT)/model1.safetensors --to tf-ckpt -o $(OUT)/model1-roundtrip
+	$(BIN)/convert tf-ckpt examples/model1_v1 --to tf-ckpt -o $(OUT)/model1-migrated
+	$(BIN)/convert inspect $(OUT)/model1-roundtrip
+
+# The whole suite, slow tests included (this is what CI runs).
+test: install
+	$(BIN)/python -m pytest -q
+
+# The quick loop while developing.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" -x
+
+lint: install
+	$(BIN)/ruff check convert tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) $(OUT) build dist *.egg-info .pytest_cache .ruff_cache
+
+# ---------------------------------------------------------------------------------------------
+# How a pipeline uses convert: pattern rules. Outputs are atomic (a failed conversion leaves no
+# file for make to mistake as up to date), the exit status is non-zero on failure, --quiet keeps
+# logs clean and the bytes are the same on every run. E.g. `make $(OUT)/model1.safetensors`.
+$(OUT)/%.safetensors: examples/%/checkpoint | install
+	@mkdir -p $(@D)
+	$(BIN)/convert tf-ckpt examples/$* --to safetensors -o $@ --force --quiet
+
+$(OUT)/%.pt: $(OUT)/%.safetensors | install
+	$(BIN)/convert safetensors $< --to torch -o $@ --force --quiet

@@ -1,0 +1,298 @@
+"""The public operations: read, write, convert, inspect.
+
+Data flows one way: path -> adapter.read -> TensorDict -> selection, mapping, cast
+-> TensorDict -> adapter.write -> path, then verification of what was written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from . import dtypes, fileio, registry
+from .errors import ConvertError, UsageError, VerificationError, WriteError
+from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest
+
+PathLike = os.PathLike | str
+DROPPED_BY_WEIGHTS_ONLY = ("optimizer", "step")
+
+
+def _format(path: PathLike, format: str | None) -> registry.FormatInfo:
+    if format is None or format == "auto":
+        return registry.detect(path)
+    return registry.get(format)
+
+
+def _options(info: registry.FormatInfo, side: str, opts: Mapping[str, object]) -> dict:
+    """Keep the options that are set; refuse any the format's reader/writer does not take."""
+    declared = {o.keyword: o for o in getattr(registry.load(info), "OPTIONS", ()) if o.side == side}
+    given = {k: v for k, v in opts.items() if v is not None and v is not False and v != []}
+    for key in given:
+        if key not in declared:
+            verb = "reading" if side == "read" else "writing"
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} does not apply to {verb} {info.name}")
+    return given
+
+
+def read(path: PathLike, format: str | None = None, **opts) -> TensorDict:
+    """Read a checkpoint lazily: tensors are listed, their data is read only when asked for.
+
+    Args:
+        path: a file or folder.
+        format: a format name from ``convert formats``; None or "auto" detects it from content.
+        **opts: format-specific reading options (e.g. ``step=190`` for tf-ckpt).
+
+    Returns:
+        The :class:`~convert.ir.TensorDict`.
+
+    Example:
+        >>> td = convert.read("model1/")          # doctest: +SKIP
+        >>> td["conv1/w"].numpy().shape           # doctest: +SKIP
+    """
+    info = _format(path, format)
+    if info.reader is None:
+        raise UsageError(f"{info.name} is a write-only format name; read with format=None")
+    registry.require(info, "read")
+    kwargs = _options(info, "read", opts)
+    return getattr(registry.load(info), info.reader)(Path(path), **kwargs)
+
+
+def check_dtypes(td: TensorDict, info: registry.FormatInfo, path: PathLike) -> None:
+    """Fail before writing anything when the format cannot hold some tensor's dtype, listing them all."""
+    bad = [t for t in td.values() if getattr(t.dtype, info.dtype_column) is None]
+    if bad:
+        kinds = ", ".join(sorted({t.dtype.name for t in bad}))
+        names = ", ".join(t.name for t in bad)
+        raise WriteError(path, f"{info.name} cannot hold {kinds} tensors: {names} (leave them out with --exclude)")
+
+
+def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, verify: bool = True,
+          **opts) -> dict:
+    """Write a TensorDict atomically, then (by default) read it back and compare every tensor.
+
+    Args:
+        td: what to write.
+        path: the output file or folder; must not exist unless ``force``.
+        format: a format name from ``convert formats``.
+        force: replace an existing output.
+        verify: re-read the output with the format's reader and compare each tensor's values.
+        **opts: format-specific writing options.
+
+    Returns:
+        A summary: output, format, tensor count, bytes, whether verified.
+    """
+    info = registry.get(format)
+    if info.writer is None:
+        raise UsageError(f"{info.name} cannot be written")
+    registry.require(info, "write")
+    kwargs = _options(info, "write", opts)
+    path = Path(path)
+    check_dtypes(td, info, path)
+    module = registry.load(info)
+    seen: dict[str, int] = {}
+    verified = False
+    with fileio.atomic_output(path, force) as tmp:
+        getattr(module, info.writer)(_recording(td, seen), tmp, **kwargs)
+        if verify and info.reader is not None and not registry.missing(info, "read"):
+            _verify(td, seen, getattr(module, info.reader)(tmp), path)
+            verified = True
+    return {"output": str(path), "format": info.name, "tensors": len(td), "bytes": td.nbytes,
+            "verified": verified}
+
+
+class _Recording(Source):
+    """Passes a tensor's data through unchanged, noting its digest for verification."""
+
+    def __init__(self, tensor: Tensor, seen: dict[str, int]):
+        self.tensor, self.seen = tensor, seen
+
+    def chunks(self, nbytes, size=CHUNK):
+        crc = 0
+        for piece in self.tensor.source.chunks(nbytes, size):
+            crc = google_crc32c.extend(crc, piece)
+            yield piece
+        self.seen[self.tensor.name] = crc
+
+    def array(self, dtype, shape):
+        arr = self.tensor.numpy()
+        self.seen[self.tensor.name] = array_digest(arr)
+        return arr
+
+
+def _recording(td: TensorDict, seen: dict[str, int]) -> TensorDict:
+    return td.replace(Tensor(t.name, t.dtype, t.shape, _Recording(t, seen), t.attrs) for t in td.values())
+
+
+def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path: Path) -> None:
+    for name, t in expected.items():
+        if name not in got:
+            raise VerificationError(path, "missing from the written output", name)
+        g = got[name]
+        if g.dtype != t.dtype or g.shape != t.shape:
+            raise VerificationError(path, f"reads back as {g.dtype} {list(g.shape)}, wrote {t.dtype} {list(t.shape)}", name)
+        want = seen[name] if name in seen else digest(t)
+        if digest(g) != want:
+            raise VerificationError(path, "reads back with different values", name)
+
+
+def _patterns(regexes: Iterable[str | re.Pattern]) -> list[re.Pattern]:
+    try:
+        return [re.compile(p) for p in regexes]
+    except re.error as e:
+        raise UsageError(f"bad regular expression '{e.pattern}': {e}") from None
+
+
+def select(td: TensorDict, include: Iterable[str | re.Pattern] = (), exclude: Iterable[str | re.Pattern] = (),
+           weights_only: bool = False) -> TensorDict:
+    """Keep tensors whose name matches any ``include`` regex (all when none), minus ``exclude`` matches,
+    minus optimizer state and step counters when ``weights_only``."""
+    inc, exc = _patterns(include), _patterns(exclude)
+    kept = [t for name, t in td.items()
+            if (not inc or any(r.search(name) for r in inc))
+            and not any(r.search(name) for r in exc)
+            and not (weights_only and t.attrs.get("role") in DROPPED_BY_WEIGHTS_ONLY)]
+    return td.replace(kept)
+
+
+def _float_dtype(name: str) -> dtypes.DType:
+    target = dtypes.by_name(name)
+    if not target.is_floating:
+        raise UsageError(f"--dtype must be a floating dtype, not {target}")
+    return target
+
+
+def cast_floating(td: TensorDict, dtype: str) -> TensorDict:
+    """Cast every floating tensor to ``dtype`` (lazily), refusing values the target cannot hold."""
+    target = _float_dtype(dtype)
+
+    def cast(t: Tensor) -> Tensor:
+        def fn(arr: np.ndarray) -> np.ndarray:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = arr.astype(target.numpy)
+                overflow = np.isfinite(arr) & ~np.isfinite(out.astype(np.float64))
+            if overflow.any():
+                worst = float(np.max(np.abs(arr[overflow].astype(np.float64))))
+                raise ConvertError(f"tensor '{t.name}': value {worst:g} overflows {target}; "
+                                   f"leave it out with --exclude or pick a wider --dtype")
+            return out
+        return derived(t, fn, target, t.shape)
+
+    return td.replace(cast(t) if t.dtype.is_floating and t.dtype != target else t for t in td.values())
+
+
+def apply_maps(td: TensorDict, maps: Sequence[str]):
+    """Apply rule files / presets in order; returns (TensorDict, report or None)."""
+    if not maps:
+        return td, None
+    from . import mapping
+
+    return mapping.apply(td, [mapping.load(m) for m in maps])
+
+
+_STRIP = re.compile(r"(\.safetensors\.index\.json|\.index|\.data-\d+-of-\d+|\.safetensors|\.pt|\.pth|\.bin|"
+                    r"\.ckpt|\.onnx|\.pb)$")
+
+
+def default_output(src: PathLike, info: registry.FormatInfo, label: str | None = None) -> Path:
+    """Beside the input, named after it: ``model1/`` -> ``model1.safetensors``."""
+    p = Path(os.path.abspath(src))
+    stem = _STRIP.sub("", p.name) or p.name
+    if label:
+        stem = f"{stem}-{label}"
+    return p.parent / (stem + info.suffix if info.suffix else f"{stem}.{info.name}")
+
+
+def _labelled(path: Path, label: str) -> Path:
+    if path.suffix and path.suffix != ".":
+        return path.with_name(f"{path.stem}-{label}{path.suffix}")
+    return path.with_name(f"{path.name}-{label}")
+
+
+def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: str | None = None,
+            include: Iterable[str] = (), exclude: Iterable[str] = (), dtype: str | None = None,
+            maps: Sequence[str] = (), weights_only: bool = False, force: bool = False, verify: bool = True,
+            read_opts: Mapping[str, object] | None = None,
+            write_opts: Mapping[str, object] | None = None) -> dict:
+    """Convert one checkpoint (or, with ``read_opts={"all_steps": True}``, every retained one).
+
+    Args:
+        src: input file or folder.
+        dst: output path; default beside the input, named after it.
+        to: destination format name.
+        src_format: source format name; None or "auto" detects it from content.
+        include, exclude: regexes on source names.
+        dtype: cast floating tensors to this dtype.
+        maps: rule files or preset names, applied in order.
+        weights_only: drop optimizer state and step counters.
+        force: overwrite an existing output.
+        verify: read the output back and compare.
+        read_opts, write_opts: format-specific options.
+
+    Returns:
+        A JSON-able summary of what was done (one entry per output under ``outputs``).
+
+    Example:
+        >>> convert.convert("model1/", to="safetensors")   # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    src_info = _format(src, src_format)
+    dst_info = registry.get(to)
+    # Check the whole request before touching any file.
+    read_opts = _options(src_info, "read", read_opts or {})
+    write_opts = _options(dst_info, "write", write_opts or {})
+    patterns = _patterns(include), _patterns(exclude)
+    if dtype:
+        _float_dtype(dtype)
+    module = registry.load(src_info)
+    if read_opts.get("all_steps"):
+        if not hasattr(module, "expand"):
+            raise UsageError(f"--all-steps does not apply to {src_info.name}")
+        read_opts.pop("all_steps")
+        jobs = [(label, path) for label, path in module.expand(Path(src), **read_opts)]
+    else:
+        jobs = [(None, Path(src))]
+    outputs = []
+    for label, path in jobs:
+        if dst is None:
+            out = default_output(src, dst_info, label)
+        else:
+            out = Path(dst) if label is None else _labelled(Path(dst), label)
+        if os.path.abspath(out) == os.path.abspath(path) or os.path.abspath(out) == os.path.abspath(src):
+            raise UsageError(f"{out}: the output would replace the input; name another with -o")
+        fileio.check_writable(out, force)
+        td = read(path, src_info.name, **read_opts)
+        source_count = len(td)
+        td = select(td, *patterns, weights_only)
+        if not td and source_count:
+            raise UsageError(f"{src}: no tensor is left after --include/--exclude/--weights-only")
+        td, report = apply_maps(td, maps)
+        if dtype:
+            td = cast_floating(td, dtype)
+        result = write(td, out, dst_info.name, force=force, verify=verify, **write_opts)
+        result.update(source=str(path), source_format=src_info.name, source_tensors=source_count)
+        if label is not None:
+            result["label"] = label
+        if report is not None:
+            result["mapping"] = report.to_dict()
+        outputs.append(result)
+    return {"outputs": outputs, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def inspect(path: PathLike, format: str | None = None, **opts) -> dict:
+    """What a checkpoint holds: format, every tensor's name, dtype, shape, bytes and role, totals, metadata.
+
+    Only headers/indexes are read (string tensors, which are small, are read to count their bytes).
+    """
+    info = _format(path, format)
+    td = read(path, info.name, **opts)
+    tensors = [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "bytes": t.nbytes,
+                **{k: v for k, v in t.attrs.items()}} for t in td.values()]
+    return {"path": str(path), "format": info.name, "tensors": tensors, "count": len(tensors),
+            "total_bytes": sum(t["bytes"] for t in tensors), "metadata": dict(td.metadata)}

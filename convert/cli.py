@@ -1,0 +1,210 @@
+"""The command line: the only module that prints or exits.
+
+    convert SRC_FORMAT SRC_PATH --to DST_FORMAT [-o OUT] [options]
+    convert inspect PATH [--json]
+    convert formats [--json]
+
+Exit status: 0 done, 1 the input or the conversion failed, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from . import api, registry
+from .errors import ConvertError, UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, status 2
+        raise _UsageExit(f"{self.prog}: {message}")
+
+
+class _UsageExit(Exception):
+    pass
+
+
+def _add_format_options(parser: argparse.ArgumentParser, sides: Sequence[str]) -> None:
+    seen = set()
+    group = parser.add_argument_group("format options")
+    for info, opt in registry.options():
+        if opt.side not in sides or opt.flag in seen:
+            continue
+        seen.add(opt.flag)
+        help_text = f"{opt.help} [{opt.side} {info.name}]"
+        if opt.kind is bool:
+            group.add_argument(opt.flag, dest=opt.keyword, action="store_true", help=help_text)
+        elif opt.kind is list:
+            group.add_argument(opt.flag, dest=opt.keyword, action="append", metavar="VALUE", help=help_text)
+        else:
+            group.add_argument(opt.flag, dest=opt.keyword, type=opt.kind, choices=opt.choices,
+                               metavar=opt.flag.lstrip("-").upper().replace("-", "_"), help=help_text)
+
+
+def _side_options(args: argparse.Namespace, side: str) -> dict:
+    keys = {opt.keyword for _, opt in registry.options() if opt.side == side}
+    return {k: getattr(args, k) for k in sorted(keys) if hasattr(args, k)}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _conversion_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="convert",
+        description="Convert checkpoint weights between formats. Other commands: "
+                    + ", ".join(f"'convert {c} ...'" for c in COMMANDS) + ".",
+        epilog="Formats: " + ", ".join(registry.names()) + ". Exit status: 0 done, 1 failed, 2 usage error.")
+    p.add_argument("src_format", metavar="SRC_FORMAT", help="source format, or 'auto' to detect it from content")
+    p.add_argument("src", metavar="SRC_PATH", help="input file or folder")
+    p.add_argument("--to", required=True, metavar="DST_FORMAT", help="destination format")
+    p.add_argument("-o", "--output", metavar="OUT", help="output path (default: beside the input, named after it)")
+    p.add_argument("--map", action="append", default=[], metavar="FILE_OR_PRESET",
+                   help="apply a mapping rule file or preset (repeatable, in order)")
+    p.add_argument("--include", action="append", default=[], metavar="REGEX",
+                   help="keep only source tensors whose name matches (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="leave out source tensors whose name matches (repeatable)")
+    p.add_argument("--weights-only", action="store_true", help="leave out optimizer state and step counters")
+    p.add_argument("--dtype", metavar="DTYPE", help="cast floating tensors to DTYPE (refuses overflow)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--no-verify", action="store_true", help="do not read the output back to compare")
+    _common(p)
+    _add_format_options(p, ("read", "write"))
+    return p
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)  # pragma: no cover
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def cmd_convert(argv: list[str]) -> int:
+    args = _conversion_parser().parse_args(argv)
+    summary = api.convert(
+        args.src, args.output, to=args.to, src_format=args.src_format, include=args.include,
+        exclude=args.exclude, dtype=args.dtype, maps=args.map, weights_only=args.weights_only,
+        force=args.force, verify=not args.no_verify,
+        read_opts=_side_options(args, "read"), write_opts=_side_options(args, "write"))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        for out in summary["outputs"]:
+            check = "verified" if out["verified"] else "not verified"
+            print(f"wrote {out['output']} ({out['format']}): {out['tensors']} tensors, "
+                  f"{_human(out['bytes'])}, {check}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    p = _Parser(prog="convert inspect", description="List what a checkpoint holds.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--format", default="auto", help="format name (default: detect from content)")
+    _common(p)
+    _add_format_options(p, ("read",))
+    args = p.parse_args(argv)
+    report = api.inspect(args.path, args.format, **_side_options(args, "read"))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    if args.quiet:
+        return EXIT_OK
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"{report['path']}: {report['format']}, {report['count']} tensors, "
+                  f"{_human(report['total_bytes'])}")
+    table = Table(box=None, pad_edge=False)
+    for col in ("name", "dtype", "shape", "bytes", "role"):
+        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+    for t in report["tensors"]:
+        table.add_row(t["name"], t["dtype"], str(t["shape"]), str(t["bytes"]), t.get("role", ""))
+    console.print(table)
+    if report["metadata"]:
+        console.print("metadata:")
+        for k, v in report["metadata"].items():
+            console.print(f"  {k} = {v}", markup=False)
+    return EXIT_OK
+
+
+def cmd_formats(argv: list[str]) -> int:
+    p = _Parser(prog="convert formats", description="Formats, and whether they can be read and written here.")
+    _common(p)
+    args = p.parse_args(argv)
+    rows = []
+    for info in registry.FORMATS:
+        row = {"name": info.name, "aliases": list(info.aliases), "description": info.description}
+        for side, present in (("read", info.reader), ("write", info.writer)):
+            missing = registry.missing(info, side)
+            row[side] = ("no" if present is None else
+                         f"needs pip install 'convert[{missing[0][1]}]'" if missing else "yes")
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("name", "read", "write", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["read"], r["write"], r["description"])
+    _console().print(table)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "inspect": cmd_inspect,
+    "formats": cmd_formats,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return cmd_convert(argv)
+    except SystemExit as e:  # --help and --version exit through argparse
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    except _UsageExit as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"convert: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConvertError as e:
+        if debug:
+            raise
+        print(f"convert: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("convert: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours: still one line, with a way to see more
+        if debug:
+            raise
+        print(f"convert: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,125 @@
+"""The one dtype table of the package.
+
+Each row names a dtype once and gives what every format calls it: the NumPy dtype
+(little-endian, bfloat16 and float8 from ``ml_dtypes``), TensorFlow's ``DataType``
+number (tensorflow/core/framework/types.proto), ONNX's ``TensorProto.DataType``
+number (onnx/onnx.proto), the safetensors header string and the torch dtype name.
+``None`` means the format cannot hold that dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from .errors import ConvertError, UsageError
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    numpy: np.dtype
+    tf: int | None
+    onnx: int | None
+    safetensors: str | None
+    torch: str | None
+    itemsize: int  # 0 for variable-size (string)
+    kind: str  # "float", "int", "uint", "bool", "complex", "string"
+
+    @property
+    def is_floating(self) -> bool:
+        return self.kind == "float"
+
+    def __repr__(self) -> str:
+        return f"dtype({self.name})"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _row(name, np_dtype, tf, onnx, st, torch, kind):
+    dt = np.dtype(np_dtype)
+    if dt.byteorder == ">":  # pragma: no cover - we always ask for little-endian
+        raise AssertionError(name)
+    return DType(name, dt, tf, onnx, st, torch, 0 if kind == "string" else dt.itemsize, kind)
+
+
+#      name            numpy                          TF  ONNX safetensors torch
+TABLE: tuple[DType, ...] = (
+    _row("float64", "<f8", 2, 11, "F64", "float64", "float"),
+    _row("float32", "<f4", 1, 1, "F32", "float32", "float"),
+    _row("float16", "<f2", 19, 10, "F16", "float16", "float"),
+    _row("bfloat16", ml_dtypes.bfloat16, 14, 16, "BF16", "bfloat16", "float"),
+    _row("float8_e4m3fn", ml_dtypes.float8_e4m3fn, 25, 17, "F8_E4M3", "float8_e4m3fn", "float"),
+    _row("float8_e5m2", ml_dtypes.float8_e5m2, 24, 19, "F8_E5M2", "float8_e5m2", "float"),
+    _row("int8", "<i1", 6, 3, "I8", "int8", "int"),
+    _row("int16", "<i2", 5, 5, "I16", "int16", "int"),
+    _row("int32", "<i4", 3, 6, "I32", "int32", "int"),
+    _row("int64", "<i8", 9, 7, "I64", "int64", "int"),
+    _row("uint8", "<u1", 4, 2, "U8", "uint8", "uint"),
+    _row("uint16", "<u2", 17, 4, "U16", "uint16", "uint"),
+    _row("uint32", "<u4", 22, 12, "U32", "uint32", "uint"),
+    _row("uint64", "<u8", 23, 13, "U64", "uint64", "uint"),
+    _row("bool", "?", 10, 9, "BOOL", "bool", "bool"),
+    _row("complex64", "<c8", 8, 14, "C64", "complex64", "complex"),
+    _row("complex128", "<c16", 18, 15, None, "complex128", "complex"),
+    _row("string", object, 7, 8, None, None, "string"),
+)
+
+_BY_NAME = {d.name: d for d in TABLE}
+_ALIASES = {
+    "float": "float32", "double": "float64", "half": "float16", "bf16": "bfloat16",
+    "f64": "float64", "f32": "float32", "f16": "float16", "fp32": "float32", "fp16": "float16",
+    "long": "int64", "int": "int32", "str": "string", "bytes": "string",
+}
+_BY_TF = {d.tf: d for d in TABLE if d.tf is not None}
+_BY_ONNX = {d.onnx: d for d in TABLE if d.onnx is not None}
+_BY_ST = {d.safetensors: d for d in TABLE if d.safetensors is not None}
+_BY_TORCH = {d.torch: d for d in TABLE if d.torch is not None}
+_BY_NUMPY = {d.numpy: d for d in TABLE if d.kind != "string"}
+
+FLOAT32 = _BY_NAME["float32"]
+STRING = _BY_NAME["string"]
+
+
+def by_name(name: str) -> DType:
+    """The row for a canonical name or a common alias (``float``, ``half``, ``bf16``...)."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    try:
+        return _BY_NAME[key]
+    except KeyError:
+        raise UsageError(f"unknown dtype '{name}'; known: {', '.join(_BY_NAME)}") from None
+
+
+def _lookup(table: dict, key, what: str) -> DType:
+    try:
+        return table[key]
+    except KeyError:
+        raise ConvertError(f"unsupported {what} dtype {key!r}") from None
+
+
+def from_tf(enum: int) -> DType:
+    """Row for a TensorFlow ``DataType`` number (reference types, +100, are folded)."""
+    return _lookup(_BY_TF, enum - 100 if enum > 100 else enum, "TensorFlow")
+
+
+def from_onnx(enum: int) -> DType:
+    return _lookup(_BY_ONNX, enum, "ONNX")
+
+
+def from_safetensors(code: str) -> DType:
+    return _lookup(_BY_ST, code, "safetensors")
+
+
+def from_torch(name: str) -> DType:
+    """Row for a torch dtype or its name (``torch.float32`` or ``"float32"``)."""
+    return _lookup(_BY_TORCH, str(name).removeprefix("torch."), "torch")
+
+
+def from_numpy(dtype) -> DType:
+    dt = np.dtype(dtype)
+    if dt.kind in "OSU":
+        return STRING
+    return _lookup(_BY_NUMPY, dt.newbyteorder("<") if dt.byteorder == ">" else dt, "NumPy")

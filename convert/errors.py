@@ -1,0 +1,67 @@
+"""Errors raised by convert. Every one inherits :class:`ConvertError`.
+
+Library code raises these and never prints or exits; ``cli.py`` turns one into a
+single line on stderr and exit status 1. Messages name what failed (file, tensor)
+and, where there is one, how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class ConvertError(Exception):
+    """Base class of every error convert raises on purpose."""
+
+
+class UsageError(ConvertError):
+    """The request itself is inconsistent (an option that does not apply, ...). Exit status 2."""
+
+
+class UnknownFormatError(UsageError):
+    """No format has that name."""
+
+
+class MissingDependencyError(ConvertError):
+    """An optional dependency is needed for this operation; the message says what to install."""
+
+    def __init__(self, what: str, module: str, extra: str):
+        super().__init__(
+            f"{what} needs the Python package '{module}', which is not installed: "
+            f"pip install 'convert[{extra}]'"
+        )
+        self.module = module
+        self.extra = extra
+
+
+class _PathError(ConvertError):
+    def __init__(self, path: os.PathLike | str | None, message: str, tensor: str | None = None):
+        self.path = None if path is None else os.fspath(path)
+        self.tensor = tensor
+        parts = []
+        if self.path is not None:
+            parts.append(self.path)
+        if tensor is not None:
+            parts.append(f"tensor '{tensor}'")
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class ReadError(_PathError):
+    """The input cannot be read (missing, unsupported variant, ...)."""
+
+
+class CorruptFileError(ReadError):
+    """The input is damaged: truncated, bad magic, checksum mismatch, inconsistent header."""
+
+
+class WriteError(_PathError):
+    """The output cannot be written (exists, target cannot hold a dtype, ...)."""
+
+
+class MappingError(ConvertError):
+    """A rule file is invalid, or rules do not fit the tensors they are applied to."""
+
+
+class VerificationError(_PathError):
+    """What was written does not read back equal to what was meant to be written."""

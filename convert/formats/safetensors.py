@@ -1,0 +1,240 @@
+"""safetensors files and Hugging Face sharded safetensors folders.
+
+Spec: https://github.com/huggingface/safetensors#format -- an 8-byte little-endian
+header length N, N bytes of JSON (``{name: {dtype, shape, data_offsets: [begin, end]}}``
+plus an optional ``__metadata__`` str->str map), then the packed data, offsets
+relative to the end of the header.
+
+Sharded checkpoints (https://huggingface.co/docs/transformers/main/en/big_models):
+``model-00001-of-00003.safetensors`` ... plus ``model.safetensors.index.json`` with
+``{"metadata": {"total_size": N}, "weight_map": {name: shard file}}``.
+
+Why by hand and not with the ``safetensors`` library: its readers hand out arrays,
+not file offsets, so a rename-only conversion could not copy bytes without NumPy,
+and its ``numpy`` binding has no bfloat16/float8; its writers take the whole
+checkpoint in memory at once and write non-contiguous arrays in memory order.
+Parsing the JSON header ourselves gives lazy :class:`~convert.ir.FileRegion` s and a
+streaming writer. The library is the oracle in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+
+from .. import dtypes
+from ..errors import CorruptFileError, ReadError, WriteError
+from ..fileio import copy_tensor
+from ..ir import FileRegion, Tensor, TensorDict
+from ..registry import Option
+
+NAME = "safetensors"
+OPTIONS = (
+    Option("--max-shard-size", "write", str,
+           "write a Hugging Face sharded folder with shards of at most this size (e.g. 5GB, 500MB)"),
+)
+
+_MAX_HEADER = 100 << 20  # the reference implementation refuses headers above 100 MB
+_INDEX_SUFFIX = ".safetensors.index.json"
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+
+
+def detect(path: Path) -> bool:
+    if path.is_dir():
+        return _index_in(path) is not None or any(path.glob("*.safetensors"))
+    if path.name.endswith(_INDEX_SUFFIX):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = struct.unpack("<Q", head[:8])[0]
+    return head[8:9] == b"{" and 2 <= n <= min(_MAX_HEADER, size - 8)
+
+
+def _index_in(folder: Path) -> Path | None:
+    found = sorted(folder.glob("*" + _INDEX_SUFFIX))
+    return found[0] if found else None
+
+
+def read(path: Path) -> TensorDict:
+    """Read a ``.safetensors`` file, a sharded folder, or its ``*.safetensors.index.json``."""
+    path = Path(path)
+    if path.is_dir():
+        index = _index_in(path)
+        if index is not None:
+            return _read_sharded(index)
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) == 1:
+            return _read_file(files[0])
+        if not files:
+            raise ReadError(path, "folder holds no .safetensors file")
+        if all(_SHARD.match(f.name) for f in files):
+            return _merge(path, [_read_file(f) for f in files], {})
+        raise ReadError(path, f"folder holds {len(files)} .safetensors files and no index.json; name one of them")
+    if path.name.endswith(_INDEX_SUFFIX):
+        return _read_sharded(path)
+    return _read_file(path)
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """The header of one file: (offset of the data section, parsed JSON). Validated."""
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptFileError(path, "file is shorter than the 8-byte header length")
+            n = struct.unpack("<Q", head)[0]
+            if n > _MAX_HEADER or n > size - 8:
+                raise CorruptFileError(path, f"header length {n} is larger than the file allows")
+            raw = f.read(n)
+    except OSError as e:
+        raise ReadError(path, f"cannot read: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(path, "header is not a JSON object")
+    return 8 + n, header
+
+
+def _read_file(path: Path) -> TensorDict:
+    start, header = read_header(path)
+    data_size = path.stat().st_size - start
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptFileError(path, "__metadata__ must map strings to strings")
+    entries = []
+    for name, info in header.items():
+        try:
+            dtype = dtypes.from_safetensors(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except Exception as e:  # any malformed entry: KeyError, TypeError, ValueError, ConvertError
+            raise CorruptFileError(path, f"malformed header entry ({type(e).__name__}: {e})", name) from None
+        if any(d < 0 for d in shape):
+            raise CorruptFileError(path, f"negative dimension in shape {list(shape)}", name)
+        if not 0 <= begin <= end <= data_size:
+            raise CorruptFileError(path, f"data_offsets [{begin}, {end}] lie outside the data section"
+                                         f" of {data_size} bytes (file truncated?)", name)
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CorruptFileError(path, f"holds {end - begin} bytes but {dtype} {list(shape)} needs"
+                                         f" {math.prod(shape) * dtype.itemsize}", name)
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    pos = 0
+    for begin, end, name, _, _ in entries:
+        if begin != pos:
+            raise CorruptFileError(path, "tensor data overlaps or leaves a gap", name)
+        pos = end
+    tensors = [Tensor(name, dtype, shape, FileRegion(str(path), start + begin, end - begin, label=name))
+               for begin, end, name, dtype, shape in entries]
+    return TensorDict(tensors, {**meta, "source.format": NAME})
+
+
+def _read_sharded(index: Path) -> TensorDict:
+    try:
+        doc = json.loads(index.read_text("utf-8"))
+        weight_map = doc["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except OSError as e:
+        raise ReadError(index, f"cannot read: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptFileError(index, f"not a safetensors index ({type(e).__name__}: {e})") from None
+    shards = list(dict.fromkeys(weight_map.values()))
+    parts = []
+    for shard in shards:
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise ReadError(index, f"shard '{shard}' named in the index does not exist")
+        parts.append(_read_file(shard_path))
+    merged = _merge(index, parts, {f"hf.{k}": str(v) for k, v in (doc.get("metadata") or {}).items()})
+    missing = [n for n in weight_map if n not in merged]
+    if missing:
+        raise CorruptFileError(index, f"tensors named in the index are in no shard: {', '.join(missing)}")
+    return merged
+
+
+def _merge(where: Path, parts: list[TensorDict], extra_meta: dict) -> TensorDict:
+    tensors: dict[str, Tensor] = {}
+    for part in parts:
+        for name, t in part.items():
+            if name in tensors:
+                raise CorruptFileError(where, "tensor appears in two shards", name)
+            tensors[name] = t
+    meta = {**(parts[0].metadata if parts else {}), **extra_meta}
+    return TensorDict(tensors.values(), meta)
+
+
+def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None:
+    """Write one ``.safetensors`` file, or a sharded folder when ``max_shard_size`` is set.
+
+    Memory: one tensor at a time (see :func:`convert.fileio.copy_tensor`).
+    """
+    path = Path(path)
+    metadata = dict(td.metadata)
+    if max_shard_size is None:
+        _write_file(list(td.values()), metadata, path)
+        return
+    limit = parse_size(max_shard_size)
+    shards: list[list[Tensor]] = [[]]
+    used = 0
+    for t in td.values():
+        if shards[-1] and used + t.nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(t)
+        used += t.nbytes
+    path.mkdir()
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        _write_file(shard, metadata, path / name)
+        weight_map.update((t.name, name) for t in shard)
+    index = {"metadata": {"total_size": td.nbytes}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", "utf-8")
+
+
+def _write_file(tensors: list[Tensor], metadata: dict, path: Path) -> None:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype.safetensors, "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes with spaces
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors:
+            if copy_tensor(t, f) != t.nbytes:
+                raise WriteError(path, "source produced the wrong number of bytes", t.name)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000 (units as transformers reads them)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise WriteError(None, f"cannot read size '{text}' (examples: 5GB, 500MB, 2GiB)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise WriteError(None, f"size '{text}' must be positive")
+    return size

@@ -1,0 +1,282 @@
+"""The neutral IR: :class:`Tensor` and :class:`TensorDict`.
+
+A Tensor knows its name, dtype, shape and where its bytes are; nothing is read
+until a writer asks (``numpy()``, ``tobytes()`` or ``chunks()``). Raw bytes are
+always little-endian, C order. String tensors hold ``bytes`` objects in a NumPy
+object array and have no raw-byte form.
+
+Nothing here mutates: renaming, selecting and transforming return new objects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+import google_crc32c
+import numpy as np
+
+from .dtypes import DType
+from .errors import ConvertError, CorruptFileError, ReadError
+
+CHUNK = 16 << 20  # bytes per streamed chunk: big enough for throughput, small enough for memory
+
+
+class Source:
+    """Where a tensor's bytes come from. Subclasses implement ``chunks`` or ``array``."""
+
+    def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
+        """The raw bytes in pieces of at most ``size`` bytes."""
+        raise NotImplementedError
+
+    def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor as a NumPy array (any memory layout)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        pos = 0
+        for piece in self.chunks(nbytes):
+            view[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        return np.frombuffer(buf, dtype=dtype.numpy).reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class FileRegion(Source):
+    """``length`` bytes at ``offset`` of a file; optionally checked against a crc32c.
+
+    ``crc32c`` is the plain (unmasked) CRC-32C of the region; a mismatch raises
+    :class:`CorruptFileError` naming ``label`` (the tensor).
+    """
+
+    path: str
+    offset: int
+    length: int
+    crc32c: int | None = None
+    label: str | None = None
+
+    def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
+        if nbytes != self.length:
+            raise CorruptFileError(self.path, f"holds {self.length} bytes, expected {nbytes}", self.label)
+        crc = 0
+        with _open(self.path, self.label) as f:
+            f.seek(self.offset)
+            left = self.length
+            while left:
+                piece = f.read(min(size, left))
+                if not piece:
+                    raise CorruptFileError(self.path, "file is truncated", self.label)
+                if self.crc32c is not None:
+                    crc = google_crc32c.extend(crc, piece)
+                left -= len(piece)
+                yield piece
+        if self.crc32c is not None and crc != self.crc32c:
+            raise CorruptFileError(self.path, f"checksum mismatch (crc32c {crc:#010x}, expected {self.crc32c:#010x})", self.label)
+
+    def read(self) -> bytes:
+        """All bytes of the region in one read, checked."""
+        with _open(self.path, self.label) as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        if len(data) != self.length:
+            raise CorruptFileError(self.path, "file is truncated", self.label)
+        if self.crc32c is not None and google_crc32c.value(data) != self.crc32c:
+            raise CorruptFileError(self.path, "checksum mismatch", self.label)
+        return data
+
+    def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
+        return np.frombuffer(self.read(), dtype=dtype.numpy).reshape(shape)
+
+
+def _open(path: str, label: str | None):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise ReadError(path, f"cannot open: {e.strerror}", label) from None
+
+
+@dataclass(frozen=True, eq=False)
+class ArraySource(Source):
+    """Bytes produced on demand by a function returning a NumPy array."""
+
+    produce: Callable[[], np.ndarray]
+
+    def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
+        return self.produce()
+
+    def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
+        flat = np.ascontiguousarray(self.produce()).reshape(-1).view(np.uint8)
+        for start in range(0, len(flat), size):
+            yield flat[start:start + size]
+
+
+@dataclass(frozen=True, eq=False)
+class Tensor:
+    """One named tensor of the IR. Its data is read only when asked for."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    source: Source
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    """Namespaced facts about the tensor (``role``: ``weight``/``optimizer``/``step``; ``origin``...)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
+
+    @classmethod
+    def from_array(cls, name: str, array, attrs: Mapping[str, str] | None = None) -> Tensor:
+        """A tensor holding a copy of ``array`` (so later changes to it do not leak in)."""
+        from .dtypes import from_numpy
+
+        arr = np.array(array, copy=True)
+        dtype = from_numpy(arr.dtype)
+        if dtype.kind != "string" and arr.dtype != dtype.numpy:
+            arr = arr.astype(dtype.numpy)
+        if dtype.kind == "string":
+            arr = _as_bytes_array(arr)
+        arr.setflags(write=False)
+        return cls(name, dtype, arr.shape, ArraySource(lambda: arr), attrs or {})
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the raw data; for strings, the sum of the element lengths (read lazily)."""
+        if self.dtype.kind == "string":
+            return sum(len(s) for s in self.numpy().reshape(-1))
+        return self.numel * self.dtype.itemsize
+
+    def numpy(self) -> np.ndarray:
+        """The values as a C-contiguous little-endian array of this tensor's dtype and shape."""
+        arr = self.source.array(self.dtype, self.shape)
+        if self.dtype.kind == "string":
+            arr = _as_bytes_array(arr)
+        elif arr.dtype != self.dtype.numpy:
+            raise ConvertError(f"tensor '{self.name}': source produced {arr.dtype}, expected {self.dtype}")
+        if tuple(arr.shape) != self.shape:
+            if arr.size != self.numel:
+                raise ConvertError(f"tensor '{self.name}': source produced shape {arr.shape}, expected {self.shape}")
+            arr = arr.reshape(self.shape)
+        return arr if arr.flags.c_contiguous else arr.copy(order="C")  # ascontiguousarray makes 0-d 1-d
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
+        """The raw bytes (little-endian, C order) in pieces of at most ``size`` bytes."""
+        if self.dtype.kind == "string":
+            raise ConvertError(f"tensor '{self.name}': string tensors have no raw byte form")
+        return self.source.chunks(self.nbytes, size)
+
+    def tobytes(self) -> bytes:
+        if isinstance(self.source, FileRegion):
+            return self.source.read()
+        return b"".join(self.chunks())
+
+    def renamed(self, name: str) -> Tensor:
+        return replace(self, name=name)
+
+    def with_attrs(self, **attrs: str) -> Tensor:
+        return replace(self, attrs={**self.attrs, **attrs})
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.name!r}, {self.dtype.name}, {list(self.shape)})"
+
+
+def derived(tensor: Tensor, fn: Callable[[np.ndarray], np.ndarray], dtype: DType,
+            shape: tuple[int, ...], name: str | None = None) -> Tensor:
+    """A lazy tensor ``fn(tensor.numpy())`` of known dtype and shape; reads ``tensor`` only when asked."""
+    def produce():
+        out = np.asarray(fn(tensor.numpy()))
+        if out.dtype != dtype.numpy and dtype.kind != "string":
+            out = out.astype(dtype.numpy)
+        return out
+    return Tensor(name or tensor.name, dtype, shape, ArraySource(produce), tensor.attrs)
+
+
+def _as_bytes_array(arr: np.ndarray) -> np.ndarray:
+    out = np.empty(arr.shape, dtype=object)
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    for i, v in enumerate(flat_in):
+        flat_out[i] = v.encode("utf-8") if isinstance(v, str) else bytes(v)
+    return out
+
+
+class TensorDict(Mapping[str, Tensor]):
+    """An ordered, read-only mapping name -> :class:`Tensor`, plus string metadata.
+
+    Metadata keys are namespaced (``source.format``, ``tf.global_step``...).
+    """
+
+    def __init__(self, tensors: Iterable[Tensor] | Mapping[str, Tensor] = (),
+                 metadata: Mapping[str, str] | None = None):
+        if isinstance(tensors, Mapping):
+            tensors = tensors.values()
+        items: dict[str, Tensor] = {}
+        for t in tensors:
+            if t.name in items:
+                raise ConvertError(f"two tensors are named '{t.name}'")
+            items[t.name] = t
+        self._tensors = items
+        self.metadata: Mapping[str, str] = MappingProxyType({str(k): str(v) for k, v in (metadata or {}).items()})
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, object], metadata: Mapping[str, str] | None = None) -> TensorDict:
+        """A TensorDict holding copies of NumPy arrays (or anything ``np.array`` accepts)."""
+        return cls((Tensor.from_array(k, v) for k, v in arrays.items()), metadata)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"TensorDict({len(self)} tensors, metadata={dict(self.metadata)})"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.values() if t.dtype.kind != "string")
+
+    def replace(self, tensors: Iterable[Tensor] | None = None, metadata: Mapping[str, str] | None = None) -> TensorDict:
+        """A new TensorDict with other tensors and/or metadata."""
+        return TensorDict(self.values() if tensors is None else tensors,
+                          self.metadata if metadata is None else metadata)
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """Every tensor materialised (for tests and small checkpoints)."""
+        return {k: t.numpy() for k, t in self.items()}
+
+
+def digest(tensor: Tensor) -> int:
+    """CRC-32C of a tensor's values, the same for equal values whatever the source.
+
+    Numeric tensors: over the raw bytes. Strings: see :func:`array_digest`.
+    """
+    if tensor.dtype.kind == "string":
+        return array_digest(tensor.numpy())
+    crc = 0
+    for piece in tensor.chunks():
+        crc = google_crc32c.extend(crc, piece)
+    return crc
+
+
+def array_digest(arr: np.ndarray) -> int:
+    """CRC-32C of an array's values as :func:`digest` computes it for a tensor.
+
+    Numeric: over the C-order bytes. Strings (object arrays of bytes): over each
+    element's length (8 bytes LE) followed by its bytes, so element boundaries count.
+    """
+    if arr.dtype.kind == "O":
+        crc = 0
+        for s in arr.reshape(-1):
+            crc = google_crc32c.extend(crc, len(s).to_bytes(8, "little"))
+            crc = google_crc32c.extend(crc, s)
+        return crc
+    return google_crc32c.value(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))

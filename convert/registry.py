@@ -1,0 +1,122 @@
+"""Which formats exist, how a path is recognised, and lazy import of their adapters.
+
+The table below is the only place a format is listed. An adapter module provides
+``detect(path) -> bool`` (cheap; False for "not mine", never an exception),
+``read(path, **opts) -> TensorDict`` and ``write(td, path, **opts)``, and may
+declare ``OPTIONS``: the :class:`Option` s its reader and writer accept, which the
+CLI turns into flags. Adapter modules import heavy frameworks inside functions only,
+so importing one is cheap.
+
+Detection order: an explicit format name, then content (each adapter's ``detect``,
+in table order), never the extension alone: ``.ckpt`` is TensorFlow or PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from .errors import MissingDependencyError, ReadError, UnknownFormatError
+
+
+@dataclass(frozen=True)
+class Option:
+    """A format-specific option, e.g. ``Option("--step", "read", int, "...")``.
+
+    ``side`` is "read" or "write"; ``kind`` is ``int``, ``float``, ``str``, ``bool``
+    (a flag) or ``list`` (repeatable string). ``dest`` is the keyword the adapter
+    receives (from the flag name unless given).
+    """
+
+    flag: str
+    side: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None = None
+    default: object = None
+    dest: str | None = None
+
+    @property
+    def keyword(self) -> str:
+        return self.dest or self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    name: str
+    module: str
+    description: str
+    aliases: tuple[str, ...] = ()
+    suffix: str = ""
+    """Suffix of a default output file; "" when the output is a directory."""
+    dtype_column: str = "name"
+    """The :class:`~convert.dtypes.DType` field that is None for dtypes this format cannot hold."""
+    needs_to_read: tuple[tuple[str, str], ...] = ()
+    needs_to_write: tuple[tuple[str, str], ...] = ()
+    """(Python module, pip extra) pairs without which the reader/writer cannot work."""
+    reader: str | None = "read"
+    writer: str | None = "write"
+    detector: str | None = "detect"
+
+
+FORMATS: tuple[FormatInfo, ...] = (
+    FormatInfo("safetensors", "convert.formats.safetensors", "safetensors file, or a Hugging Face sharded folder / index.json",
+               aliases=("st",), suffix=".safetensors", dtype_column="safetensors"),
+)
+
+
+def names() -> list[str]:
+    return [f.name for f in FORMATS]
+
+
+def get(name: str) -> FormatInfo:
+    """The format called ``name`` (or one of its aliases)."""
+    key = name.lower()
+    for info in FORMATS:
+        if key == info.name or key in info.aliases:
+            return info
+    raise UnknownFormatError(f"unknown format '{name}'; known formats: {', '.join(names())}")
+
+
+def load(info: FormatInfo) -> ModuleType:
+    """Import the adapter of a format (cheap: adapters import frameworks lazily)."""
+    return importlib.import_module(info.module)
+
+
+def missing(info: FormatInfo, side: str) -> list[tuple[str, str]]:
+    """The (module, extra) pairs this format needs for ``side`` ("read"/"write") that are not installed."""
+    needs = info.needs_to_read if side == "read" else info.needs_to_write
+    return [(m, e) for m, e in needs if importlib.util.find_spec(m) is None]
+
+
+def require(info: FormatInfo, side: str) -> None:
+    """Raise :class:`MissingDependencyError` when ``side`` of this format cannot run here."""
+    for module, extra in missing(info, side):
+        verb = "reading" if side == "read" else "writing"
+        raise MissingDependencyError(f"{verb} {info.name}", module, extra)
+
+
+def detect(path: os.PathLike | str) -> FormatInfo:
+    """The format of ``path``, from its content."""
+    p = Path(path)
+    if not p.exists():
+        raise ReadError(p, "no such file or directory")
+    for info in FORMATS:
+        if info.detector is None:
+            continue
+        if getattr(load(info), info.detector)(p):
+            return info
+    raise ReadError(p, f"not a weight file convert recognises (formats: {', '.join(names())})")
+
+
+def options() -> list[tuple[FormatInfo, Option]]:
+    """Every format-specific option with the format that declares it, in table order."""
+    out = []
+    for info in FORMATS:
+        for opt in getattr(load(info), "OPTIONS", ()):
+            out.append((info, opt))
+    return out

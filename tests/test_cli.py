@@ -1,0 +1,156 @@
+"""The command line, through main(argv) and through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from oracles import safetensors_read
+
+import convert
+from convert.cli import main
+
+SCRIPT = Path(sys.executable).parent / "convert"
+
+
+@pytest.fixture
+def st_file(tmp_path):
+    td = convert.TensorDict.from_arrays({
+        "conv1/w": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "conv1/b": np.ones(4, np.float64),
+        "step": np.int64(190),
+        "big": np.array([1.0, 1e6], np.float32),
+    })
+    path = tmp_path / "model.safetensors"
+    convert.write(td, path, "safetensors")
+    return path
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_convert_writes_beside_input_and_refuses_to_overwrite(st_file, capsys):
+    code, out, err = run(["safetensors", st_file, "--to", "safetensors", "-o", st_file.parent / "copy.safetensors"],
+                         capsys)
+    assert code == 0 and out == "" and "copy.safetensors" in err
+    again = run(["auto", st_file, "--to", "safetensors", "-o", st_file.parent / "copy.safetensors"], capsys)
+    assert again[0] == 1 and "already exists" in again[2] and again[2].count("\n") == 1
+    assert run(["auto", st_file, "--to", "st", "-o", st_file.parent / "copy.safetensors", "--force", "-q"],
+               capsys) == (0, "", "")
+
+
+def test_default_output_never_replaces_the_input(st_file, capsys):
+    code, _, err = run(["auto", st_file, "--to", "safetensors", "--force"], capsys)
+    assert code == 2 and "replace the input" in err
+
+
+def test_default_output_is_named_after_the_input_folder(tmp_path, st_file, capsys):
+    folder = tmp_path / "model1"
+    folder.mkdir()
+    st_file.rename(folder / "model.safetensors")
+    code, _, _ = run(["auto", str(folder) + "/", "--to", "safetensors", "-q"], capsys)
+    assert code == 0 and (tmp_path / "model1.safetensors").is_file()
+
+
+def test_json_summary_and_selection(st_file, capsys):
+    out_path = st_file.parent / "sel.safetensors"
+    code, out, _ = run(["auto", st_file, "--to", "safetensors", "-o", out_path, "--include", "^conv1/",
+                        "--exclude", "/b$", "--json"], capsys)
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["outputs"][0]["tensors"] == 1 and summary["outputs"][0]["verified"] is True
+    assert list(safetensors_read(out_path)) == ["conv1/w"]
+
+
+def test_nothing_left_after_selection_is_a_usage_error(st_file, capsys):
+    code, _, err = run(["auto", st_file, "--to", "safetensors", "-o", st_file.parent / "x.safetensors",
+                        "--include", "nomatch"], capsys)
+    assert code == 2 and "no tensor is left" in err and not (st_file.parent / "x.safetensors").exists()
+
+
+def test_dtype_cast_and_overflow_refusal(st_file, capsys):
+    ok = st_file.parent / "half.safetensors"
+    code, _, _ = run(["auto", st_file, "--to", "safetensors", "-o", ok, "--dtype", "float16", "--exclude", "big"],
+                     capsys)
+    assert code == 0
+    got = safetensors_read(ok)
+    assert got["conv1/w"].dtype == np.float16 and got["conv1/b"].dtype == np.float16
+    assert got["step"].dtype == np.int64  # integers are not cast
+    assert np.array_equal(got["conv1/w"], np.arange(24, dtype=np.float16).reshape(2, 3, 4))
+    bad = st_file.parent / "overflow.safetensors"
+    code, _, err = run(["auto", st_file, "--to", "safetensors", "-o", bad, "--dtype", "float16"], capsys)
+    assert code == 1 and "big" in err and "overflows float16" in err and "Traceback" not in err
+    assert not bad.exists() and sorted(p.name for p in st_file.parent.iterdir()) == ["half.safetensors",
+                                                                                     "model.safetensors"]
+
+
+@pytest.mark.parametrize("argv, status, text", [
+    (["safetensors"], 2, "required"),
+    (["nosuchformat", "x", "--to", "safetensors"], 2, "unknown format 'nosuchformat'"),
+    (["auto", "/nonexistent/file", "--to", "safetensors"], 1, "no such file"),
+    (["safetensors", "{st}", "--to", "safetensors", "--step", "3"], 2, "--step"),
+    (["safetensors", "{st}", "--to", "nope"], 2, "unknown format 'nope'"),
+    (["safetensors", "{st}", "--to", "safetensors", "--dtype", "int8"], 2, "floating"),
+    (["safetensors", "{st}", "--to", "safetensors", "--include", "("], 2, "regular expression"),
+])
+def test_errors_are_one_line_with_the_right_status(st_file, capsys, argv, status, text):
+    argv = [a.replace("{st}", str(st_file)) for a in argv]
+    if "--step" in argv and "--step" not in {o.flag for _, o in convert.registry.options()}:
+        pytest.skip("no format declares --step yet")
+    code, out, err = run(argv, capsys)
+    assert code == status and text in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_junk_input_is_refused_with_one_line(tmp_path, capsys):
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"\x00garbage" * 100)
+    code, _, err = run(["auto", junk, "--to", "safetensors"], capsys)
+    assert code == 1 and "not a weight file" in err and str(junk) in err
+    code, _, err = run(["safetensors", junk, "--to", "safetensors", "-o", tmp_path / "o.safetensors"], capsys)
+    assert code == 1 and str(junk) in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
+
+
+def test_inspect_lists_every_tensor(st_file, capsys):
+    code, out, _ = run(["inspect", st_file, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["format"] == "safetensors" and report["count"] == 4
+    assert {t["name"]: (t["dtype"], t["shape"], t["bytes"]) for t in report["tensors"]}["conv1/w"] == \
+        ("float32", [2, 3, 4], 96)
+    code, out, _ = run(["inspect", st_file], capsys)
+    assert code == 0 and "conv1/w" in out and "float32" in out and "[2, 3, 4]" in out
+
+
+def test_formats_lists_the_registry(capsys):
+    code, out, _ = run(["formats", "--json"], capsys)
+    rows = json.loads(out)
+    assert code == 0 and {r["name"] for r in rows} == set(convert.registry.names())
+    assert all(r["read"] == "yes" or r["read"].startswith(("no", "needs pip install")) for r in rows)
+
+
+def test_help_does_not_import_frameworks():
+    code = ("import sys; from convert.cli import main; main(['--help']); "
+            "print(sorted(m for m in ('tensorflow', 'torch', 'onnxruntime', 'tf2onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]")
+
+
+def test_console_script(st_file):
+    assert SCRIPT.exists(), "the package is not installed (make install)"
+    res = subprocess.run([SCRIPT, "auto", st_file, "--to", "safetensors", "-o", st_file.parent / "s.safetensors",
+                          "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["outputs"][0]["format"] == "safetensors"
+    res = subprocess.run([sys.executable, "-m", "convert", "inspect", st_file, "--json"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and json.loads(res.stdout)["count"] == 4
+    res = subprocess.run([SCRIPT, "auto", st_file.parent / "missing", "--to", "safetensors"], capture_output=True,
+                         text=True)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
