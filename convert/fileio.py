@@ -71,8 +71,9 @@ def atomic_output(dest: os.PathLike | str, force: bool = False) -> Iterator[Path
         if not tmp.exists():
             raise WriteError(dest, "the writer produced nothing")
         _fsync_tree(tmp)
-        if dest.exists() and dest.is_dir() and not dest.is_symlink():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
+        if dest.exists() or dest.is_symlink():
+            # os.replace cannot put a directory over a file or a non-empty directory:
+            # move the old output aside, put the new one in place, then delete the old one.
             old = _temp_name(dest)
             os.replace(dest, old)
             os.replace(tmp, dest)

@@ -66,6 +66,8 @@ class FormatInfo:
 FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("safetensors", "convert.formats.safetensors", "safetensors file, or a Hugging Face sharded folder / index.json",
                aliases=("st",), suffix=".safetensors", dtype_column="safetensors"),
+    FormatInfo("torch", "convert.formats.torch", "PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
+               aliases=("pt", "pytorch", "pth"), suffix=".pt", dtype_column="torch"),
 )
 
 

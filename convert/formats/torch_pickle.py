@@ -1,0 +1,558 @@
+"""A restricted unpickler for PyTorch checkpoints, and the pickle writer for ``.pt`` files.
+
+No code from a checkpoint ever runs. :class:`RestrictedUnpickler` is the pure-Python
+``pickle._Unpickler`` with three changes:
+
+* ``find_class`` answers only from :data:`ALLOWED`: the handful of globals a state_dict
+  needs (``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2/v3``,
+  ``_rebuild_parameter``, the ``torch.*Storage`` classes, torch dtypes, ``torch.Size``,
+  ``torch.device``, a few builtins, NumPy scalars). What it returns are *our own*
+  stand-ins (plain functions and small record classes defined here), never torch's or
+  anything importable: a tensor becomes a :class:`TensorRef` (storage key, offset,
+  shape, stride, dtype), a storage a :class:`StorageRef`. Anything else raises
+  :class:`RefusedGlobal` naming it.
+* ``BUILD`` only updates an ``OrderedDict``'s ``__dict__`` (torch stores module versions
+  there as ``_metadata``) or our own records; ``INST``/``OBJ``/``NEWOBJ``/``EXT*`` are refused
+  (a state_dict never uses them).
+* ``persistent_load`` turns torch's ``('storage', type, key, location, numel[, view])``
+  ids into :class:`StorageRef` s.
+
+Because only stand-ins reach the stack, a ``REDUCE`` can only ever call one of the
+functions below. This mirrors ``torch.load(weights_only=True)``'s allowlist
+(torch/_weights_only_unpickler.py) without importing torch.
+
+The writer (:func:`state_dict_pickle`) emits, opcode by opcode, the protocol-2 pickle
+``torch.save`` writes for a flat ``OrderedDict`` of tensors (no torch needed).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import pickle
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import dtypes
+
+
+class RefusedGlobal(Exception):
+    """The pickle asks for a global (class or function) that a state_dict does not need."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+class PickleFormatError(Exception):
+    """The pickle is well formed but does not describe torch objects the way torch writes them."""
+
+
+# ---- stand-ins -------------------------------------------------------------------------------
+
+# torch's legacy typed storage classes (torch/storage.py _dtype_to_storage_type_map) -> dtype name.
+STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128", "ComplexFloatStorage": "complex64",
+}
+# Quantized storages exist but the IR has no quantized dtype: such tensors are reported, not read.
+QUANTIZED_STORAGES = {"QInt8Storage": 1, "QUInt8Storage": 1, "QInt32Storage": 4,
+                      "QUInt4x2Storage": 1, "QUInt2x4Storage": 1}
+# torch dtypes (torch.<name> globals) with their IR row; others are known but not convertible.
+TORCH_DTYPES = {d.torch: d for d in dtypes.TABLE if d.torch is not None}
+OTHER_TORCH_DTYPES = {  # name -> itemsize, for dtypes torch has and the IR does not
+    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "complex32": 4, "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
+    **{f"uint{i}": 1 for i in range(1, 8)}, **{f"int{i}": 1 for i in range(1, 8)},
+    "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
+}
+# Aliases torch also exposes as globals (torch.float is torch.float32 ...).
+_DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64",
+                  "int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128",
+                  "chalf": "complex32"}
+
+
+@dataclass(frozen=True)
+class DTypeRef:
+    """A torch dtype named in the pickle (``torch.float8_e4m3fn``)."""
+
+    name: str
+
+    @property
+    def ir(self) -> dtypes.DType | None:
+        return TORCH_DTYPES.get(self.name)
+
+    @property
+    def itemsize(self) -> int:
+        d = self.ir
+        return d.itemsize if d is not None else OTHER_TORCH_DTYPES.get(self.name, 1)
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """``torch.FloatStorage`` & co. (``dtype`` set) or ``torch.storage.UntypedStorage`` (``dtype`` None)."""
+
+    name: str
+    dtype: DTypeRef | None
+
+
+@dataclass
+class StorageRef:
+    """One storage of the checkpoint: the bytes ``data/<key>`` (zip) or the ``key``-th block (legacy).
+
+    ``numel`` counts elements of ``dtype`` (bytes for an untyped storage). A legacy
+    storage *view* (``view_offset`` elements into the root storage) has ``view_of`` set.
+    """
+
+    key: str
+    dtype: DTypeRef | None
+    numel: int
+    location: str
+    quantized: bool = False
+    view_of: str | None = None
+    view_offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * (self.dtype.itemsize if self.dtype is not None else 1)
+
+
+@dataclass
+class TensorRef:
+    """A tensor as the pickle describes it: a strided view of a storage."""
+
+    storage: StorageRef
+    offset: int  # in elements of dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: DTypeRef
+    requires_grad: bool = False
+    parameter: bool = False
+    conj: bool = False
+    neg: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Unsupported:
+    """An object a state_dict may hold that the IR cannot (sparse/quantized/nested tensors...)."""
+
+    what: str
+    args: tuple = field(default=(), repr=False)
+
+    def __repr__(self) -> str:
+        return f"<{self.what}>"
+
+
+@dataclass
+class Device:
+    """``torch.device(...)``: kept as its string."""
+
+    spec: str
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass
+class _NumpyDType:
+    """``numpy.dtype(...)`` as pickled (REDUCE then BUILD with its state); only plain numeric kinds."""
+
+    spec: str
+    byteorder: str = "="
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) >= 2 and isinstance(state[1], str):
+            self.byteorder = state[1]
+
+    def to_numpy(self) -> np.dtype:
+        try:
+            dt = np.dtype(self.spec)
+        except TypeError:
+            raise PickleFormatError(f"unknown NumPy dtype {self.spec!r}") from None
+        if dt.kind not in "biufc":
+            raise PickleFormatError(f"NumPy dtype {self.spec!r} is not a plain number")
+        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+
+
+def _storage_class(name: str) -> StorageType:
+    if name in STORAGE_DTYPES:
+        return StorageType(name, DTypeRef(STORAGE_DTYPES[name]))
+    if name in QUANTIZED_STORAGES:
+        return StorageType(name, None)
+    return StorageType(name, None)  # UntypedStorage
+
+
+def _dtype_of(storage) -> DTypeRef:
+    if not isinstance(storage, StorageRef):
+        raise PickleFormatError(f"expected a storage, got {type(storage).__name__}")
+    if storage.dtype is None:
+        raise PickleFormatError(f"untyped storage '{storage.key}' used without a dtype")
+    return storage.dtype
+
+
+def _ints(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in value):
+        raise PickleFormatError(f"bad tensor {what}: {value!r}")
+    return tuple(value)
+
+
+def _make_tensor(storage, offset, size, stride, requires_grad, dtype: DTypeRef, metadata) -> TensorRef | Unsupported:
+    if not isinstance(storage, StorageRef):
+        raise PickleFormatError(f"expected a storage, got {type(storage).__name__}")
+    if storage.quantized:
+        return Unsupported("quantized tensor")
+    if not isinstance(offset, int) or offset < 0:
+        raise PickleFormatError(f"bad storage offset {offset!r}")
+    shape, strides = _ints(size, "shape"), _ints(stride, "stride")
+    if len(shape) != len(strides):
+        raise PickleFormatError(f"shape {shape} and stride {strides} differ in rank")
+    meta = metadata if isinstance(metadata, dict) else {}
+    return TensorRef(storage, offset, shape, strides, dtype, bool(requires_grad),
+                     conj=bool(meta.get("conj")), neg=bool(meta.get("neg")))
+
+
+def rebuild_tensor(storage, storage_offset, size, stride):
+    return _make_tensor(storage, storage_offset, size, stride, False, _dtype_of(storage), None)
+
+
+def rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    return _make_tensor(storage, storage_offset, size, stride, requires_grad, _dtype_of(storage), metadata)
+
+
+def rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    if not isinstance(dtype, DTypeRef):
+        raise PickleFormatError(f"expected a torch dtype, got {dtype!r}")
+    return _make_tensor(storage, storage_offset, size, stride, requires_grad, dtype, metadata)
+
+
+def rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None):
+    if isinstance(data, TensorRef):
+        data.parameter = True
+        data.requires_grad = bool(requires_grad)
+    return data
+
+
+def rebuild_from_type_v2(func, new_type, args, state):
+    # torch wraps tensor subclasses and tensors with Python attributes this way; we keep
+    # the plain tensor (func is one of our rebuild stand-ins, new_type our marker).
+    if not callable(func) or func not in _REBUILD_FUNCS or not isinstance(args, tuple):
+        raise PickleFormatError("unexpected _rebuild_from_type_v2 arguments")
+    out = func(*args)
+    if isinstance(out, TensorRef) and new_type == "Parameter":
+        out.parameter = True
+    return out
+
+
+def _unsupported(what: str):
+    def build(*args):
+        return Unsupported(what, args)
+    build.__name__ = f"unsupported_{what.replace(' ', '_')}"
+    return build
+
+
+def make_bytearray(data=b"", encoding=None):
+    # bytearray(<int>) would allocate whatever size the file asks for.
+    if isinstance(data, int):
+        raise PickleFormatError("bytearray(<int>)")
+    return bytearray(data) if encoding is None else bytearray(data, encoding)
+
+
+def make_size(dims=()):
+    return tuple(dims)
+
+
+def make_device(spec, index=None):
+    return Device(f"{spec}:{index}" if index is not None else str(spec))
+
+
+def encode_latin1(text, encoding="latin1"):
+    # Protocol 2 pickles ``bytes`` as _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "iso-8859-1"):
+        raise PickleFormatError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, _NumpyDType) or not isinstance(data, bytes):
+        raise PickleFormatError("unexpected numpy scalar arguments")
+    dt = dtype.to_numpy()
+    if len(data) != dt.itemsize:
+        raise PickleFormatError("numpy scalar has the wrong size")
+    return np.frombuffer(data, dtype=dt)[0].item()
+
+
+def numpy_dtype(spec, align=False, copy=True):
+    if not isinstance(spec, str):
+        raise PickleFormatError(f"numpy dtype {spec!r}")
+    return _NumpyDType(spec)
+
+
+def _torch_marker(name: str):
+    return name  # torch.Tensor / Parameter as the new_type of _rebuild_from_type_v2
+
+
+_REBUILD_FUNCS = {rebuild_tensor, rebuild_tensor_v2, rebuild_tensor_v3}
+
+ALLOWED: dict[tuple[str, str], object] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): make_bytearray,
+    ("_codecs", "encode"): encode_latin1,
+    ("torch._utils", "_rebuild_tensor"): rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): rebuild_from_type_v2,
+    ("torch", "Tensor"): _torch_marker("Tensor"),
+    ("torch.nn.parameter", "Parameter"): _torch_marker("Parameter"),
+    ("torch", "Size"): make_size,
+    ("torch", "device"): make_device,
+    ("torch.storage", "UntypedStorage"): StorageType("UntypedStorage", None),
+    ("torch.storage", "TypedStorage"): StorageType("UntypedStorage", None),
+    ("numpy.core.multiarray", "scalar"): numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): numpy_scalar,
+    ("numpy", "dtype"): numpy_dtype,
+    **{("torch._utils", f): _unsupported(w) for f, w in (
+        ("_rebuild_sparse_tensor", "sparse tensor"), ("_rebuild_qtensor", "quantized tensor"),
+        ("_rebuild_nested_tensor", "nested tensor"), ("_rebuild_meta_tensor_no_storage", "meta tensor"),
+        ("_rebuild_wrapper_subclass", "tensor subclass"), ("_rebuild_device_tensor_from_numpy", "device tensor"),
+        ("_rebuild_device_tensor_from_cpu_tensor", "device tensor"), ("_rebuild_xla_tensor", "XLA tensor"),
+        ("_rebuild_mtia_tensor", "MTIA tensor"))},
+}
+for _name in (*STORAGE_DTYPES, *QUANTIZED_STORAGES):
+    ALLOWED[("torch", _name)] = _storage_class(_name)
+    ALLOWED[("torch.cuda", _name)] = _storage_class(_name)  # files saved from CUDA by old torch
+for _name in (*TORCH_DTYPES, *OTHER_TORCH_DTYPES):
+    ALLOWED[("torch", _name)] = DTypeRef(_name)
+for _alias, _name in _DTYPE_ALIASES.items():
+    ALLOWED[("torch", _alias)] = DTypeRef(_name)
+
+
+# ---- the unpickler ---------------------------------------------------------------------------
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Unpickles only what a torch state_dict needs; see the module docstring."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True):
+        super().__init__(file, encoding="latin1")  # encoding for Python 2 str (legacy files)
+        self.storages = {} if storages is None else storages
+        self.allow_globals = allow_globals
+
+    def find_class(self, module: str, name: str):
+        if self.proto < 3 and (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif self.proto < 3 and module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        if self.allow_globals:
+            found = ALLOWED.get((module, name))
+            if found is not None:
+                return found
+        raise RefusedGlobal(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid:
+            raise PickleFormatError(f"unexpected persistent id {pid!r}")
+        kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+        if kind != "storage":
+            # ('module', cls, file, source): a whole nn.Module was saved, not a state_dict.
+            raise PickleFormatError(f"unexpected persistent id of kind {kind!r}")
+        if len(pid) == 5:
+            _, stype, key, location, numel = pid
+            view = None
+        elif len(pid) == 6:  # legacy: (..., numel, view_metadata)
+            _, stype, key, location, numel, view = pid
+        else:
+            raise PickleFormatError(f"unexpected storage id {pid!r}")
+        if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
+            raise PickleFormatError(f"unexpected storage id {pid!r}")
+        key = str(key)
+        location = location.decode("ascii") if isinstance(location, bytes) else str(location)
+        root = self.storages.get(key)
+        if root is None:
+            root = StorageRef(key, DTypeRef(STORAGE_DTYPES[stype.name]) if stype.dtype else None, numel,
+                              location, quantized=stype.name in QUANTIZED_STORAGES)
+            if stype.name in QUANTIZED_STORAGES:
+                root.dtype = DTypeRef("uint8")
+                root.numel = numel * QUANTIZED_STORAGES[stype.name]
+            self.storages[key] = root
+        if view is None:
+            return root
+        if not (isinstance(view, tuple) and len(view) == 3):
+            raise PickleFormatError(f"unexpected storage view {view!r}")
+        view_key, offset, size = str(view[0]), view[1], view[2]
+        return StorageRef(view_key, root.dtype, size, location, root.quantized, view_of=key, view_offset=offset)
+
+    # -- opcodes that could touch objects we did not make ------------------------------------
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is OrderedDict and isinstance(state, dict):
+            inst.__dict__.update({str(k): v for k, v in state.items()})
+        elif isinstance(inst, _NumpyDType):
+            inst.__setstate__(state)
+        elif isinstance(inst, (TensorRef, Unsupported)):
+            pass  # Python attributes of a tensor subclass: not part of the weights
+        else:
+            raise PickleFormatError(f"BUILD on {type(inst).__name__}")
+
+    def _refuse(self):
+        raise PickleFormatError("the pickle constructs objects in a way a state_dict never does")
+
+    dispatch[pickle.BUILD[0]] = load_build
+    for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = _refuse
+    del _op
+
+
+def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True):
+    """Unpickle one object from ``file`` (positioned just after it on return)."""
+    return RestrictedUnpickler(file, storages=storages, allow_globals=allow_globals).load()
+
+
+# ---- the writer ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StorageOut:
+    key: str
+    dtype: dtypes.DType
+    numel: int  # elements for typed storages, bytes for untyped ones (torch's convention)
+
+
+class _Emitter:
+    """Just the protocol-2 opcodes torch.save uses, with a memo for repeated globals."""
+
+    def __init__(self):
+        self.out = io.BytesIO()
+        self.memo: dict[object, int] = {}
+        self.out.write(pickle.PROTO + b"\x02")
+
+    def _put(self, key):
+        idx = len(self.memo)
+        self.memo[key] = idx
+        self.out.write(pickle.BINPUT + bytes([idx]) if idx < 256 else pickle.LONG_BINPUT + struct.pack("<I", idx))
+
+    def _get(self, key) -> bool:
+        idx = self.memo.get(key)
+        if idx is None:
+            return False
+        self.out.write(pickle.BINGET + bytes([idx]) if idx < 256 else pickle.LONG_BINGET + struct.pack("<I", idx))
+        return True
+
+    def glob(self, module: str, name: str):
+        if not self._get(("g", module, name)):
+            self.out.write(pickle.GLOBAL + f"{module}\n{name}\n".encode("ascii"))
+            self._put(("g", module, name))
+
+    def string(self, s: str, memo: bool = False):
+        if memo and self._get(("s", s)):
+            return
+        data = s.encode("utf-8")
+        self.out.write(pickle.BINUNICODE + struct.pack("<I", len(data)) + data)
+        if memo:
+            self._put(("s", s))
+
+    def int(self, v: int):
+        if 0 <= v < 256:
+            self.out.write(pickle.BININT1 + bytes([v]))
+        elif 0 <= v < 65536:
+            self.out.write(pickle.BININT2 + struct.pack("<H", v))
+        elif -(2 ** 31) <= v < 2 ** 31:
+            self.out.write(pickle.BININT + struct.pack("<i", v))
+        else:
+            data = pickle.encode_long(v)
+            self.out.write(pickle.LONG1 + bytes([len(data)]) + data)
+
+    def int_tuple(self, values: Iterable[int]):
+        values = tuple(values)
+        if not values:
+            self.out.write(pickle.EMPTY_TUPLE)
+            return
+        if len(values) > 3:
+            self.out.write(pickle.MARK)
+        for v in values:
+            self.int(v)
+        self.out.write({1: pickle.TUPLE1, 2: pickle.TUPLE2, 3: pickle.TUPLE3}.get(len(values), pickle.TUPLE))
+
+    def op(self, code: bytes):
+        self.out.write(code)
+
+
+def state_dict_pickle(entries: Iterable[tuple[str, StorageOut, tuple[int, ...]]]) -> bytes:
+    """The ``data.pkl`` torch.save writes for an ``OrderedDict`` name -> contiguous tensor.
+
+    ``entries``: (name, storage, shape); several names may share one storage (tied weights).
+    Typed storages use ``_rebuild_tensor_v2`` with ``torch.<X>Storage``; dtypes without a
+    legacy storage class (float8, uint16/32/64) use ``_rebuild_tensor_v3`` with
+    ``torch.storage.UntypedStorage`` and the dtype, as torch 2.x does.
+    """
+    legacy = {v: k for k, v in STORAGE_DTYPES.items()}
+    e = _Emitter()
+    e.glob("collections", "OrderedDict")
+    e.op(pickle.EMPTY_TUPLE + pickle.REDUCE)
+    batch = 0
+    for name, storage, shape in entries:
+        if batch == 0:
+            e.op(pickle.MARK)
+        e.string(name)
+        storage_class = legacy.get(storage.dtype.name)
+        e.glob("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
+        e.op(pickle.MARK)
+        # persistent id ('storage', storage_type, key, location, numel)
+        e.op(pickle.MARK)
+        e.string("storage", memo=True)
+        if storage_class:
+            e.glob("torch", storage_class)
+        else:
+            e.glob("torch.storage", "UntypedStorage")
+        e.string(storage.key)
+        e.string("cpu", memo=True)
+        e.int(storage.numel)
+        e.op(pickle.TUPLE + pickle.BINPERSID)
+        e.int(0)
+        e.int_tuple(shape)
+        e.int_tuple(_contiguous_strides(shape))
+        e.op(pickle.NEWFALSE)
+        e.glob("collections", "OrderedDict")
+        e.op(pickle.EMPTY_TUPLE + pickle.REDUCE)
+        if not storage_class:
+            e.glob("torch", storage.dtype.torch)
+        e.op(pickle.TUPLE + pickle.REDUCE)
+        batch += 1
+        if batch == 1000:  # pickle's own batch size for SETITEMS
+            e.op(pickle.SETITEMS)
+            batch = 0
+    if batch:
+        e.op(pickle.SETITEMS)
+    e.op(pickle.STOP)
+    return e.out.getvalue()
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+contiguous_strides = _contiguous_strides
