@@ -103,8 +103,13 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
         if verify and info.reader is not None and not registry.missing(info, "read"):
             _verify(td, seen, getattr(module, info.reader)(tmp), path)
             verified = True
+    notes = []
+    shared = [t.name for t in td.values() if "torch.shared_with" in t.attrs]
+    if shared and info.name != "torch":
+        notes.append(f"{len(shared)} tensors shared storage in the source; {info.name} has no shared storage, "
+                     f"so each was written as its own copy: {', '.join(shared)}")
     return {"output": str(path), "format": info.name, "tensors": len(td), "bytes": td.nbytes,
-            "verified": verified}
+            "verified": verified, "notes": notes}
 
 
 class _Recording(Source):

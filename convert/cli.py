@@ -110,6 +110,8 @@ def cmd_convert(argv: list[str]) -> int:
             check = "verified" if out["verified"] else "not verified"
             print(f"wrote {out['output']} ({out['format']}): {out['tensors']} tensors, "
                   f"{_human(out['bytes'])}, {check}", file=sys.stderr)
+            for note in out["notes"]:
+                print(f"note: {note}", file=sys.stderr)
     return EXIT_OK
 
 

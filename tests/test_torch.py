@@ -603,3 +603,20 @@ def test_recompressed_zip_still_reads(tmp_path):
     assert isinstance(td["a"].source, ArraySource)
     for name, t in sd.items():
         assert same_bits(td[name].numpy(), as_numpy(t)), name
+
+
+def test_tied_weights_to_safetensors_are_copied_and_reported(tmp_path, capsys):
+    from oracles import safetensors_read
+
+    from convert.cli import main
+
+    emb = torch.nn.Embedding(5, 3)
+    sd = OrderedDict([("emb.weight", emb.weight.data), ("head.weight", emb.weight.data)])
+    src = tmp_path / "tied.pt"
+    torch.save(sd, src)
+    assert main(["torch", str(src), "--to", "safetensors"]) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 tensors shared storage" in err and "emb.weight" in err and "head.weight" in err
+    got = safetensors_read(tmp_path / "tied.safetensors")
+    assert np.array_equal(got["emb.weight"], emb.weight.data.numpy())
+    assert np.array_equal(got["head.weight"], emb.weight.data.numpy())
