@@ -99,10 +99,14 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
     seen: dict[str, int] = {}
     verified = False
     with fileio.atomic_output(path, force) as tmp:
-        getattr(module, info.writer)(_recording(td, seen), tmp, **kwargs)
-        if verify and info.reader is not None and not registry.missing(info, "read"):
-            _verify(td, seen, getattr(module, info.reader)(tmp), path)
-            verified = True
+        try:
+            getattr(module, info.writer)(_recording(td, seen), tmp, **kwargs)
+            if verify and info.reader is not None and not registry.missing(info, "read"):
+                _verify(td, seen, getattr(module, info.reader)(tmp), path)
+                verified = True
+        except ConvertError as e:  # name the output, not the staging folder it is written in
+            _rename_path(e, str(tmp.parent), str(path.parent))
+            raise
     notes = []
     shared = [t.name for t in td.values() if "torch.shared_with" in t.attrs]
     if shared and info.name != "torch":
@@ -110,6 +114,12 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
                      f"so each was written as its own copy: {', '.join(shared)}")
     return {"output": str(path), "format": info.name, "tensors": len(td), "bytes": td.nbytes,
             "verified": verified, "notes": notes}
+
+
+def _rename_path(e: ConvertError, old: str, new: str) -> None:
+    e.args = tuple(a.replace(old, new) if isinstance(a, str) else a for a in e.args)
+    if isinstance(getattr(e, "path", None), str):
+        e.path = e.path.replace(old, new)
 
 
 class _Recording(Source):

@@ -134,10 +134,11 @@ def cmd_inspect(argv: list[str]) -> int:
     console.print(f"{report['path']}: {report['format']}, {report['count']} tensors, "
                   f"{_human(report['total_bytes'])}")
     table = Table(box=None, pad_edge=False)
-    for col in ("name", "dtype", "shape", "bytes", "role"):
+    extra = [c for c in ("role", "origin") if any(c in t for t in report["tensors"])]
+    for col in ("name", "dtype", "shape", "bytes", *extra):
         table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     for t in report["tensors"]:
-        table.add_row(t["name"], t["dtype"], str(t["shape"]), str(t["bytes"]), t.get("role", ""))
+        table.add_row(t["name"], t["dtype"], str(t["shape"]), str(t["bytes"]), *(t.get(c, "") for c in extra))
     console.print(table)
     if report["metadata"]:
         console.print("metadata:")

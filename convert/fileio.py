@@ -57,37 +57,50 @@ def check_writable(dest: Path, force: bool) -> None:
         raise WriteError(dest, f"folder {dest.parent} does not exist")
 
 
+def _replace(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest``, replacing whatever is there (os.replace cannot put a directory
+    over a file or a non-empty directory: the old one is moved aside, then deleted)."""
+    if dest.exists() or dest.is_symlink():
+        old = _temp_name(dest)
+        os.replace(dest, old)
+        os.replace(src, dest)
+        remove(old)
+    else:
+        os.replace(src, dest)
+
+
 @contextmanager
 def atomic_output(dest: os.PathLike | str, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; on success make it ``dest``, on failure remove it.
+    """Yield a path with ``dest``'s name in a hidden staging folder beside ``dest``; on success
+    move what was written there into place, on failure remove it all.
 
-    The body may create a file or a directory at the yielded path.
+    The body may create a file or a directory at the yielded path, and files beside it
+    that belong to it (an ONNX model's external data ``model.onnx.data``), named as they
+    will be named in place. Those are moved first and the output itself last, each
+    refused if it exists, unless ``force``.
     """
     dest = Path(dest)
     check_writable(dest, force)
-    tmp = _temp_name(dest)
+    stage = _temp_name(dest)
+    stage.mkdir()
     try:
+        tmp = stage / dest.name
         yield tmp
         if not tmp.exists():
             raise WriteError(dest, "the writer produced nothing")
-        _fsync_tree(tmp)
-        if dest.exists() or dest.is_symlink():
-            # os.replace cannot put a directory over a file or a non-empty directory:
-            # move the old output aside, put the new one in place, then delete the old one.
-            old = _temp_name(dest)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            remove(old)
-        else:
-            os.replace(tmp, dest)
+        companions = [p for p in sorted(stage.iterdir()) if p.name != dest.name]
+        for p in companions:
+            check_writable(dest.parent / p.name, force)
+        _fsync_tree(stage)
+        for p in [*companions, tmp]:
+            _replace(p, dest.parent / p.name)
         dirfd = os.open(dest.parent, os.O_RDONLY)
         try:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
-    except BaseException:
-        remove(tmp)
-        raise
+    finally:
+        remove(stage)
 
 
 def copy_tensor(tensor: Tensor, out: BinaryIO) -> int:

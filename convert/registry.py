@@ -68,6 +68,8 @@ FORMATS: tuple[FormatInfo, ...] = (
                aliases=("st",), suffix=".safetensors", dtype_column="safetensors"),
     FormatInfo("torch", "convert.formats.torch", "PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
                aliases=("pt", "pytorch", "pth"), suffix=".pt", dtype_column="torch"),
+    FormatInfo("onnx", "convert.formats.onnx", "ONNX model (weights: initializers, Constant nodes, subgraphs, external data)",
+               suffix=".onnx", dtype_column="onnx"),
 )
 
 

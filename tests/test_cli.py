@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracles import safetensors_read
 
 import convert
 from convert.cli import main
+
+from oracles import safetensors_read
 
 SCRIPT = Path(sys.executable).parent / "convert"
 

@@ -7,11 +7,12 @@ import struct
 
 import numpy as np
 import pytest
-from contract import FormatContract, same_values, samples
-from oracles import safetensors_read
 
 import convert
 from convert.errors import CorruptFileError, WriteError
+
+from contract import FormatContract, same_values, samples
+from oracles import safetensors_read
 
 
 class TestSafetensorsContract(FormatContract):

@@ -17,13 +17,14 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from contract import FormatContract
-from oracles import torch_to_numpy
 
 import convert
 from convert.errors import ConvertError, CorruptFileError, ReadError, WriteError
 from convert.formats import torch as pt
 from convert.ir import ArraySource, FileRegion, Tensor, TensorDict, digest
+
+from contract import FormatContract
+from oracles import torch_to_numpy
 
 torch = pytest.importorskip("torch")
 
@@ -606,9 +607,9 @@ def test_recompressed_zip_still_reads(tmp_path):
 
 
 def test_tied_weights_to_safetensors_are_copied_and_reported(tmp_path, capsys):
-    from oracles import safetensors_read
-
     from convert.cli import main
+
+    from oracles import safetensors_read
 
     emb = torch.nn.Embedding(5, 3)
     sd = OrderedDict([("emb.weight", emb.weight.data), ("head.weight", emb.weight.data)])

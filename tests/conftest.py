@@ -1,0 +1,33 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+class ForeignOutputs:
+    """One small output of each writable format, written once per session (the contract's
+    'detect rejects other formats' test needs them for every format under test)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._paths: dict[str, Path] = {}
+
+    def __getitem__(self, fmt: str) -> Path:
+        if fmt not in self._paths:
+            import convert
+
+            from contract import samples
+
+            info = convert.registry.get(fmt)
+            out = self.root / (f"foreign-{info.name}" + info.suffix)
+            convert.write(samples()["names"], out, info.name)
+            self._paths[fmt] = out
+        return self._paths[fmt]
+
+
+@pytest.fixture(scope="session")
+def foreign_outputs(tmp_path_factory) -> ForeignOutputs:
+    return ForeignOutputs(tmp_path_factory.mktemp("foreign"))
