@@ -100,8 +100,11 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
     verified = False
     with fileio.atomic_output(path, force) as tmp:
         try:
-            getattr(module, info.writer)(_recording(td, seen), tmp, **kwargs)
-            if verify and info.reader is not None and not registry.missing(info, "read"):
+            # A writer may return facts for the summary; "verify": False means its output does not
+            # hold the tensors by name (a converted graph) and it checked the output itself.
+            reported = getattr(module, info.writer)(_recording(td, seen), tmp, **kwargs) or {}
+            if verify and reported.pop("verify", True) and info.reader is not None \
+                    and not registry.missing(info, "read"):
                 _verify(td, seen, getattr(module, info.reader)(tmp), path)
                 verified = True
         except ConvertError as e:  # name the output, not the staging folder it is written in
@@ -113,7 +116,7 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
         notes.append(f"{len(shared)} tensors shared storage in the source; {info.name} has no shared storage, "
                      f"so each was written as its own copy: {', '.join(shared)}")
     return {"output": str(path), "format": info.name, "tensors": len(td), "bytes": td.nbytes,
-            "verified": verified, "notes": notes}
+            "verified": verified, "notes": notes, **reported}
 
 
 def _rename_path(e: ConvertError, old: str, new: str) -> None:

@@ -108,6 +108,8 @@ def cmd_convert(argv: list[str]) -> int:
     elif not args.quiet:
         for out in summary["outputs"]:
             check = "verified" if out["verified"] else "not verified"
+            if "check_max_abs_diff" in out:
+                check = f"checked against TensorFlow (max abs diff {out['check_max_abs_diff']:.2g})"
             print(f"wrote {out['output']} ({out['format']}): {out['tensors']} tensors, "
                   f"{_human(out['bytes'])}, {check}", file=sys.stderr)
             for note in out["notes"]:

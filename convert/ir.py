@@ -244,6 +244,12 @@ class TensorDict(Mapping[str, Tensor]):
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.values() if t.dtype.kind != "string")
 
+    @property
+    def portable_metadata(self) -> dict[str, str]:
+        """The metadata a writer stores in its output: all but the ``local.`` keys, which
+        describe this machine (paths of the source's companion files) and mean nothing elsewhere."""
+        return {k: v for k, v in self.metadata.items() if not k.startswith("local.")}
+
     def replace(self, tensors: Iterable[Tensor] | None = None, metadata: Mapping[str, str] | None = None) -> TensorDict:
         """A new TensorDict with other tensors and/or metadata."""
         return TensorDict(self.values() if tensors is None else tensors,

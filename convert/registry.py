@@ -66,6 +66,12 @@ class FormatInfo:
 FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("safetensors", "convert.formats.safetensors", "safetensors file, or a Hugging Face sharded folder / index.json",
                aliases=("st",), suffix=".safetensors", dtype_column="safetensors"),
+    FormatInfo("saved-model", "convert.formats.saved_model", "TensorFlow SavedModel directory (its variables)",
+               aliases=("savedmodel", "tf-saved-model"), dtype_column="tf", needs_to_write=(("tensorflow", "tf"),)),
+    FormatInfo("tf-ckpt", "convert.formats.tf_checkpoint", "TensorFlow checkpoint, V1 or V2 (dir with 'checkpoint', prefix, .index, V1 file); writes V2",
+               aliases=("tf", "tf-checkpoint", "tensorflow"), suffix="", dtype_column="tf"),
+    FormatInfo("tf-ckpt-v1", "convert.formats.tf_checkpoint", "TensorFlow V1 checkpoint (SavedTensorSlices), for legacy consumers",
+               aliases=("tf-v1",), suffix="", dtype_column="tf", writer="write_v1", detector=None),
     FormatInfo("torch", "convert.formats.torch", "PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
                aliases=("pt", "pytorch", "pth"), suffix=".pt", dtype_column="torch"),
     FormatInfo("onnx", "convert.formats.onnx", "ONNX model (weights: initializers, Constant nodes, subgraphs, external data)",
@@ -107,13 +113,11 @@ def require(info: FormatInfo, side: str) -> None:
 def detect(path: os.PathLike | str) -> FormatInfo:
     """The format of ``path``, from its content."""
     p = Path(path)
+    for info in FORMATS:  # a path that does not exist may still name something (a TF checkpoint prefix)
+        if info.detector is not None and getattr(load(info), info.detector)(p):
+            return info
     if not p.exists():
         raise ReadError(p, "no such file or directory")
-    for info in FORMATS:
-        if info.detector is None:
-            continue
-        if getattr(load(info), info.detector)(p):
-            return info
     raise ReadError(p, f"not a weight file convert recognises (formats: {', '.join(names())})")
 
 

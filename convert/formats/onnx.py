@@ -105,6 +105,12 @@ OPTIONS = (
            "total tensor bytes above which ONNX data goes to an external file (default 2000000000)"),
     Option("--external-data-name", "write", str,
            "file name of the ONNX external data file, beside the model (default <output name>.data)"),
+    Option("--graph", "write", bool, "convert the TensorFlow graph (TF1 checkpoint with .meta, or SavedModel) "
+           "to a runnable ONNX model with tf2onnx, instead of writing weights only (needs convert[tf])"),
+    Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
+    Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
+    Option("--check", "write", bool, "with --graph: run the ONNX model (onnxruntime) and TensorFlow on the same "
+           "random inputs and fail unless they agree within 1e-5"),
 )
 
 IR_VERSION = 10
@@ -606,7 +612,8 @@ def _len_field(field: int, n: int) -> bytes:
 
 def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLike | None = None,
           opset: int | None = None, external_data_threshold: int | None = None,
-          external_data_name: str | None = None) -> None:
+          external_data_name: str | None = None, graph: bool = False, inputs: list[str] | None = None,
+          outputs: list[str] | None = None, check: bool = False) -> dict | None:
     """Write tensors as an ONNX model (weights only, or into a template's graph).
 
     Args:
@@ -617,6 +624,8 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
         external_data_threshold: total numeric bytes above which data goes to an
             external file (default 2,000,000,000).
         external_data_name: that file's name, beside ``path`` (default ``<name>.data``).
+        graph, inputs, outputs, check: convert the source's TensorFlow graph instead, see
+            :func:`convert.formats.tf_graph.write_onnx`.
 
     Raises:
         WriteError: a template mismatch (all listed), a dtype ONNX cannot hold, an
@@ -628,6 +637,14 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
     import onnx
 
     out = Path(path)
+    if graph:
+        if template is not None:
+            raise UsageError("--graph and --template exclude each other")
+        from . import tf_graph
+
+        return tf_graph.write_onnx(td, out, inputs or [], outputs or [], opset, check)
+    if inputs or outputs or check:
+        raise UsageError("--inputs, --outputs and --check apply to ONNX with --graph")
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else int(external_data_threshold)
     if threshold < 0:
         raise UsageError(f"--external-data-threshold must be >= 0, got {threshold}")
@@ -664,7 +681,7 @@ def _weights_only_model(td: TensorDict, opset: int):
         tt.shape.SetInParent()
         for d in t.shape:
             tt.shape.dim.add().dim_value = d
-    for key, value in td.metadata.items():
+    for key, value in td.portable_metadata.items():
         if key.startswith("onnx.meta."):
             key = key.removeprefix("onnx.meta.")
         elif key.startswith("onnx."):

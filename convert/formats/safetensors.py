@@ -182,7 +182,7 @@ def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None
     Memory: one tensor at a time (see :func:`convert.fileio.copy_tensor`).
     """
     path = Path(path)
-    metadata = dict(td.metadata)
+    metadata = td.portable_metadata
     if max_shard_size is None:
         _write_file(list(td.values()), metadata, path)
         return

@@ -572,8 +572,8 @@ def write(td: TensorDict, path: os.PathLike | str, **_opts) -> None:
                     _record(zf, path, f"{prefix}data/{storage.key}", t.nbytes, _chunks(t), t.name)
             _record(zf, path, prefix + "version", 2, [b"3\n"])
             _record(zf, path, prefix + ".data/serialization_id", 40, [serialization_id.encode()])
-            if td.metadata:
-                meta = json.dumps(dict(td.metadata), sort_keys=True, ensure_ascii=False).encode("utf-8")
+            if td.portable_metadata:
+                meta = json.dumps(td.portable_metadata, sort_keys=True, ensure_ascii=False).encode("utf-8")
                 _record(zf, path, prefix + _METADATA_RECORD, len(meta), [meta])
     except ConvertError:
         raise

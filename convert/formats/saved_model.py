@@ -1,0 +1,168 @@
+"""TensorFlow SavedModel directories: their variables, read without TensorFlow; written with it.
+
+Layout (https://www.tensorflow.org/guide/saved_model, tensorflow/core/protobuf/saved_model.proto):
+``saved_model.pb`` (a ``SavedModel``: meta graphs with their tags, signatures and, for TF2,
+a ``SavedObjectGraph``), ``variables/variables.index`` + ``variables.data-*`` (an ordinary
+V2 checkpoint, see :mod:`convert.formats.tf_checkpoint`), ``assets/``, ``fingerprint.pb``.
+
+Reading: the variables bundle, named from its object graph (TF2; see
+:mod:`convert.formats.tf_checkpoint.objects`, which also drops Keras 3 ``export``'s second
+copy of every variable) or by their keys, which are the variable names (TF1 SavedModels).
+``saved_model.pb`` contributes tags and signature names to the metadata only.
+
+Writing needs TensorFlow (a SavedModel holds a graph, and only TensorFlow builds one):
+
+* by default, a ``tf.Module`` holding one ``tf.Variable`` per tensor, named after it, saved
+  with ``tf.saved_model.save``: ``tf.saved_model.load(dir).weights[name]`` gives it back;
+* when the source is a TF1 checkpoint with its ``.meta`` graph and outputs are known
+  (``--outputs``, or the graph's ``predict`` collection), that graph with the tensors' values
+  and a ``serving_default`` signature over ``--inputs`` (default: the graph's placeholders),
+  so that ``tf.saved_model.load(dir).signatures["serving_default"](x=...)`` runs the model.
+
+TensorFlow holds every variable in memory while it saves; that is the framework's limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..errors import CorruptFileError, ReadError, UsageError
+from ..ir import Tensor, TensorDict
+from ..registry import Option
+from . import tf_graph
+from .tf_checkpoint import objects, role_of
+from .tf_checkpoint import protowire as pw
+from .tf_checkpoint.bundle import read_bundle
+from .tf_checkpoint.sstable import has_table_magic
+
+NAME = "saved-model"
+OPTIONS = (
+    objects.NAMES_OPTION,
+    Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
+    Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
+)
+
+_PB = "saved_model.pb"
+
+
+def _root(path: Path) -> Path:
+    return path.parent if path.name in (_PB, "saved_model.pbtxt") else path
+
+
+def detect(path: Path) -> bool:
+    root = _root(Path(path))
+    return root.is_dir() and ((root / _PB).is_file() or (root / "saved_model.pbtxt").is_file())
+
+
+def _signatures(pb: Path) -> dict[str, str]:
+    """Tags and signature names of each meta graph in ``saved_model.pb`` (for the metadata)."""
+    try:
+        data = pb.read_bytes()
+    except OSError as e:
+        raise ReadError(pb, f"cannot read: {e.strerror}") from None
+    tags, sigs = [], []
+    try:
+        for num, wt, meta_graph in pw.iter_fields(data):
+            if num != 2 or wt != pw.BYTES:  # SavedModel.meta_graphs
+                continue
+            for n, w, v in pw.iter_fields(meta_graph):
+                if n == 1 and w == pw.BYTES:  # MetaInfoDef.tags = 4
+                    tags += [bytes(t).decode() for k, _, t in pw.iter_fields(v) if k == 4]
+                elif n == 5 and w == pw.BYTES:  # map<string, SignatureDef> entry: key = 1
+                    sigs += [bytes(k_).decode() for k, _, k_ in pw.iter_fields(v) if k == 1]
+    except (pw.ProtoError, UnicodeDecodeError) as e:
+        raise CorruptFileError(pb, f"not a SavedModel protobuf ({e})") from None
+    out = {}
+    if tags:
+        out["tf.saved_model.tags"] = ",".join(dict.fromkeys(tags))
+    if sigs:
+        out["tf.saved_model.signatures"] = ",".join(dict.fromkeys(sigs))
+    return out
+
+
+def read(path: Path, names: str | None = None) -> TensorDict:
+    """The variables of a SavedModel, lazily (see module docstring).
+
+    Args:
+        path: the SavedModel directory (or its ``saved_model.pb``).
+        names: "readable" (default) or "keys".
+    """
+    root = _root(Path(path))
+    metadata = {"source.format": NAME, "local.tf.saved_model_dir": str(root.resolve())}
+    pb = root / _PB
+    if pb.is_file():
+        metadata.update(_signatures(pb))
+    prefix = root / "variables" / "variables"
+    if not Path(str(prefix) + ".index").is_file():
+        if (root / "variables").is_dir() and any((root / "variables").iterdir()):
+            raise ReadError(root, "variables/ holds no variables.index")
+        return TensorDict((), metadata)  # a SavedModel without variables is valid
+    if not has_table_magic(str(prefix) + ".index"):
+        raise CorruptFileError(str(prefix) + ".index", "not a checkpoint index (no table magic)")
+    tensors, _ = read_bundle(str(prefix))
+    tensors = [Tensor(t.name, t.dtype, t.shape, t.source, {"role": role_of(t.name)}) for t in tensors]
+    if (names or "readable") == "readable":
+        tensors, copies = objects.readable(tensors, str(prefix) + ".index")
+        if copies:
+            metadata["tf.duplicate_keys_dropped"] = ",".join(copies)
+    return TensorDict(tensors, metadata)
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+def write(td: TensorDict, path: Path, inputs: list[str] | None = None, outputs: list[str] | None = None) -> None:
+    """Write a SavedModel directory at ``path`` (see module docstring)."""
+    tf = tf_graph.tensorflow()
+    meta = tf_graph.meta_graph_of(td)
+    if meta and (outputs or _has_predict_collection(tf, meta)):
+        _write_graph(tf, td, Path(path), meta, inputs or [], outputs or [])
+    elif inputs or outputs:
+        raise UsageError("--inputs/--outputs need a source with a TF1 graph (a checkpoint with its .meta file)")
+    else:
+        _write_variables(tf, td, Path(path))
+    _fix_fingerprint_uuid(Path(path) / "fingerprint.pb")
+
+
+def _write_variables(tf, td: TensorDict, path: Path) -> None:
+    module = tf.Module()
+    with tf.device("/cpu:0"):
+        # A dict attribute: tracked by key, so the names survive in the object graph and
+        # tf.saved_model.load(path).weights[name] returns the variable.
+        module.weights = {name: tf.Variable(t.numpy(), name=name, trainable=t.attrs.get("role") == "weight")
+                          for name, t in td.items()}
+    tf.saved_model.save(module, str(path))
+
+
+def _has_predict_collection(tf, meta: str) -> bool:
+    graph_def = tf.compat.v1.MetaGraphDef()
+    with open(meta, "rb") as f:
+        graph_def.ParseFromString(f.read())
+    return "predict" in graph_def.collection_def
+
+
+def _write_graph(tf, td: TensorDict, path: Path, meta: str, inputs: list[str], outputs: list[str]) -> None:
+    v1 = tf.compat.v1
+    with tf_graph.session(td, meta, path) as (graph, sess):
+        inputs, outputs = tf_graph.graph_io(graph, inputs, outputs)
+        signature = v1.saved_model.predict_signature_def(
+            {tf_graph.signature_key(n): graph.get_tensor_by_name(n) for n in inputs},
+            {tf_graph.signature_key(n): graph.get_tensor_by_name(n) for n in outputs})
+        builder = v1.saved_model.Builder(str(path))
+        builder.add_meta_graph_and_variables(sess, [v1.saved_model.tag_constants.SERVING],
+                                             signature_def_map={"serving_default": signature},
+                                             strip_default_attrs=True)
+        builder.save()
+
+
+def _fix_fingerprint_uuid(fingerprint: Path) -> None:
+    """Make ``fingerprint.pb``'s ``uuid`` (FingerprintDef field 7, random in TF 2.21) a function
+    of the other fields (hashes of the graph, signatures, objects and variables), so that the
+    same conversion gives the same bytes. TensorFlow records it and checks nothing against it."""
+    if not fingerprint.is_file():
+        return
+    data = fingerprint.read_bytes()
+    kept = b"".join(pw.tag(n, w) + (pw.encode_varint(len(v)) + bytes(v) if w == pw.BYTES else pw.encode_varint(v))
+                    for n, w, v in pw.iter_fields(data) if n != 7)
+    uuid = str(int(hashlib.sha256(kept).hexdigest()[:32], 16))
+    fingerprint.write_bytes(kept + pw.field_bytes(7, uuid.encode()))

@@ -1,0 +1,381 @@
+"""TensorFlow checkpoints, V1 and V2, read and written without TensorFlow.
+
+Formats:
+
+* V2 ("tensor bundle", TF >= 0.12 default): ``prefix.index`` + ``prefix.data-0000K-of-0000N``
+  (:mod:`.bundle`; spec: tensorflow/core/util/tensor_bundle/tensor_bundle.h).
+* V1 (``SavedTensorSlices``): one table file such as ``model.ckpt`` or
+  ``export-00000-of-00001`` (:mod:`.slices`; spec: tensorflow/core/util/tensor_slice_writer.h).
+* The ``checkpoint`` state file naming the latest and the retained checkpoints (:mod:`.state`).
+
+Both containers are LevelDB tables (:mod:`.sstable`) holding a few protobuf messages
+(:mod:`.protowire`). TensorFlow's classes for them ship only inside the ``tensorflow``
+package, so everything here is written by hand against the published formats, and
+tested against TensorFlow 2.21 as the oracle.
+
+``read`` accepts a directory with a ``checkpoint`` state file (its latest checkpoint, as
+``tf.train.latest_checkpoint``; ``step=N`` picks a retained one), a prefix
+(``dir/my-model-190``), an ``.index``, ``.data-*`` or ``.meta`` file, or a V1 file.
+``write`` creates a directory holding a one-shard V2 checkpoint, a ``checkpoint`` state
+file and, when the source had one, the ``.meta`` graph, so that
+``saver = tf.compat.v1.train.import_meta_graph(meta); saver.restore(sess, tf.train.latest_checkpoint(dir))``
+works on the result. ``write_v1`` writes the V1 format the same way.
+
+Example:
+    >>> from convert.formats import tf_checkpoint
+    >>> td = tf_checkpoint.read("examples/model1")            # latest checkpoint
+    >>> td["conv1/w"].attrs["role"], td["conv1/w/Adam"].attrs["role"], td.metadata["tf.global_step"]
+    ('weight', 'optimizer', '190')
+    >>> tf_checkpoint.write(td, "/tmp/migrated")              # V2, + checkpoint + .meta
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import ConvertError, ReadError, UsageError, WriteError
+from ...ir import Tensor, TensorDict
+from ...registry import Option
+from . import objects
+from .bundle import read_bundle, write_bundle
+from .slices import check_v1_dtypes, read_v1, write_v1_file
+from .sstable import has_table_magic
+from .state import STATE_FILE, candidates, format_state, read_state, state_paths
+
+NAME = "tf-ckpt"
+
+OPTIONS = (
+    Option("--step", "read", int, "read the retained checkpoint of this global step "
+           "(from the directory's 'checkpoint' state file) instead of the latest"),
+    Option("--all-steps", "read", bool, "convert every checkpoint the 'checkpoint' state file retains"),
+    objects.NAMES_OPTION,
+)
+
+DEFAULT_PREFIX = "model.ckpt"
+
+_DATA_RE = re.compile(r"^(.*)\.data-\d{5}-of-\d{5}$")
+_V1_SHARD_RE = re.compile(r"^(.*)-(\d{5})-of-(\d{5})$")
+_STEP_RE = re.compile(r"-(\d+)$")
+# A sharded V1 Saver records its checkpoint as a glob pattern: "model.ckpt-1-?????-of-00002".
+_V1_PATTERN_RE = re.compile(r"^(.*)-(?:\?{5}|\d{5})-of-(\d{5})$")
+
+
+@dataclass(frozen=True)
+class Located:
+    """A checkpoint found on disk: its version, prefix and (V1) files."""
+
+    version: int
+    prefix: str
+    files: tuple[str, ...] = ()
+
+    @property
+    def concrete(self) -> Path:
+        """An existing file that :func:`read` resolves back to this checkpoint."""
+        return Path(self.prefix + ".index") if self.version == 2 else Path(self.files[0])
+
+
+# ------------------------------------------------------------------ locating
+
+def _v1_shards(prefix: str, of: str = "?????") -> list[str]:
+    return sorted(glob.glob(glob.escape(prefix) + f"-?????-of-{of}"))
+
+
+def _locate_prefix(p: Path, strict: bool = False) -> Located | None:
+    """``strict`` (for detect) wants the table magic on an ``.index``; reading does not, so
+    that a damaged index gives a CorruptFileError rather than "not found"."""
+    s = str(p)
+    if os.path.isfile(s + ".index") and (not strict or has_table_magic(s + ".index")):
+        return Located(2, s)
+    m = _V1_PATTERN_RE.match(s)
+    if m and "?" in s:
+        shards = [f for f in _v1_shards(m.group(1), m.group(2)) if has_table_magic(f)]
+        return Located(1, m.group(1), tuple(shards)) if shards else None
+    if os.path.isfile(s) and has_table_magic(s):
+        return _locate_v1_file(p)
+    shards = [f for f in _v1_shards(s) if has_table_magic(f)]
+    if shards:
+        return Located(1, s, tuple(shards))
+    return None
+
+
+def _locate_v1_file(p: Path) -> Located:
+    m = _V1_SHARD_RE.match(str(p))
+    if m:
+        shards = _v1_shards(m.group(1), m.group(3))
+        if str(p) in shards:
+            return Located(1, m.group(1), tuple(shards))
+    return Located(1, str(p), (str(p),))
+
+
+def _locate_file(p: Path, strict: bool = False) -> Located | None:
+    s = str(p)
+    if s.endswith(".index") and (not strict or has_table_magic(p)):
+        return Located(2, s[:-len(".index")])
+    m = _DATA_RE.match(s)
+    if m:
+        return _locate_prefix(Path(m.group(1)), strict)
+    if has_table_magic(p):
+        return _locate_v1_file(p)
+    return None
+
+
+def _step_of(path: str) -> int | None:
+    base = re.split(r"[\\/]", path)[-1]
+    m = _V1_PATTERN_RE.match(base)
+    m = _STEP_RE.search(m.group(1) if m else base)
+    return int(m.group(1)) if m else None
+
+
+def _locate_in_state(directory: Path, path: str) -> Located | None:
+    for cand in candidates(directory, path):
+        loc = _locate_prefix(cand)
+        if loc is not None:
+            return loc
+    return None
+
+
+def _locate_dir(d: Path) -> Located:
+    st = read_state(d)
+    if st is not None:
+        loc = _locate_in_state(d, st.model_checkpoint_path)
+        if loc is None:
+            raise ReadError(d, f"the '{STATE_FILE}' file names checkpoint '{st.model_checkpoint_path}', "
+                            "which is not there (nor its basename in this directory)")
+        return loc
+    try:
+        found = sorted(x for x in d.iterdir() if x.name.endswith(".index") and has_table_magic(x))
+    except OSError as e:
+        raise ReadError(d, f"cannot list the directory: {e.strerror}") from None
+    if len(found) == 1:
+        return Located(2, str(found[0])[:-len(".index")])
+    if not found:
+        raise ReadError(d, f"no '{STATE_FILE}' state file and no checkpoint in this directory")
+    raise ReadError(d, f"no '{STATE_FILE}' state file and several checkpoints "
+                    f"({', '.join(x.name[:-6] for x in found)}); name one")
+
+
+def locate(path: os.PathLike | str, step: int | None = None) -> Located:
+    """Find the checkpoint ``path`` designates (see module docstring)."""
+    p = Path(path)
+    if step is not None:
+        return _locate_step(p, step)
+    if p.is_dir():
+        return _locate_dir(p)
+    if p.is_file():
+        loc = _locate_file(p)
+        if loc is None and p.name.endswith(".meta"):
+            loc = _locate_prefix(Path(str(p)[:-len(".meta")]))
+        if loc is None:
+            raise ReadError(p, "not a TensorFlow checkpoint (no table magic at the end of the file)")
+        return loc
+    loc = _locate_prefix(p)
+    if loc is None:
+        raise ReadError(p, "no such file, directory or checkpoint prefix")
+    return loc
+
+
+def _state_dir(p: Path) -> Path:
+    """The folder whose ``checkpoint`` file governs ``p`` (a folder, a prefix or a file in it)."""
+    return p if p.is_dir() else p.parent
+
+
+def _locate_step(p: Path, step: int) -> Located:
+    d = _state_dir(p)
+    st = read_state(d)
+    if st is None:
+        raise ReadError(d, f"--step needs a '{STATE_FILE}' state file listing the retained checkpoints")
+    paths = state_paths(d, st)
+    for s in paths:
+        if _step_of(s) == step:
+            loc = _locate_in_state(d, s)
+            if loc is None:
+                raise ReadError(d, f"checkpoint '{s}' of step {step} is listed but not there")
+            return loc
+    steps = [str(n) for n in (_step_of(s) for s in paths) if n is not None]
+    raise UsageError(f"{d}: no retained checkpoint of step {step}; available steps: {', '.join(steps) or 'none'}")
+
+
+def expand(path: os.PathLike | str, step: int | None = None, all_steps: bool = False,
+           **_: object) -> list[tuple[str, Path]]:
+    """Every checkpoint the state file next to ``path`` retains, as (label, concrete path).
+
+    The label is the step number (``"190"``) or the prefix's basename when it has none;
+    the path is an existing file :func:`read` accepts. Without a state file: just ``path``.
+    """
+    p = Path(path)
+    if step is not None:
+        loc = _locate_step(p, step)
+        return [(_label(loc), loc.concrete)]
+    d = _state_dir(p)
+    st = read_state(d)
+    if st is None:
+        loc = locate(p)
+        return [(_label(loc), loc.concrete)]
+    out = []
+    for s in state_paths(d, st):
+        loc = _locate_in_state(d, s)
+        if loc is None:
+            raise ReadError(d, f"the '{STATE_FILE}' file lists checkpoint '{s}', which is not there")
+        out.append((_label(loc), loc.concrete))
+    return out
+
+
+def _label(loc: Located) -> str:
+    n = _step_of(loc.prefix)
+    return str(n) if n is not None else os.path.basename(loc.prefix)
+
+
+# ------------------------------------------------------------------ detect / read
+
+def detect(path: os.PathLike | str) -> bool:
+    """True for a TF checkpoint directory, prefix, ``.index``/``.data-*`` file or V1 file.
+
+    Content-based: a table file must end with the table magic (so a PyTorch ``.ckpt``,
+    a zip or a pickle, is not claimed); a directory must hold a parseable ``checkpoint``
+    state file or an ``.index`` table.
+    """
+    try:
+        p = Path(path)
+        if p.is_dir():
+            if read_state(p) is not None:
+                return True
+            return any(x.name.endswith(".index") and has_table_magic(x) for x in p.iterdir())
+        if p.is_file():
+            return _locate_file(p, strict=True) is not None
+        return _locate_prefix(p, strict=True) is not None
+    except (OSError, ValueError):
+        return False
+
+
+_SLOT_RE = re.compile(
+    r"/(Adam|Adam_1|Momentum|RMSProp|RMSProp_1|Adagrad|AdagradDA|AdagradDA_1|Adadelta|Adadelta_1"
+    r"|Ftrl|Ftrl_1|ProximalAdagrad|Nadam|Nadam_1|Adamax|Adamax_1)(_\d+)?$")
+_POWER_RE = re.compile(r"(^|/)beta[12]_power(_\d+)?$")
+_STEP_NAMES = {"global_step", "global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"}
+_OTHER_NAMES = {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
+
+
+def role_of(name: str) -> str:
+    """``step``, ``optimizer``, ``other`` or ``weight``, from the name as TF's savers write it."""
+    if name in _STEP_NAMES:
+        return "step"
+    if name in _OTHER_NAMES:
+        return "other"
+    if (_SLOT_RE.search(name) or _POWER_RE.search(name) or ".OPTIMIZER_SLOT" in name
+            or name.startswith("optimizer/")):
+        return "optimizer"
+    return "weight"
+
+
+def read(path: os.PathLike | str, step: int | None = None, all_steps: bool = False, names: str | None = None,
+         **unknown) -> TensorDict:
+    """Read a V1 or V2 checkpoint lazily (see module docstring for what ``path`` may be).
+
+    Args:
+        path: directory, prefix, ``.index``/``.data-*``/``.meta`` file or V1 file.
+        step: with a ``checkpoint`` state file, the retained checkpoint of this step.
+        all_steps: accepted for the CLI's sake; looping over steps is :func:`expand`'s job.
+        names: TF2 object-based checkpoints: "readable" (default) names tensors after their
+            variables (:mod:`.objects`), "keys" keeps the raw keys and the object graph tensor.
+
+    Returns:
+        The tensors in TF's order (bytewise by name), with ``attrs["role"]``; metadata
+        ``source.format``, ``tf.checkpoint_version``, ``tf.prefix``, and when present
+        ``tf.global_step`` and ``local.tf.meta_graph_path``.
+    """
+    if unknown:
+        raise UsageError(f"tf-ckpt reader does not take option(s) {', '.join(sorted(unknown))}")
+    loc = locate(path, step)
+    if loc.version == 2:
+        tensors, _ = read_bundle(loc.prefix)
+    else:
+        tensors, _ = read_v1(list(loc.files))
+    tensors = [Tensor(t.name, t.dtype, t.shape, t.source, {"role": role_of(t.name)}) for t in tensors]
+    metadata = {
+        "source.format": NAME,
+        "tf.checkpoint_version": str(loc.version),
+        "tf.prefix": os.path.basename(loc.prefix),
+    }
+    if (names or "readable") == "readable":
+        tensors, copies = objects.readable(tensors, loc.prefix + ".index")
+        if copies:
+            metadata["tf.duplicate_keys_dropped"] = ",".join(copies)
+    for t in tensors:
+        if t.name in ("global_step", "global_step/.ATTRIBUTES/VARIABLE_VALUE") and t.numel == 1 \
+                and t.dtype.kind in ("int", "uint"):
+            metadata["tf.global_step"] = str(int(t.numpy().reshape(-1)[0]))
+            break
+    meta = loc.prefix + ".meta"
+    if os.path.isfile(meta):
+        metadata["local.tf.meta_graph_path"] = os.path.abspath(meta)
+    return TensorDict(tensors, metadata)
+
+
+# ------------------------------------------------------------------ write
+
+def _prefix_for(td: TensorDict) -> str:
+    prefix = td.metadata.get("tf.prefix") or DEFAULT_PREFIX
+    if prefix in (".", "..") or "/" in prefix or "\\" in prefix or "\x00" in prefix:
+        return DEFAULT_PREFIX
+    return prefix
+
+
+def _prepare(td: TensorDict, path: os.PathLike | str, opts: dict) -> tuple[Path, str]:
+    if opts:
+        raise UsageError(f"tf-ckpt writer does not take option(s) {', '.join(sorted(opts))}")
+    out = Path(path)
+    try:
+        out.mkdir()
+    except FileExistsError:
+        raise WriteError(out, "already exists") from None
+    except OSError as e:
+        raise WriteError(out, f"cannot create the directory: {e.strerror}") from None
+    return out, _prefix_for(td)
+
+
+def _finish(td: TensorDict, out: Path, prefix: str) -> None:
+    (out / STATE_FILE).write_text(format_state(prefix))
+    meta = td.metadata.get("local.tf.meta_graph_path")
+    if meta and os.path.isfile(meta):
+        shutil.copyfile(meta, out / (prefix + ".meta"))
+
+
+def write(td: TensorDict, path: os.PathLike | str, **opts) -> None:
+    """Write a V2 checkpoint directory at ``path`` (which must not exist).
+
+    It holds ``<prefix>.index``, ``<prefix>.data-00000-of-00001``, a ``checkpoint`` state
+    file and, when ``td.metadata["local.tf.meta_graph_path"]`` names an existing file, a copy of
+    it as ``<prefix>.meta``. ``prefix`` is ``td.metadata["tf.prefix"]`` or ``model.ckpt``.
+    Tensors are streamed one by one; the bytes depend only on ``td``.
+    """
+    out, prefix = _prepare(td, path, opts)
+    try:
+        write_bundle(td.values(), str(out / prefix))
+        _finish(td, out, prefix)
+    except OSError as e:
+        raise WriteError(out, f"cannot write: {e.strerror}") from None
+
+
+def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> None:
+    """Write a V1 checkpoint directory at ``path``: the ``<prefix>`` table file, a
+    ``checkpoint`` state file and the ``.meta`` graph when known (see :func:`write`).
+
+    V1 cannot hold bfloat16, float8, uint32 or uint64 (TensorFlow refuses them); such
+    tensors raise one :class:`WriteError` listing them all.
+    """
+    check_v1_dtypes(list(td.values()), path)
+    out, prefix = _prepare(td, path, opts)
+    try:
+        write_v1_file(list(td.values()), str(out / prefix))
+        _finish(td, out, prefix)
+    except OSError as e:
+        raise WriteError(out, f"cannot write: {e.strerror}") from None
+
+
+__all__ = ["NAME", "OPTIONS", "detect", "read", "write", "write_v1", "expand", "locate", "role_of",
+           "Located", "ConvertError"]

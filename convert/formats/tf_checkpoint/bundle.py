@@ -1,0 +1,226 @@
+"""TensorFlow V2 checkpoints ("tensor bundles"): ``prefix.index`` + ``prefix.data-0000K-of-0000N``.
+
+Format (tensorflow/core/util/tensor_bundle/tensor_bundle.{h,cc}, tensor_bundle.proto):
+the ``.index`` file is a table (see :mod:`.sstable`) whose key ``""`` holds a
+``BundleHeaderProto`` (number of shards, endianness, version) and whose other keys are
+tensor names holding a ``BundleEntryProto`` (dtype, shape, shard, offset, size, masked
+crc32c). Tensor bytes sit packed, unaligned, in the data shards. Numeric tensors are raw
+little-endian bytes; string tensors are varint64 lengths, a masked crc32c of the lengths
+(each taken as uint32 LE), then the bytes, and their entry crc32c covers the uint32
+lengths, that checksum and the bytes. A partitioned variable has an entry with ``slices``
+and no data under its name, plus one entry per slice under the slice key of
+:func:`.slices.slice_key` (which starts with a 0 byte, so sorts before every name).
+
+Numeric tensors are returned as lazy :class:`~convert.ir.FileRegion` s, so converting
+copies their bytes in bulk and checks their crc on the way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections.abc import Iterable
+
+import numpy as np
+
+from ...dtypes import DType, from_tf
+from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
+from ...ir import ArraySource, FileRegion, Tensor
+from . import protowire as pw
+from .protowire import BundleEntry, BundleHeader, ProtoError
+from .slices import assemble, slice_bounds, slice_key
+from .sstable import TableReader, TableWriter, crc32c_extend, mask_crc, unmask_crc
+
+BUNDLE_VERSION = 1  # kTensorBundleVersion
+
+
+def data_path(prefix: str, shard: int, num_shards: int) -> str:
+    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
+    """The tensors of the V2 checkpoint at ``prefix`` (in index order) and its header."""
+    index_path = prefix + ".index"
+    table = TableReader(index_path)
+    header = None
+    entries: dict[bytes, bytes] = {}
+    for key, value in table.items():
+        if key == b"":
+            try:
+                header = BundleHeader.decode(value)
+            except ProtoError as e:
+                raise CorruptFileError(index_path, f"bad bundle header: {e}") from None
+        else:
+            entries[key] = bytes(value)
+    if header is None:
+        raise CorruptFileError(index_path, "no bundle header (key \"\"); not a V2 checkpoint index")
+    if header.big_endian:
+        raise ReadError(index_path, "big-endian checkpoints are not supported")
+    if header.min_consumer > BUNDLE_VERSION or BUNDLE_VERSION in header.bad_consumers:
+        raise ReadError(index_path, f"checkpoint needs a reader of bundle version >= {header.min_consumer}")
+    if header.num_shards < 1:
+        raise CorruptFileError(index_path, f"bad number of shards {header.num_shards}")
+    shard_sizes = []
+    for k in range(header.num_shards):
+        p = data_path(prefix, k, header.num_shards)
+        try:
+            shard_sizes.append(os.path.getsize(p))
+        except OSError:
+            raise ReadError(p, "data shard of the checkpoint is missing") from None
+
+    def decode(key: bytes, name: str) -> BundleEntry:
+        try:
+            return BundleEntry.decode(entries[key])
+        except ProtoError as e:
+            raise CorruptFileError(index_path, f"bad index entry: {e}", name) from None
+
+    def source(entry: BundleEntry, name: str, dtype: DType, shape: tuple[int, ...]):
+        if entry.shard_id >= header.num_shards:
+            raise CorruptFileError(index_path, f"shard {entry.shard_id} of {header.num_shards}", name)
+        path = data_path(prefix, entry.shard_id, header.num_shards)
+        if entry.offset + entry.size > shard_sizes[entry.shard_id]:
+            raise CorruptFileError(path, f"tensor data [{entry.offset}, {entry.offset + entry.size}) runs past "
+                                   f"the end of the file ({shard_sizes[entry.shard_id]} bytes); truncated?", name)
+        if dtype.kind == "string":
+            return ArraySource(lambda: read_string_tensor(path, entry, shape, name))
+        if entry.size != math.prod(shape) * dtype.itemsize:
+            raise CorruptFileError(path, f"entry size {entry.size} does not match {dtype}{list(shape)}", name)
+        return FileRegion(path, entry.offset, entry.size, crc32c=unmask_crc(entry.crc32c), label=name)
+
+    tensors = []
+    for key in entries:
+        if key.startswith(b"\x00"):
+            continue  # a slice of a partitioned variable: read through its full entry
+        try:
+            name = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptFileError(index_path, f"tensor name {key!r} is not UTF-8") from None
+        entry = decode(key, name)
+        try:
+            dtype = from_tf(entry.dtype)
+        except ConvertError:
+            raise ReadError(index_path, f"unsupported TensorFlow dtype {entry.dtype}", name) from None
+        shape = entry.shape
+        if not entry.slices:
+            tensors.append(Tensor(name, dtype, shape, source(entry, name, dtype, shape)))
+            continue
+        parts = []
+        for extents in entry.slices:
+            skey = slice_key(name, extents)
+            if skey not in entries:
+                raise CorruptFileError(index_path, "a slice of this partitioned variable is missing", name)
+            sentry = decode(skey, name)
+            try:
+                _, sub = slice_bounds(extents, shape)
+            except ValueError as e:
+                raise CorruptFileError(index_path, f"bad slice: {e}", name) from None
+            parts.append((extents, source(sentry, name, dtype, sub)))
+        tensors.append(Tensor(name, dtype, shape, ArraySource(_assembler(index_path, name, dtype, shape, parts))))
+    return tensors, header
+
+
+def _assembler(path, name, dtype, shape, parts):
+    def produce():
+        return assemble(path, name, dtype, shape,
+                        [(ext, (lambda sub, src=src: src.array(dtype, sub))) for ext, src in parts])
+    return produce
+
+
+def read_string_tensor(path: str, entry: BundleEntry, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Decode (and checksum) a V2 string tensor."""
+    n = math.prod(shape)
+    data = FileRegion(path, entry.offset, entry.size, label=name).read()
+    b = np.frombuffer(data, dtype=np.uint8)
+    try:
+        ends = np.flatnonzero(b[:10 * n] < 0x80)[:n]
+        if len(ends) != n:
+            raise ProtoError("lengths are truncated")
+        lengths_end = int(ends[-1]) + 1 if n else 0
+        lengths = pw.decode_varints(data[:lengths_end])
+        if len(lengths) != n:
+            raise ProtoError("lengths are malformed")
+    except ProtoError as e:
+        raise CorruptFileError(path, f"bad string tensor: {e}", name) from None
+    crc = _lengths_crc(lengths)
+    stored = data[lengths_end:lengths_end + 4]
+    if len(stored) != 4 or struct.unpack("<I", stored)[0] != mask_crc(crc):
+        raise CorruptFileError(path, "checksum mismatch in the string lengths", name)
+    body = memoryview(data)[lengths_end + 4:]
+    if int(lengths.sum()) != len(body):
+        raise CorruptFileError(path, f"strings hold {len(body)} bytes, lengths say {int(lengths.sum())}", name)
+    crc = crc32c_extend(crc32c_extend(crc, stored), body)
+    if crc != unmask_crc(entry.crc32c):
+        raise CorruptFileError(path, f"checksum mismatch (crc32c {crc:#010x}, expected "
+                               f"{unmask_crc(entry.crc32c):#010x})", name)
+    out = np.empty(n, dtype=object)
+    pos = 0
+    for i, ln in enumerate(lengths.tolist()):
+        out[i] = bytes(body[pos:pos + ln])
+        pos += ln
+    return out.reshape(shape)
+
+
+def _lengths_crc(lengths: np.ndarray) -> int:
+    # TF checksums each length as uint32 LE (uint64 LE when it does not fit), not the varints.
+    if not len(lengths) or int(lengths.max()) <= 0xFFFFFFFF:
+        return crc32c_extend(0, lengths.astype("<u4").tobytes())
+    crc = 0
+    for ln in lengths.tolist():
+        crc = crc32c_extend(crc, struct.pack("<I" if ln <= 0xFFFFFFFF else "<Q", ln))
+    return crc
+
+
+def encode_string_tensor(arr: np.ndarray) -> tuple[list[bytes], int]:
+    """The on-disk pieces of a string tensor and their (unmasked) entry crc32c."""
+    flat = [bytes(s) for s in arr.reshape(-1)]
+    lengths = np.array([len(s) for s in flat], dtype=np.uint64)
+    crc = _lengths_crc(lengths)
+    checksum = struct.pack("<I", mask_crc(crc))
+    pieces = [pw.encode_varints(lengths.view(np.int64)), checksum, *flat]
+    for p in pieces[1:]:
+        crc = crc32c_extend(crc, p)
+    return pieces, crc
+
+
+def write_bundle(tensors: Iterable[Tensor], prefix: str) -> None:
+    """Write a one-shard V2 checkpoint at ``prefix`` (``prefix.index``, ``prefix.data-00000-of-00001``).
+
+    Tensors are written in index (bytewise name) order, each streamed chunk by chunk.
+    """
+    tensors = sorted(tensors, key=lambda t: t.name.encode("utf-8"))
+    index_path = prefix + ".index"
+    for t in tensors:
+        if not t.name or t.name.startswith("\x00"):
+            raise WriteError(index_path, "tensor names must be non-empty and not start with a NUL byte", t.name)
+        if t.dtype.tf is None:  # pragma: no cover - every table dtype has a TF number
+            raise WriteError(index_path, f"TensorFlow cannot hold {t.dtype}", t.name)
+    entries = []
+    dpath = data_path(prefix, 0, 1)
+    with open(dpath, "wb") as f:
+        offset = 0
+        for t in tensors:
+            if t.dtype.kind == "string":
+                pieces, crc = encode_string_tensor(t.numpy())
+            else:
+                pieces, crc = t.chunks(), None
+            size, running = 0, 0
+            for piece in pieces:
+                if isinstance(piece, np.ndarray):
+                    piece = piece.reshape(-1).view(np.uint8)
+                f.write(piece)
+                running = crc32c_extend(running, piece)
+                size += len(piece)
+            if crc is None:
+                crc = running
+                if size != t.nbytes:
+                    raise WriteError(dpath, f"source produced {size} bytes, expected {t.nbytes}", t.name)
+            entries.append((t.name.encode("utf-8"),
+                            BundleEntry(t.dtype.tf, t.shape, 0, offset, size, mask_crc(crc)).encode()))
+            offset += size
+    with open(index_path, "wb") as f:
+        table = TableWriter(f)
+        table.add(b"", BundleHeader(num_shards=1, producer=BUNDLE_VERSION).encode())
+        for key, value in entries:
+            table.add(key, value)
+        table.finish()

@@ -1,0 +1,163 @@
+"""TF2 object-based checkpoint names (``tf.train.Checkpoint``, Keras, SavedModel variables).
+
+Such a checkpoint's keys are paths through the object graph
+(``model/layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE``); the names people
+know (``seq/conv/kernel``) live only in the scalar string tensor
+``_CHECKPOINTABLE_OBJECT_GRAPH``, a ``TrackableObjectGraph``
+(tensorflow/core/protobuf/trackable_object_graph.proto)::
+
+    TrackableObjectGraph { repeated TrackableObject nodes = 1; }
+    TrackableObject {
+      repeated ObjectReference children = 1;        // { int32 node_id = 1; string local_name = 2; }
+      repeated SerializedTensor attributes = 2;     // { string name = 1; string full_name = 2; string checkpoint_key = 3; }
+      repeated SlotVariableReference slot_variables = 3;
+                 // { int32 original_variable_node_id = 1; string slot_name = 2; int32 slot_variable_node_id = 3; }
+    }
+
+Decoded by hand with :mod:`.protowire` for the same reason as the other messages: TF's
+classes ship only inside ``tensorflow``.
+
+Naming: a variable's ``full_name``; for a slot variable without one,
+``<its variable's name>/<slot name>``; otherwise the key with ``/.ATTRIBUTES/...`` cut
+and the key escaping (``.S`` for ``/``, ``..`` for ``.``) undone. Keras 3 ``model.export``
+saves each variable twice under the same full name: the copy whose key comes first is kept
+(a copy: same name, dtype, shape and stored crc32c; the dropped keys are reported). Distinct
+variables that share a name (TF's default ``Variable``) are each named by their object path.
+Roles: variables reached from the root without passing through an ``optimizer`` edge are
+weights; the others, and slot variables, are optimizer state; ``save_counter`` and
+iteration counters are steps.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass, field
+
+from ...errors import CorruptFileError
+from ...ir import Tensor
+from ...registry import Option
+from . import protowire as pw
+
+NAMES_OPTION = Option("--names", "read", str, "TF2 object-based checkpoints: name tensors by the variables' names "
+                      "(readable, the default) or by the raw checkpoint keys (keys)", choices=("readable", "keys"))
+
+GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+_ATTR_SUFFIX = re.compile(r"/\.ATTRIBUTES/[^/]+$")
+_STEP_LOCAL_NAMES = {"save_counter", "iterations", "_iterations", "iter", "step", "global_step"}
+
+
+@dataclass
+class _Node:
+    children: list[tuple[int, str]] = field(default_factory=list)
+    attributes: list[tuple[str, str, str]] = field(default_factory=list)  # (name, full_name, checkpoint_key)
+    slots: list[tuple[int, str, int]] = field(default_factory=list)  # (original node, slot name, slot node)
+
+
+def _text(buf) -> str:
+    return bytes(buf).decode("utf-8", "replace")
+
+
+def parse_object_graph(data: bytes) -> list[_Node]:
+    """Decode a serialized ``TrackableObjectGraph``."""
+    nodes = []
+    for num, wt, val in pw.iter_fields(data):
+        if num != 1 or wt != pw.BYTES:
+            continue
+        node = _Node()
+        for n, w, v in pw.iter_fields(val):
+            if w != pw.BYTES:
+                continue
+            sub = {k: x for k, _, x in pw.iter_fields(v)}
+            if n == 1:
+                node.children.append((int(sub.get(1, 0)), _text(sub.get(2, b""))))
+            elif n == 2:
+                node.attributes.append((_text(sub.get(1, b"")), _text(sub.get(2, b"")), _text(sub.get(3, b""))))
+            elif n == 3:
+                node.slots.append((int(sub.get(1, 0)), _text(sub.get(2, b"")), int(sub.get(3, 0))))
+        nodes.append(node)
+    return nodes
+
+
+def unescape_key(key: str) -> str:
+    """``model/dense/.ATTRIBUTES/VARIABLE_VALUE`` -> ``model/dense``; ``a.Sb..c`` -> ``a/b.c``."""
+    path = _ATTR_SUFFIX.sub("", key)
+    return re.sub(r"\.(S|\.)", lambda m: "/" if m.group(1) == "S" else ".", path)
+
+
+def _model_nodes(nodes: list[_Node]) -> set[int]:
+    """Nodes reachable from the root without passing through an ``optimizer`` edge."""
+    seen, todo = {0}, deque([0])
+    while todo:
+        for child, local in nodes[todo.popleft()].children:
+            if local in ("optimizer", "_optimizer") or child in seen or not 0 <= child < len(nodes):
+                continue
+            seen.add(child)
+            todo.append(child)
+    return seen
+
+
+def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]:
+    """Rename object-graph keys to the variables' names and set their roles.
+
+    ``tensors`` come in key order; the result keeps that order, without the object
+    graph tensor itself and without second copies of a variable (same name, same
+    stored checksum: Keras 3 ``export``), whose keys are returned as the second item.
+    Without an object graph the tensors are returned unchanged.
+    """
+    graph = next((t for t in tensors if t.name == GRAPH_KEY), None)
+    if graph is None:
+        return tensors, []
+    try:
+        nodes = parse_object_graph(graph.numpy().reshape(-1)[0])
+    except (pw.ProtoError, IndexError, ValueError) as e:
+        raise CorruptFileError(path, f"object graph cannot be decoded ({e})", GRAPH_KEY) from None
+    model = _model_nodes(nodes)
+    local_names: dict[int, set[str]] = {}
+    for node in nodes:
+        for child, local in node.children:
+            local_names.setdefault(child, set()).add(local)
+    slot_of = {slot: (orig, name) for node in nodes for orig, name, slot in node.slots}
+    full_names = {i: a[1] for i, node in enumerate(nodes) for a in node.attributes if a[0] == "VARIABLE_VALUE"}
+    by_key: dict[str, tuple[str, str]] = {}
+    for i, node in enumerate(nodes):
+        for attr_name, full_name, key in node.attributes:
+            if attr_name != "VARIABLE_VALUE":
+                name = unescape_key(key)
+            elif full_name:
+                name = full_name
+            elif i in slot_of and full_names.get(slot_of[i][0]):
+                name = f"{full_names[slot_of[i][0]]}/{slot_of[i][1]}"
+            else:
+                name = unescape_key(key)
+            if local_names.get(i, set()) & _STEP_LOCAL_NAMES or name.endswith("/iteration"):
+                role = "step"
+            elif i in model and i not in slot_of:
+                role = "weight"
+            else:
+                role = "optimizer"
+            by_key[key] = (name, role)
+    named = [(t, *by_key.get(t.name, (t.name, t.attrs.get("role", "weight")))) for t in tensors if t.name != GRAPH_KEY]
+    # Per name: drop second copies; if distinct variables still share it (TF's default name
+    # "Variable"), each is named by its object path instead.
+    distinct: dict[str, list[Tensor]] = {}
+    dropped = []
+    for t, name, _ in named:
+        kept = distinct.setdefault(name, [])
+        if any(_same_data(k, t) for k in kept):
+            dropped.append(t.name)
+        else:
+            kept.append(t)
+    out = []
+    for t, name, role in named:
+        if t not in distinct[name]:
+            continue
+        final = name if len(distinct[name]) == 1 else unescape_key(t.name)
+        out.append(Tensor(final, t.dtype, t.shape, t.source, {**t.attrs, "role": role, "tf.key": t.name}))
+    return out, dropped
+
+
+def _same_data(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape and stored checksum: a second copy, told without reading the data."""
+    ca, cb = getattr(a.source, "crc32c", None), getattr(b.source, "crc32c", None)
+    return (a.dtype, a.shape) == (b.dtype, b.shape) and ca is not None and ca == cb

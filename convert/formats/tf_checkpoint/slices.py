@@ -1,0 +1,291 @@
+"""TensorFlow V1 checkpoints (``SavedTensorSlices`` in one or more table files).
+
+Format (tensorflow/core/util/tensor_slice_writer.h, saved_tensor_slice.proto): a table
+whose key ``""`` holds ``SavedTensorSlices.meta`` (for each tensor: name, shape, dtype and
+the list of saved slices; a full extent is an empty ``Extent``), and one key per slice,
+``EncodeTensorNameSlice(name, slice)`` (OrderedCode, see :func:`slice_key`), holding
+``SavedTensorSlices.data``: a ``SavedSlice`` whose ``TensorProto`` carries the values in
+the typed repeated fields (``float_val``, ``half_val``...), never ``tensor_content``.
+A sharded V1 checkpoint is several such files named ``prefix-0000K-of-0000N``.
+
+Partitioned variables are saved as several slices of one tensor; we assemble them.
+TensorFlow's own ``get_tensor`` cannot read V1 float16, complex64 or partitioned tensors
+(``tf.raw_ops.RestoreV2`` can); we read all of them.
+
+The same slice keys name the slice entries of V2 partitioned variables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ...dtypes import DType, from_tf
+from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
+from ...ir import ArraySource, Tensor
+from . import protowire as pw
+from .protowire import Extent, ProtoError
+from .sstable import TableReader, TableWriter
+
+# ------------------------------------------------------------- slice keys (OrderedCode)
+# tensorflow/core/lib/strings/ordered_code.cc and tensorflow/core/util/saved_tensor_slice_util.cc
+
+
+def _num_increasing(n: int) -> bytes:
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
+    return bytes([len(body)]) + body
+
+
+_LENGTH_HEADER = [(0, 0), (0x80, 0), (0xC0, 0), (0xE0, 0), (0xF0, 0), (0xF8, 0),
+                  (0xFC, 0), (0xFE, 0), (0xFF, 0), (0xFF, 0x80), (0xFF, 0xC0)]
+
+
+def _signed_num_increasing(v: int) -> bytes:
+    x = ~v if v < 0 else v
+    if x < 64:
+        return bytes([(0x80 ^ v) & 0xFF])
+    length = x.bit_length() // 7 + 1
+    buf = bytearray(v.to_bytes(10, "big", signed=True))
+    begin = 10 - length
+    buf[begin] ^= _LENGTH_HEADER[length][0]
+    buf[begin + 1] ^= _LENGTH_HEADER[length][1]
+    return bytes(buf[begin:])
+
+
+def _ordered_string(s: bytes) -> bytes:
+    return s.replace(b"\xff", b"\xff\x00").replace(b"\x00", b"\x00\xff") + b"\x00\x01"
+
+
+def slice_key(name: str, extents: list[Extent]) -> bytes:
+    """``EncodeTensorNameSlice``: the table key of one saved slice (a whole extent has length -1)."""
+    out = bytearray(_num_increasing(0))
+    out += _ordered_string(name.encode("utf-8"))
+    out += _num_increasing(len(extents))
+    for e in extents:
+        out += _signed_num_increasing(e.start)
+        out += _signed_num_increasing(-1 if e.length is None else e.length)
+    return bytes(out)
+
+
+# ------------------------------------------------------------- slice assembly
+
+def slice_bounds(extents: list[Extent], shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+    """NumPy index and shape of a slice of a tensor of ``shape``; ValueError if it does not fit."""
+    if len(extents) != len(shape):
+        raise ValueError(f"slice of rank {len(extents)} for a tensor of rank {len(shape)}")
+    index, sub = [], []
+    for e, dim in zip(extents, shape, strict=True):
+        length = dim - e.start if e.length is None or e.length < 0 else e.length
+        if e.start < 0 or e.start + length > dim:
+            raise ValueError(f"slice [{e.start}, {e.start + length}) outside dimension {dim}")
+        index.append(slice(e.start, e.start + length))
+        sub.append(length)
+    return tuple(index), tuple(sub)
+
+
+def assemble(path: str, name: str, dtype: DType, shape: tuple[int, ...],
+             parts: list[tuple[list[Extent], Callable[[tuple[int, ...]], np.ndarray]]]) -> np.ndarray:
+    """The full tensor from its slices; ``parts`` are (extents, fn(slice shape) -> array)."""
+    out = np.empty(shape, dtype=object if dtype.kind == "string" else dtype.numpy)
+    covered = 0
+    for extents, produce in parts:
+        try:
+            index, sub = slice_bounds(extents, shape)
+        except ValueError as e:
+            raise CorruptFileError(path, f"bad slice: {e}", name) from None
+        out[index] = np.asarray(produce(sub)).reshape(sub)
+        covered += math.prod(sub)
+    if covered != math.prod(shape):
+        raise CorruptFileError(path, f"slices cover {covered} of {math.prod(shape)} elements", name)
+    return out
+
+
+# ------------------------------------------------------------- TensorProto values
+
+_FIXED_FIELDS = {  # dtype name -> (field, element numpy dtype, element size)
+    "float32": (pw.TP_FLOAT, "<f4"), "float64": (pw.TP_DOUBLE, "<f8"),
+    "complex64": (pw.TP_SCOMPLEX, "<c8"), "complex128": (pw.TP_DCOMPLEX, "<c16"),
+}
+_VARINT_FIELDS = {
+    "float16": pw.TP_HALF, "bfloat16": pw.TP_HALF,
+    "int8": pw.TP_INT, "int16": pw.TP_INT, "int32": pw.TP_INT, "uint8": pw.TP_INT, "uint16": pw.TP_INT,
+    "int64": pw.TP_INT64, "uint32": pw.TP_UINT32, "uint64": pw.TP_UINT64, "bool": pw.TP_BOOL,
+}
+
+
+def tensor_proto_values(buf, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
+    """The values of a TensorProto (typed fields or ``tensor_content``) as an array of ``shape``.
+
+    Raises ProtoError when the proto does not hold exactly the expected element count.
+    """
+    n = math.prod(shape)
+    fields = pw.decode_tensor_proto(buf)
+    if dtype.kind == "string":
+        vals = [bytes(v) for wt, v in fields.get(pw.TP_STRING, []) if wt == pw.BYTES]
+        if len(vals) != n:
+            raise ProtoError(f"{len(vals)} strings, expected {n}")
+        arr = np.empty(n, dtype=object)
+        arr[:] = vals
+        return arr.reshape(shape)
+    content = fields.get(pw.TP_CONTENT)
+    if content:
+        raw = b"".join(bytes(v) for _, v in content)
+        if len(raw) != n * dtype.itemsize:
+            raise ProtoError(f"tensor_content holds {len(raw)} bytes, expected {n * dtype.itemsize}")
+        return np.frombuffer(raw, dtype=dtype.numpy).reshape(shape)
+    if dtype.name in _FIXED_FIELDS:
+        num, elem = _FIXED_FIELDS[dtype.name]
+        width = 4 if elem in ("<f4", "<c8") else 8
+        pieces = [bytes(v) if wt == pw.BYTES else v.to_bytes(width, "little") for wt, v in fields.get(num, [])]
+        arr = np.frombuffer(b"".join(pieces), dtype=dtype.numpy)
+    elif dtype.name in _VARINT_FIELDS:
+        num = _VARINT_FIELDS[dtype.name]
+        pieces = [bytes(v) if wt == pw.BYTES else pw.encode_varint(v) for wt, v in fields.get(num, [])]
+        raw = pw.decode_varints(b"".join(pieces))
+        if dtype.name in ("float16", "bfloat16"):
+            arr = raw.astype(np.uint16).view(dtype.numpy)
+        elif dtype.name == "bool":
+            arr = raw != 0
+        else:  # int_val holds sign-extended int32 values: truncate like C++ does
+            arr = raw.astype(dtype.numpy)
+    elif dtype.name.startswith("float8"):
+        raw = b"".join(bytes(v) for _, v in fields.get(pw.TP_FLOAT8, []))
+        arr = np.frombuffer(raw, dtype=dtype.numpy)
+    else:  # pragma: no cover - every table dtype is handled above
+        raise ProtoError(f"no TensorProto field for {dtype}")
+    if arr.size != n:
+        raise ProtoError(f"{arr.size} values, expected {n}")
+    return arr.reshape(shape)
+
+
+def encode_tensor_proto(arr: np.ndarray, dtype: DType) -> bytes:
+    """A TensorProto holding only the typed value field, as TF's ``TensorSliceWriter`` writes it."""
+    flat = arr.reshape(-1)
+    if dtype.kind == "string":
+        return b"".join(pw.field_bytes(pw.TP_STRING, s) for s in flat)
+    if flat.size == 0:
+        return b""  # an empty packed field is not written
+    if dtype.name in _FIXED_FIELDS:
+        num, elem = _FIXED_FIELDS[dtype.name]
+        return pw.field_bytes(num, np.ascontiguousarray(flat, dtype=elem).tobytes())
+    num = _VARINT_FIELDS[dtype.name]
+    if dtype.name in ("float16", "bfloat16"):
+        ints = flat.view(np.uint16)
+    else:
+        ints = flat.astype(np.int64) if dtype.name != "uint64" else flat
+    if dtype.name == "uint64":
+        packed = pw.encode_varints(ints.view(np.int64))
+    else:
+        packed = pw.encode_varints(ints)
+    return pw.field_bytes(num, packed)
+
+
+# ------------------------------------------------------------- reading
+
+def read_v1(files: list[str]) -> tuple[list[Tensor], int]:
+    """The tensors of a V1 checkpoint made of ``files`` (one per shard) and its producer version."""
+    tables = [TableReader(f) for f in files]
+    merged: dict[str, tuple[DType, tuple[int, ...], list]] = {}
+    producer = 0
+    for table in tables:
+        raw = table.get(b"")
+        if raw is None:
+            raise CorruptFileError(table.path, "no SavedTensorSlices meta entry (key \"\"); not a V1 checkpoint")
+        try:
+            meta, _ = pw.split_saved_tensor_slices(raw)
+            if meta is None:
+                raise ProtoError("the \"\" entry has no meta")
+            metas, producer = pw.decode_saved_meta(meta)
+        except ProtoError as e:
+            raise CorruptFileError(table.path, f"bad checkpoint meta: {e}") from None
+        for m in metas:
+            try:
+                dtype = from_tf(m.dtype)
+            except ConvertError:
+                raise ReadError(table.path, f"unsupported TensorFlow dtype {m.dtype}", m.name) from None
+            if m.name in merged:
+                prev = merged[m.name]
+                if prev[0] != dtype or prev[1] != m.shape:
+                    raise CorruptFileError(table.path, "shards disagree on dtype or shape", m.name)
+            else:
+                merged[m.name] = (dtype, m.shape, [])
+            merged[m.name][2].extend((ext, table) for ext in m.slices)
+    tensors = []
+    for name in sorted(merged, key=lambda s: s.encode("utf-8")):
+        dtype, shape, slices = merged[name]
+        tensors.append(Tensor(name, dtype, shape, ArraySource(_v1_producer(name, dtype, shape, slices))))
+    return tensors, producer
+
+
+def _v1_producer(name: str, dtype: DType, shape: tuple[int, ...], slices: list) -> Callable[[], np.ndarray]:
+    def read_slice(table: TableReader, extents: list[Extent]) -> Callable[[tuple[int, ...]], np.ndarray]:
+        def produce(sub: tuple[int, ...]) -> np.ndarray:
+            raw = table.get(slice_key(name, extents), label=name)
+            if raw is None:
+                raise CorruptFileError(table.path, "the data of a saved slice is missing", name)
+            try:
+                _, data = pw.split_saved_tensor_slices(raw)
+                if data is None:
+                    raise ProtoError("slice entry has no data")
+                _, _, proto = pw.decode_saved_slice(data)
+                return tensor_proto_values(proto if proto is not None else b"", dtype, sub)
+            except (ProtoError, ValueError) as e:  # ValueError: a byte count that is not whole values
+                raise CorruptFileError(table.path, f"bad slice data: {e}", name) from None
+        return produce
+
+    def produce_all() -> np.ndarray:
+        path = slices[0][1].path if slices else "?"
+        if len(slices) == 1:
+            extents, table = slices[0]
+            try:
+                index, sub = slice_bounds(extents, shape)
+            except ValueError as e:
+                raise CorruptFileError(table.path, f"bad slice: {e}", name) from None
+            if sub == shape:
+                return read_slice(table, extents)(shape)
+        return assemble(path, name, dtype, shape, [(ext, read_slice(t, ext)) for ext, t in slices])
+    return produce_all
+
+
+# ------------------------------------------------------------- writing
+
+#: dtypes TF 2.21's V1 reader (TensorSliceReader) restores; others are refused on write.
+V1_DTYPES = ("float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16",
+             "bool", "complex64", "complex128", "string")
+
+_MAX_MESSAGE = (1 << 31) - 1  # protobuf cannot parse a larger message
+
+
+def check_v1_dtypes(tensors: list[Tensor], path) -> None:
+    """Raise one WriteError listing every tensor whose dtype V1 cannot hold."""
+    bad = [f"{t.name} ({t.dtype})" for t in tensors if t.dtype.name not in V1_DTYPES]
+    if bad:
+        raise WriteError(path, "TensorFlow V1 checkpoints cannot hold these dtypes: " + ", ".join(bad)
+                         + "; write a V2 checkpoint (tf-ckpt) instead")
+
+
+def write_v1_file(tensors: list[Tensor], path: str) -> None:
+    """Write ``tensors`` as one V1 table file at ``path`` (each tensor one full slice)."""
+    check_v1_dtypes(tensors, path)
+    for t in tensors:
+        if not t.name or "\x00" in t.name:
+            raise WriteError(path, "tensor names must be non-empty and without NUL bytes", t.name)
+    ordered = sorted(tensors, key=lambda t: t.name.encode("utf-8"))
+    metas = [pw.SliceMeta(t.name, t.shape, t.dtype.tf, [[Extent() for _ in t.shape]]) for t in ordered]
+    keyed = sorted(((slice_key(t.name, [Extent() for _ in t.shape]), t) for t in ordered), key=lambda kt: kt[0])
+    with open(path, "wb") as f:
+        table = TableWriter(f)
+        table.add(b"", pw.field_bytes(1, pw.encode_saved_meta(metas)))
+        for key, t in keyed:
+            values = encode_tensor_proto(t.numpy(), t.dtype)
+            saved_slice = (pw.field_bytes(1, t.name.encode("utf-8"))
+                           + pw.field_bytes(2, pw.encode_slice([Extent() for _ in t.shape]))
+                           + pw.field_bytes(3, values))
+            if len(saved_slice) + 8 > _MAX_MESSAGE:
+                raise WriteError(path, f"a V1 checkpoint cannot hold a tensor of {t.nbytes} bytes "
+                                 "(protobuf's 2 GB message limit); write a V2 checkpoint instead", t.name)
+            table.add(key, pw.field_bytes(2, saved_slice))
+        table.finish()
+

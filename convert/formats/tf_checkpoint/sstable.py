@@ -1,0 +1,315 @@
+"""Reader and writer of the LevelDB table ("SSTable") files TensorFlow checkpoints use.
+
+The V2 ``.index`` file and the whole V1 checkpoint file are tables in the format of
+https://github.com/google/leveldb/blob/main/doc/table_format.md, as implemented by
+tensorflow/core/lib/io/table_builder.cc: data blocks of prefix-compressed entries with
+restart points, each followed by a 5-byte trailer (compression type, masked crc32c of
+block+type); a metaindex block (empty in TF files); an index block (one entry per data
+block, restart interval 1); a 48-byte footer (two block handles, zero padding, magic
+``0xdb4775248b80fb57``).
+
+Why by hand: the Python LevelDB bindings open LevelDB *databases* (directories with
+a MANIFEST and logs), not a lone table file, and TensorFlow's reader ships only inside
+``tensorflow``. The format is small; we verify every block checksum on read, read
+snappy-compressed blocks through ``cramjam`` when met, and write uncompressed blocks
+exactly as TF's ``TableBuilder`` lays them out (same separators, restart points and
+block size), so our files are byte-for-byte what TF writes for the same entries.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import google_crc32c
+import numpy as np
+
+from ...errors import CorruptFileError, ReadError
+from .protowire import ProtoError, encode_varint, read_varint
+
+MAGIC = 0xDB4775248B80FB57
+MAGIC_BYTES = struct.pack("<Q", MAGIC)
+FOOTER_SIZE = 48
+TRAILER_SIZE = 5
+NO_COMPRESSION, SNAPPY = 0, 1
+BLOCK_SIZE = 262144  # tensorflow/core/lib/io/table_options.h
+RESTART_INTERVAL = 16
+_MASK_DELTA = 0xA282EAD8
+_CACHE_LIMIT = 4 << 20  # bytes: blocks larger than this are not cached
+
+
+def crc32c_extend(crc: int, buf) -> int:
+    """crc32c over any buffer (google_crc32c takes only bytes or NumPy arrays, not memoryviews)."""
+    if not isinstance(buf, (bytes, np.ndarray)):
+        buf = np.frombuffer(buf, dtype=np.uint8)
+    return google_crc32c.extend(crc, buf)
+
+
+def mask_crc(crc: int) -> int:
+    """LevelDB/TF masked crc32c: rotate right by 15 bits and add a constant."""
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def unmask_crc(masked: int) -> int:
+    rot = (masked - _MASK_DELTA) & 0xFFFFFFFF
+    return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
+
+
+def has_table_magic(path: os.PathLike | str) -> bool:
+    """True when ``path`` is a regular file ending with the table magic (cheap, never raises)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < FOOTER_SIZE:
+                return False
+            f.seek(-8, os.SEEK_END)
+            return f.read(8) == MAGIC_BYTES
+    except OSError:
+        return False
+
+
+def _decode_handle(buf, pos: int) -> tuple[tuple[int, int], int]:
+    offset, pos = read_varint(buf, pos)
+    size, pos = read_varint(buf, pos)
+    return (offset, size), pos
+
+
+def encode_handle(offset: int, size: int) -> bytes:
+    return encode_varint(offset) + encode_varint(size)
+
+
+def iter_block(data) -> Iterator[tuple[bytes, memoryview]]:
+    """The (key, value) entries of one decoded block, in order."""
+    mv = memoryview(data)
+    n = len(mv)
+    if n < 4:
+        raise ProtoError("block too short")
+    num_restarts = struct.unpack_from("<I", mv, n - 4)[0]
+    limit = n - 4 - 4 * num_restarts
+    if num_restarts == 0 and n > 4 or limit < 0:
+        raise ProtoError("bad restart array")
+    pos, key = 0, b""
+    while pos < limit:
+        shared, pos = read_varint(mv, pos)
+        non_shared, pos = read_varint(mv, pos)
+        vlen, pos = read_varint(mv, pos)
+        if shared > len(key) or pos + non_shared + vlen > limit:
+            raise ProtoError("bad block entry")
+        key = key[:shared] + bytes(mv[pos:pos + non_shared])
+        pos += non_shared
+        yield key, mv[pos:pos + vlen]
+        pos += vlen
+
+
+class TableReader:
+    """Random and sequential access to one table file; every block's crc is checked.
+
+    Errors are :class:`CorruptFileError` naming the file (and ``label`` when given).
+    """
+
+    def __init__(self, path: os.PathLike | str, cache_blocks: int = 4):
+        self.path = os.fspath(path)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_size = cache_blocks
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                if size < FOOTER_SIZE:
+                    raise CorruptFileError(self.path, f"too short for a table ({size} bytes); truncated?")
+                f.seek(size - FOOTER_SIZE)
+                footer = f.read(FOOTER_SIZE)
+        except OSError as e:
+            raise ReadError(self.path, f"cannot open: {e.strerror}") from None
+        if footer[-8:] != MAGIC_BYTES:
+            raise CorruptFileError(self.path, "no table magic at the end of the file; truncated or not a TF checkpoint")
+        self.file_size = size
+        try:
+            _metaindex, pos = _decode_handle(footer, 0)
+            index_handle, _ = _decode_handle(footer, pos)
+            index = self.read_block(index_handle)
+            self.index: list[tuple[bytes, tuple[int, int]]] = [
+                (k, _decode_handle(v, 0)[0]) for k, v in iter_block(index)]
+        except ProtoError as e:
+            raise CorruptFileError(self.path, f"bad table index: {e}") from None
+        self._index_keys = [k for k, _ in self.index]
+
+    def read_block(self, handle: tuple[int, int], label: str | None = None) -> bytes:
+        """The decoded contents of the block at ``handle``, crc-checked and decompressed."""
+        offset, size = handle
+        cached = self._cache.get(offset)
+        if cached is not None:
+            self._cache.move_to_end(offset)
+            return cached
+        if offset + size + TRAILER_SIZE > self.file_size:
+            raise CorruptFileError(self.path, f"block at {offset} runs past the end of the file; truncated?", label)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(size + TRAILER_SIZE)
+        if len(raw) != size + TRAILER_SIZE:
+            raise CorruptFileError(self.path, "file is truncated", label)
+        ctype = raw[size]
+        stored = struct.unpack_from("<I", raw, size + 1)[0]
+        actual = mask_crc(crc32c_extend(crc32c_extend(0, memoryview(raw)[:size]), raw[size:size + 1]))
+        if stored != actual:
+            raise CorruptFileError(self.path, f"block checksum mismatch at offset {offset}", label)
+        if ctype == NO_COMPRESSION:
+            data = raw[:size]
+        elif ctype == SNAPPY:
+            try:
+                import cramjam
+                data = bytes(cramjam.snappy.decompress_raw(raw[:size]))
+            except ImportError:  # pragma: no cover - cramjam is a core dependency
+                raise ReadError(self.path, "snappy-compressed block needs the 'cramjam' package", label) from None
+            except Exception as e:  # cramjam.DecompressionError
+                raise CorruptFileError(self.path, f"bad snappy block at offset {offset}: {e}", label) from None
+        else:
+            raise CorruptFileError(self.path, f"unknown block compression type {ctype}", label)
+        if len(data) <= _CACHE_LIMIT:  # V1 blocks can hold a whole (huge) tensor: never keep those
+            self._cache[offset] = data
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return data
+
+    def items(self) -> Iterator[tuple[bytes, memoryview]]:
+        """Every (key, value) of the table in key order."""
+        for _, handle in self.index:
+            block = self.read_block(handle)
+            try:
+                yield from iter_block(block)
+            except ProtoError as e:
+                raise CorruptFileError(self.path, f"bad data block at offset {handle[0]}: {e}") from None
+
+    def get(self, key: bytes, label: str | None = None) -> memoryview | None:
+        """The value stored under ``key``, or None."""
+        i = bisect.bisect_left(self._index_keys, key)
+        if i == len(self.index):
+            return None
+        block = self.read_block(self.index[i][1], label)
+        try:
+            for k, v in iter_block(block):
+                if k == key:
+                    return v
+                if k > key:
+                    return None
+        except ProtoError as e:
+            raise CorruptFileError(self.path, f"bad data block: {e}", label) from None
+        return None
+
+
+# ------------------------------------------------------------------ writing
+
+def shortest_separator(start: bytes, limit: bytes) -> bytes:
+    """LevelDB BytewiseComparator::FindShortestSeparator."""
+    n = min(len(start), len(limit))
+    i = 0
+    while i < n and start[i] == limit[i]:
+        i += 1
+    if i < n:
+        b = start[i]
+        if b < 0xFF and b + 1 < limit[i]:
+            return start[:i] + bytes([b + 1])
+    return start
+
+
+def short_successor(key: bytes) -> bytes:
+    """LevelDB BytewiseComparator::FindShortSuccessor."""
+    for i, b in enumerate(key):
+        if b != 0xFF:
+            return key[:i] + bytes([b + 1])
+    return key
+
+
+class _BlockBuilder:
+    def __init__(self, restart_interval: int):
+        self.interval = restart_interval
+        self.reset()
+
+    def reset(self):
+        self.buf = bytearray()
+        self.restarts = [0]
+        self.counter = 0
+        self.last_key = b""
+
+    def add(self, key: bytes, value) -> None:
+        shared = 0
+        if self.counter < self.interval:
+            n = min(len(key), len(self.last_key))
+            while shared < n and key[shared] == self.last_key[shared]:
+                shared += 1
+        else:
+            self.restarts.append(len(self.buf))
+            self.counter = 0
+        self.buf += encode_varint(shared) + encode_varint(len(key) - shared) + encode_varint(len(value))
+        self.buf += key[shared:]
+        self.buf += value
+        self.last_key = key
+        self.counter += 1
+
+    def size_estimate(self) -> int:
+        return len(self.buf) + 4 * len(self.restarts) + 4
+
+    def finish(self) -> bytearray:
+        for r in self.restarts:
+            self.buf += struct.pack("<I", r)
+        self.buf += struct.pack("<I", len(self.restarts))
+        return self.buf
+
+    @property
+    def empty(self) -> bool:
+        return not self.buf
+
+
+class TableWriter:
+    """Writes a table to an open binary file, entry by entry, in strictly increasing key order.
+
+    Memory holds one data block (or one value larger than a block).
+    """
+
+    def __init__(self, f, block_size: int = BLOCK_SIZE, restart_interval: int = RESTART_INTERVAL):
+        self.f = f
+        self.block_size = block_size
+        self.offset = 0
+        self.data = _BlockBuilder(restart_interval)
+        self.index = _BlockBuilder(1)
+        self.last_key: bytes | None = None
+        self.pending: tuple[int, int] | None = None  # handle of the last flushed block, awaiting its index key
+
+    def add(self, key: bytes, value) -> None:
+        if self.last_key is not None and key <= self.last_key:
+            raise ValueError(f"table keys must increase: {key!r} after {self.last_key!r}")
+        if self.pending is not None:
+            self.index.add(shortest_separator(self.last_key, key), encode_handle(*self.pending))
+            self.pending = None
+        self.data.add(key, value)
+        self.last_key = key
+        if self.data.size_estimate() >= self.block_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.data.empty:
+            return
+        self.pending = self._write_block(self.data.finish())
+        self.data.reset()
+
+    def _write_block(self, contents) -> tuple[int, int]:
+        handle = (self.offset, len(contents))
+        crc = mask_crc(crc32c_extend(crc32c_extend(0, contents), b"\x00"))
+        self.f.write(contents)
+        self.f.write(b"\x00" + struct.pack("<I", crc))
+        self.offset += len(contents) + TRAILER_SIZE
+        return handle
+
+    def finish(self) -> None:
+        self._flush()
+        meta_handle = self._write_block(_BlockBuilder(1).finish())
+        if self.pending is not None:
+            self.index.add(short_successor(self.last_key), encode_handle(*self.pending))
+            self.pending = None
+        index_handle = self._write_block(self.index.finish())
+        footer = encode_handle(*meta_handle) + encode_handle(*index_handle)
+        footer = footer.ljust(FOOTER_SIZE - 8, b"\x00") + MAGIC_BYTES
+        self.f.write(footer)
+        self.offset += len(footer)

@@ -1,0 +1,167 @@
+"""SavedModel: variables read without TensorFlow, named as TensorFlow/Keras name them; written with TensorFlow.
+
+Oracles: the Keras/tf.Module objects that wrote the files (their variables' paths and
+values), tf.train.load_checkpoint on the variables bundle, tf.saved_model.load.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import convert
+
+from contract import FormatContract, same_values, samples
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS_SAVED_MODELS = sorted(p.parent for p in CORPUS.rglob("saved_model.pb"))
+
+
+class TestSavedModelContract(FormatContract):
+    FORMAT = "saved-model"
+
+    def oracle_read(self, path):
+        loaded = tf.saved_model.load(str(path))
+        return {name: np.asarray(v.numpy()) for name, v in loaded.weights.items()}
+
+    def test_same_bytes_on_rerun(self, tmp_path):
+        # TensorFlow numbers the functions it saves with a per-process counter, so the bytes
+        # are the same from run to run (what a pipeline does), not within one process.
+        script = ("import sys, numpy as np, convert; from contract import samples; "
+                  "td = samples()['shapes']; convert.write(td, sys.argv[1], 'saved-model')")
+        outs = []
+        for name in ("a", "b"):
+            out = tmp_path / name
+            subprocess.run([sys.executable, "-c", script, str(out)], check=True, capture_output=True,
+                           cwd=Path(__file__).parent)
+            outs.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+        assert outs[0] == outs[1]
+
+
+def _keras_model(functional: bool):
+    keras.utils.set_random_seed(0)
+    if functional:
+        inp = keras.Input((8, 8, 3), name="img")
+        x = keras.layers.Conv2D(4, 3, name="conv")(inp)
+        x = keras.layers.BatchNormalization(name="bn")(x)
+        out = keras.layers.Dense(5, name="dense")(keras.layers.Flatten()(x))
+        return keras.Model(inp, out, name="func")
+    return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv"),
+                             keras.layers.Flatten(), keras.layers.Dense(5, name="dense")], name="seq")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """SavedModels and checkpoints written by TensorFlow 2.21, with what wrote them."""
+    root = tmp_path_factory.mktemp("tf_written")
+    out = {}
+    rng = np.random.default_rng(0)
+    for functional in (False, True):
+        model = _keras_model(functional)
+        model.compile(optimizer="adam", loss="mse")
+        model.fit(rng.random((4, 8, 8, 3)), rng.random((4, 5)), epochs=1, verbose=0)
+        name = "functional" if functional else "sequential"
+        model.export(str(root / f"{name}_export"), verbose=False)
+        ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        prefix = ckpt.save(str(root / f"{name}_ckpt" / "ckpt"))
+        out[name] = (model, root / f"{name}_export", prefix)
+
+    class Module(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.v = tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="my_var")
+            self.sub = tf.Module()
+            self.sub.w = tf.Variable(np.float64(1.5), name="inner/w")
+            self.table = tf.Variable([b"a", b"bc"], name="strings")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+        def __call__(self, x):
+            return tf.matmul(x, tf.transpose(self.v)) * tf.cast(self.sub.w, tf.float32)
+
+    module = Module()
+    tf.saved_model.save(module, str(root / "module"))
+    out["module"] = (module, root / "module", None)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional"])
+def test_keras_export_named_by_variable_paths_once_each(written, kind):
+    model, export, _ = written[kind]
+    td = convert.read(export)
+    expected = {v.path: np.asarray(v.numpy()) for v in model.weights}
+    assert sorted(td) == sorted(expected)  # every variable once, though export stores each twice
+    for name, arr in expected.items():
+        assert same_values(td[name].numpy(), arr), name
+    assert td.metadata["tf.duplicate_keys_dropped"]
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional"])
+def test_tf2_checkpoint_readable_names_roles_and_raw_keys(written, kind):
+    model, _, prefix = written[kind]
+    td = convert.read(prefix + ".index")
+    weights = {v.path: np.asarray(v.numpy()) for v in model.weights}
+    for name, arr in weights.items():
+        assert same_values(td[name].numpy(), arr), name
+        assert td[name].attrs["role"] == "weight"
+    optimizer_state = {v.path: np.asarray(v.numpy()) for v in model.optimizer.variables}
+    for name, arr in optimizer_state.items():
+        assert same_values(td[name].numpy(), arr), name
+        assert td[name].attrs["role"] in ("optimizer", "step"), name
+    assert "_CHECKPOINTABLE_OBJECT_GRAPH" not in td
+    slim = convert.api.select(td, weights_only=True)
+    assert sorted(slim) == sorted(weights)
+    reader = tf.train.load_checkpoint(prefix)
+    raw = convert.read(prefix + ".index", names="keys")
+    assert sorted(raw) == sorted(reader.get_variable_to_shape_map())
+    for key in raw:
+        if key != "_CHECKPOINTABLE_OBJECT_GRAPH":
+            assert same_values(raw[key].numpy(), np.asarray(reader.get_tensor(key))), key
+
+
+def test_tf_module_saved_model(written):
+    module, path, _ = written["module"]
+    td = convert.read(path)
+    expected = {v.name[:-2]: np.asarray(v.numpy()) for v in module.variables}
+    assert sorted(td) == sorted(expected)
+    for name, arr in expected.items():
+        assert same_values(td[name].numpy(), arr), name
+
+
+@pytest.mark.parametrize("path", CORPUS_SAVED_MODELS, ids=lambda p: p.relative_to(CORPUS).parts[0])
+def test_corpus_saved_models_equal_tensorflow(path):
+    reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+    td = convert.read(path)
+    assert td, path
+    covered = set()
+    for name, t in td.items():
+        key = t.attrs.get("tf.key", name)
+        covered.add(key)
+        assert same_values(t.numpy(), np.asarray(reader.get_tensor(key))), name
+    dropped = set(filter(None, td.metadata.get("tf.duplicate_keys_dropped", "").split(",")))
+    assert covered | dropped | {"_CHECKPOINTABLE_OBJECT_GRAPH"} >= set(reader.get_variable_to_shape_map())
+
+
+def test_weights_only_drops_optimizer_state_of_a_corpus_model(tmp_path):
+    rossman = CORPUS / "psch125+rossman@1e752ce04c9a"
+    out = tmp_path / "rossman.safetensors"
+    convert.convert(rossman, out, to="safetensors", weights_only=True)
+    names = set(convert.read(out))
+    assert names and not any(n.startswith("Adam/") for n in names)
+    assert {"dense_10/kernel", "dense_10/bias"} <= names
+
+
+def test_written_saved_model_loads_with_variables_named(tmp_path):
+    td = samples()["names"]
+    convert.write(td, tmp_path / "sm", "saved-model")
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    assert sorted(loaded.weights) == sorted(td)
+    for name, v in loaded.weights.items():
+        assert v.name.startswith(name), (v.name, name)
+        assert same_values(np.asarray(v.numpy()), td[name].numpy())
