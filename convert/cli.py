@@ -3,6 +3,9 @@
     convert SRC_FORMAT SRC_PATH --to DST_FORMAT [-o OUT] [options]
     convert inspect PATH [--json]
     convert formats [--json]
+    convert map SRC --map RULES [--plan]        convert map suggest A B [-o RULES.yaml]
+    convert diff A B [--map RULES] [--atol X --rtol Y]
+    convert mappings [NAME]
 
 Exit status: 0 done, 1 the input or the conversion failed, 2 a usage error.
 """
@@ -175,9 +178,119 @@ def cmd_formats(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _read_for(path: str, fmt: str, args: argparse.Namespace):
+    return api.read(path, None if fmt == "auto" else fmt, **_side_options(args, "read"))
+
+
+def cmd_map(argv: list[str]) -> int:
+    if argv and argv[0] == "suggest":
+        return cmd_map_suggest(argv[1:])
+    p = _Parser(prog="convert map", description="Show how rule files map a checkpoint's names and layouts, "
+                "without writing anything. 'convert map suggest A B' proposes a rule file.")
+    p.add_argument("src", metavar="SRC_PATH")
+    p.add_argument("--map", action="append", default=[], required=True, metavar="FILE_OR_PRESET",
+                   help="rule file or preset (repeatable, applied in order)")
+    p.add_argument("--plan", action="store_true", help="print the plan (the default: nothing is written)")
+    p.add_argument("--format", default="auto", help="format of SRC_PATH (default: detect from content)")
+    _common(p)
+    _add_format_options(p, ("read",))
+    args = p.parse_args(argv)
+    _, report = api.apply_maps(_read_for(args.src, args.format, args), args.map)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif not args.quiet:
+        sys.stdout.write(report.to_text())
+    return EXIT_OK
+
+
+def cmd_map_suggest(argv: list[str]) -> int:
+    p = _Parser(prog="convert map suggest", description="Propose a rule file mapping A's names onto B's, "
+                "by shape, order and name similarity; ambiguous matches are flagged for review.")
+    p.add_argument("a", metavar="A", help="the checkpoint to be mapped")
+    p.add_argument("b", metavar="B", help="the checkpoint whose names are wanted")
+    p.add_argument("-o", "--output", metavar="RULES.yaml", help="write the rule file here (default: stdout)")
+    p.add_argument("--format-a", default="auto", help="format of A (default: detect)")
+    p.add_argument("--format-b", default="auto", help="format of B (default: detect)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _common(p)
+    _add_format_options(p, ("read",))
+    args = p.parse_args(argv)
+    from . import fileio, suggest
+
+    text, ambiguities = suggest.suggest(_read_for(args.a, args.format_a, args),
+                                        _read_for(args.b, args.format_b, args))
+    if args.output:
+        with fileio.atomic_output(args.output, force=args.force) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    if args.json:
+        print(json.dumps({"output": args.output, "rules": None if args.output else text,
+                          "ambiguities": ambiguities}, indent=2))
+    elif not args.output:
+        sys.stdout.write(text)
+    if not args.json and not args.quiet:
+        if args.output:
+            print(f"wrote {args.output}", file=sys.stderr)
+        for line in ambiguities:
+            print(f"review: {line}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_diff(argv: list[str]) -> int:
+    p = _Parser(prog="convert diff", description="Compare two checkpoints tensor by tensor (A after --map). "
+                "Exit status 0 when they agree, 1 when they differ.")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--map", action="append", default=[], metavar="FILE_OR_PRESET",
+                   help="rule file or preset applied to A first (repeatable, in order)")
+    p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
+    p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default 0)")
+    p.add_argument("--all", action="store_true", help="list every tensor, not only those that differ")
+    p.add_argument("--format-a", default="auto", help="format of A (default: detect)")
+    p.add_argument("--format-b", default="auto", help="format of B (default: detect)")
+    _common(p)
+    _add_format_options(p, ("read",))
+    args = p.parse_args(argv)
+    if args.atol < 0 or args.rtol < 0:
+        raise UsageError("--atol and --rtol must be >= 0")
+    from . import diff
+
+    a, _ = api.apply_maps(_read_for(args.a, args.format_a, args), args.map)
+    report = diff.diff(a, _read_for(args.b, args.format_b, args), atol=args.atol, rtol=args.rtol)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif not args.quiet:
+        sys.stdout.write(report.to_text(all_tensors=args.all))
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_mappings(argv: list[str]) -> int:
+    p = _Parser(prog="convert mappings", description="List the mapping presets, or show one.")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a preset to show")
+    _common(p)
+    args = p.parse_args(argv)
+    from . import mapping
+
+    if args.name:
+        text = mapping.preset_text(args.name)
+        print(json.dumps({"name": args.name, "text": text}, indent=2) if args.json else text, end="" if not args.json else "\n")
+        return EXIT_OK
+    rows = mapping.presets()
+    if args.json:
+        print(json.dumps([{"name": n, "description": d} for n, d in rows], indent=2))
+    elif not args.quiet:
+        width = max((len(n) for n, _ in rows), default=0)
+        for n, d in rows:
+            print(f"{n.ljust(width)}  {d}")
+        print("\nShow one with 'convert mappings NAME'; use one with '--map NAME'.")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "inspect": cmd_inspect,
     "formats": cmd_formats,
+    "map": cmd_map,
+    "diff": cmd_diff,
+    "mappings": cmd_mappings,
 }
 
 
