@@ -17,44 +17,9 @@ The table gives median wall seconds and median peak RSS (MB). Not run by the tes
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
-import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-RUNNERS = {
-    "cp": None,
-    "ours read": ("from convert.formats import tf_checkpoint\n"
-                  "for t in tf_checkpoint.read(SRC).values():\n"
-                  "    for _ in t.chunks(): pass"),
-    "ours": "import convert; convert.convert(SRC, DST, to='safetensors')",
-    "ours --no-verify": "import convert; convert.convert(SRC, DST, to='safetensors', verify=False)",
-    "tf read": ("import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n"
-                "import tensorflow as tf\n"
-                "r = tf.train.load_checkpoint(tf.train.latest_checkpoint(SRC))\n"
-                "for k in r.get_variable_to_shape_map(): r.get_tensor(k)"),
-    "tf -> safetensors": ("import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n"
-                          "import numpy as np, tensorflow as tf\n"
-                          "from safetensors.numpy import save_file\n"
-                          "r = tf.train.load_checkpoint(tf.train.latest_checkpoint(SRC))\n"
-                          "save_file({k: np.ascontiguousarray(r.get_tensor(k)) "
-                          "for k in r.get_variable_to_shape_map()}, DST)"),
-}
-
-TIMED = """
-import json, resource, sys, time
-SRC, DST = sys.argv[1], sys.argv[2]
-t0 = time.perf_counter()
-{body}
-print(json.dumps({{"seconds": time.perf_counter() - t0,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
-"""
+import harness
 
 N_TENSORS = 16
 PREFIX = "model.ckpt-1"
@@ -78,44 +43,26 @@ def make_input(d: Path, size_mb: int) -> None:
     (d / "checkpoint").write_text(f'model_checkpoint_path: "{PREFIX}"\n')
 
 
-def run_once(name: str, src: Path, dst: Path) -> dict:
-    shutil.rmtree(dst, ignore_errors=True) if dst.is_dir() else dst.unlink(missing_ok=True)
-    if RUNNERS[name] is None:
-        data = src / f"{PREFIX}.data-00000-of-00001"
-        res = subprocess.run(["/usr/bin/time", "-f", "%e %M", "cp", str(data), str(dst)],
-                             capture_output=True, text=True, check=True)
-        seconds, rss_kb = res.stderr.split()[-2:]
-        return {"seconds": float(seconds), "rss_mb": int(rss_kb) / 1024}
-    code = TIMED.format(body=RUNNERS[name])
-    res = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True,
-                         cwd=ROOT, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=int, default=1024)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, default=None)
-    ap.add_argument("--make-input", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.make_input:
-        make_input(args.make_input, args.size_mb)
-        return
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        src, dst = Path(tmp) / "ckpt", Path(tmp) / "out.safetensors"
-        # In a child process: the parent must not hold the data (children inherit its peak RSS).
-        subprocess.run([sys.executable, __file__, "--make-input", str(src), "--size-mb", str(args.size_mb)],
-                       check=True, cwd=ROOT)
-        data = src / f"{PREFIX}.data-00000-of-00001"
-        subprocess.run(["cat", str(data)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
-        print(f"TF V2 checkpoint, {data.stat().st_size / 1e6:.0f} MB, {N_TENSORS} tensors, median of {args.repeat}")
-        print(f"{'contender':<18} {'seconds':>8} {'peak RSS MB':>12}")
-        for name in RUNNERS:
-            runs = [run_once(name, src, dst) for _ in range(args.repeat)]
-            print(f"{name:<18} {statistics.median(r['seconds'] for r in runs):>8.2f} "
-                  f"{statistics.median(r['rss_mb'] for r in runs):>12.0f}", flush=True)
+RUNNERS = {
+    "cp": None,
+    "ours read": ("from convert.formats import tf_checkpoint\n"
+                  "for t in tf_checkpoint.read(SRC).values():\n"
+                  "    for _ in t.chunks(): pass"),
+    "ours": "import convert; convert.convert(SRC, DST, to='safetensors')",
+    "ours --no-verify": "import convert; convert.convert(SRC, DST, to='safetensors', verify=False)",
+    "tf read": ("import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n"
+                "import tensorflow as tf\n"
+                "r = tf.train.load_checkpoint(tf.train.latest_checkpoint(SRC))\n"
+                "for k in r.get_variable_to_shape_map(): r.get_tensor(k)"),
+    "tf -> safetensors": ("import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n"
+                          "import numpy as np, tensorflow as tf\n"
+                          "from safetensors.numpy import save_file\n"
+                          "r = tf.train.load_checkpoint(tf.train.latest_checkpoint(SRC))\n"
+                          "save_file({k: np.ascontiguousarray(r.get_tensor(k)) "
+                          "for k in r.get_variable_to_shape_map()}, DST)"),
+}
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(__file__, f"TF V2 checkpoint -> safetensors, {N_TENSORS} tensors", make_input, RUNNERS, "ckpt",
+                 "out.safetensors", data_file=lambda src: src / f"{PREFIX}.data-00000-of-00001")

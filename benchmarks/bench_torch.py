@@ -16,16 +16,9 @@ for every contender (the input is read once before timing).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import harness
 
 RUNNERS = {
     "ours": """
@@ -42,15 +35,6 @@ torch.save(torch.load(SRC, weights_only=True, mmap=True), DST)
 """,
 }
 
-TIMED = """
-import json, resource, sys, time
-SRC, DST = sys.argv[1], sys.argv[2]
-t0 = time.perf_counter()
-{body}
-elapsed = time.perf_counter() - t0
-print(json.dumps({{"seconds": elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
-"""
-
 
 def make_input(path: Path, size_mb: int) -> None:
     import torch
@@ -63,38 +47,5 @@ def make_input(path: Path, size_mb: int) -> None:
     torch.save(sd, path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=int, default=1024)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        src = Path(tmp) / "input.pt"
-        # in a child process: Linux passes a parent's peak RSS on to its children
-        subprocess.run([sys.executable, "-c", f"import bench_torch; bench_torch.make_input(__import__('pathlib').Path({str(src)!r}), {args.size_mb})"],
-                       check=True, cwd=Path(__file__).parent)
-        with open(src, "rb") as f:  # warm the page cache
-            while f.read(64 << 20):
-                pass
-        size = src.stat().st_size
-        print(f"input: {src.stat().st_size / 1e9:.2f} GB, {args.repeat} runs each, median shown")
-        print(f"{'contender':<12} {'seconds':>8} {'GB/s':>6} {'peak RSS MB':>12}")
-        for name, body in RUNNERS.items():
-            secs, rss = [], []
-            for i in range(args.repeat):
-                dst = Path(tmp) / f"out-{i}.pt"
-                out = subprocess.run([sys.executable, "-c", TIMED.format(body=body), str(src), str(dst)],
-                                     capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-                if out.returncode:
-                    raise SystemExit(f"{name} failed:\n{out.stderr}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                secs.append(r["seconds"])
-                rss.append(r["peak_rss_mb"])
-                dst.unlink()
-            med = statistics.median(secs)
-            print(f"{name:<12} {med:>8.2f} {size / med / 1e9:>6.2f} {statistics.median(rss):>12.0f}")
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(__file__, "torch state_dict -> .pt, 129 tensors", make_input, RUNNERS, "input.pt", "out.pt")
