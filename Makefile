@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # The main job on the bundled example: a TensorFlow checkpoint folder (examples/model1, written by
-# tf.compat.v1.train.Saver) to safetensors and back to a V2 checkpoint, then a V1 checkpoint migrated.
+# tf.compat.v1.train.Saver) to safetensors and back to a V2 checkpoint (diff: identical), a V1
+# checkpoint migrated to V2, and the weights mapped to PyTorch names and layouts.
 demo: install
 	rm -rf $(OUT) && mkdir -p $(OUT)
 	$(BIN)/convert inspect examples/model1
 	$(BIN)/convert tf-ckpt examples/model1 --to safetensors -o $(OUT)/model1.safetensors
 	$(BIN)/convert safetensors $(OUT)/model1.safetensors --to tf-ckpt -o $(OUT)/model1-roundtrip
 	$(BIN)/convert tf-ckpt examples/model1_v1 --to tf-ckpt -o $(OUT)/model1-migrated
-	$(BIN)/convert inspect $(OUT)/model1-roundtrip
+	$(BIN)/convert diff $(OUT)/model1-roundtrip examples/model1
+	$(BIN)/convert tf-ckpt examples/model1 --to torch -o $(OUT)/model1.pt \
+	    --map tf1-to-torch --map drop-optimizer --map mappings/examples/mnist-cnn-tf1-to-torch.yaml
+	$(BIN)/convert inspect $(OUT)/model1.pt
 
 # The whole suite, slow tests included (this is what CI runs).
 test: install

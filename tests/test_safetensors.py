@@ -106,3 +106,41 @@ def test_inconsistent_header_names_the_tensor(tmp_path, header):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
     with pytest.raises(CorruptFileError, match="tensor 'w'"):
         convert.read(path)
+
+
+def test_listing_a_10_gb_file_reads_only_its_header(tmp_path):
+    """A sparse file whose header declares 10 GiB of data: inspect must not touch the data."""
+    import time
+    import tracemalloc
+
+    n = 10 * 2**30 // 4
+    raw = json.dumps({"big": {"dtype": "F32", "shape": [n], "data_offsets": [0, n * 4]}}).encode()
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + n * 4)  # sparse: no disk used
+    tracemalloc.start()
+    started = time.perf_counter()
+    report = convert.inspect(path)
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert report["total_bytes"] == 10 * 2**30 and report["tensors"][0]["shape"] == [n]
+    assert peak < 1 << 20 and elapsed < 5
+
+
+def test_conversion_memory_is_bounded_by_the_largest_tensor(tmp_path):
+    import tracemalloc
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensor_bytes = 8 << 20
+    save_file({f"t{i}": rng.standard_normal(tensor_bytes // 4, dtype=np.float32) for i in range(12)},
+              str(tmp_path / "in.safetensors"))
+    tracemalloc.start()
+    convert.convert(tmp_path / "in.safetensors", tmp_path / "out.safetensors", to="safetensors")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * tensor_bytes, peak  # 96 MB converted (and verified) in a few tensors' worth of memory
+    assert safetensors_read(tmp_path / "out.safetensors").keys() == {f"t{i}" for i in range(12)}

@@ -470,13 +470,14 @@ def test_write_is_deterministic_aligned_and_loadable(tmp_path):
 
 def test_write_does_not_mutate_and_keeps_metadata(tmp_path):
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
-    td = TensorDict([Tensor.from_array("x/y.z", arr, {"role": "weight"})], {"source.format": "tf"})
+    td = TensorDict([Tensor.from_array("x/y.z", arr, {"role": "weight"})], {"source.format": "tf", "tf.prefix": "m"})
     before = (dict(td.metadata), list(td), td["x/y.z"].numpy().copy(), dict(td["x/y.z"].attrs))
     pt.write(td, tmp_path / "o.pt")
     assert before == (dict(td.metadata), list(td), before[2], dict(td["x/y.z"].attrs))
     assert np.array_equal(td["x/y.z"].numpy(), before[2])
     back = pt.read(tmp_path / "o.pt")
-    assert back.metadata["source.format"] == "tf"
+    assert back.metadata["tf.prefix"] == "m"  # carried along
+    assert back.metadata["source.format"] == "torch"  # says what was read
     assert torch.equal(torch.load(tmp_path / "o.pt", weights_only=True)["x/y.z"], torch.from_numpy(arr))
 
 

@@ -463,7 +463,7 @@ def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: boo
     if where != ROOT:  # siblings along the path to the weights
         _record_siblings(root, where.split("."), extras, skipped)
 
-    metadata: dict[str, str] = dict(loaded.metadata)
+    metadata: dict[str, str] = {**loaded.metadata, "source.format": NAME}
     metadata["torch.layout"] = loaded.layout
     metadata["torch.key"] = where
     names = [n for n, _ in tensors]
