@@ -165,3 +165,43 @@ def test_written_saved_model_loads_with_variables_named(tmp_path):
     for name, v in loaded.weights.items():
         assert v.name.startswith(name), (v.name, name)
         assert same_values(np.asarray(v.numpy()), td[name].numpy())
+
+
+def test_object_based_checkpoint_written_restores_in_tensorflow(tmp_path):
+    td = convert.TensorDict.from_arrays({
+        "dense/kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "dense/bias": np.ones(3, np.float32),
+        "step": np.int64(7), "a.b/c": np.array([b"x", b"yz"], dtype=object)})
+    convert.write(td, tmp_path / "out", "tf-ckpt", object_graph=True)
+    dense = tf.Module()
+    dense.kernel = tf.Variable(np.zeros((2, 3), np.float32))
+    dense.bias = tf.Variable(np.zeros(3, np.float32))
+    ab = tf.Module()
+    ab.c = tf.Variable([b"", b""])
+    ckpt = tf.train.Checkpoint(dense=dense, step=tf.Variable(np.int64(0)), **{"a.b": ab})
+    ckpt.restore(tf.train.latest_checkpoint(str(tmp_path / "out"))).assert_consumed()  # every value, every object
+    assert same_values(dense.kernel.numpy(), td["dense/kernel"].numpy())
+    assert same_values(dense.bias.numpy(), td["dense/bias"].numpy())
+    assert ckpt.step.numpy() == 7 and list(ab.c.numpy()) == [b"x", b"yz"]
+    back = convert.read(tmp_path / "out")
+    assert sorted(back) == sorted([*td, "save_counter"])  # as tf.train.Checkpoint.save writes
+
+
+def test_keras_checkpoint_round_trips_through_object_graph_writer(written, tmp_path):
+    model, _, prefix = written["sequential"]
+    td = convert.read(prefix + ".index")
+    convert.write(td, tmp_path / "again", "tf-ckpt", object_graph=True)
+    back = convert.read(tmp_path / "again")
+    assert set(back) == set(td)
+    for name in td:
+        assert same_values(back[name].numpy(), td[name].numpy()), name
+
+
+@pytest.mark.parametrize("arrays, text", [
+    ({"a": np.ones(1), "a/b": np.ones(1)}, "cannot hold other objects"),
+    ({"x/.ATTRIBUTES/VARIABLE_VALUE": np.ones(1)}, "already carry object-graph keys"),
+    ({"a//b": np.ones(1)}, "empty part"),
+])
+def test_object_graph_writer_refuses_what_no_object_tree_holds(tmp_path, arrays, text):
+    with pytest.raises(convert.WriteError, match=text):
+        convert.write(convert.TensorDict.from_arrays(arrays), tmp_path / "o", "tf-ckpt", object_graph=True)
+    assert list(tmp_path.iterdir()) == []

@@ -54,6 +54,7 @@ OPTIONS = (
            "(from the directory's 'checkpoint' state file) instead of the latest"),
     Option("--all-steps", "read", bool, "convert every checkpoint the 'checkpoint' state file retains"),
     objects.NAMES_OPTION,
+    objects.OBJECT_GRAPH_OPTION,
 )
 
 DEFAULT_PREFIX = "model.ckpt"
@@ -338,25 +339,27 @@ def _prepare(td: TensorDict, path: os.PathLike | str, opts: dict) -> tuple[Path,
     return out, _prefix_for(td)
 
 
-def _finish(td: TensorDict, out: Path, prefix: str) -> None:
+def _finish(td: TensorDict, out: Path, prefix: str, meta_graph: bool = True) -> None:
     (out / STATE_FILE).write_text(format_state(prefix))
     meta = td.metadata.get("local.tf.meta_graph_path")
-    if meta and os.path.isfile(meta):
+    if meta_graph and meta and os.path.isfile(meta):
         shutil.copyfile(meta, out / (prefix + ".meta"))
 
 
-def write(td: TensorDict, path: os.PathLike | str, **opts) -> None:
+def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, **opts) -> None:
     """Write a V2 checkpoint directory at ``path`` (which must not exist).
 
     It holds ``<prefix>.index``, ``<prefix>.data-00000-of-00001``, a ``checkpoint`` state
     file and, when ``td.metadata["local.tf.meta_graph_path"]`` names an existing file, a copy of
     it as ``<prefix>.meta``. ``prefix`` is ``td.metadata["tf.prefix"]`` or ``model.ckpt``.
-    Tensors are streamed one by one; the bytes depend only on ``td``.
+    Tensors are streamed one by one; the bytes depend only on ``td``. With ``object_graph``,
+    a TF2 object-based checkpoint instead (see :func:`.objects.object_based`).
     """
+    tensors = objects.object_based(list(td.values()), str(path)) if object_graph else td.values()
     out, prefix = _prepare(td, path, opts)
     try:
-        write_bundle(td.values(), str(out / prefix))
-        _finish(td, out, prefix)
+        write_bundle(tensors, str(out / prefix))
+        _finish(td, out, prefix, meta_graph=not object_graph)  # a TF1 graph does not go with object keys
     except OSError as e:
         raise WriteError(out, f"cannot write: {e.strerror}") from None
 

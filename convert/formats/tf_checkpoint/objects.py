@@ -34,6 +34,8 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...errors import CorruptFileError
 from ...ir import Tensor
 from ...registry import Option
@@ -161,3 +163,68 @@ def _same_data(a: Tensor, b: Tensor) -> bool:
     """Same dtype, shape and stored checksum: a second copy, told without reading the data."""
     ca, cb = getattr(a.source, "crc32c", None), getattr(b.source, "crc32c", None)
     return (a.dtype, a.shape) == (b.dtype, b.shape) and ca is not None and ca == cb
+
+
+OBJECT_GRAPH_OPTION = Option("--object-graph", "write", bool, "tf-ckpt: write a TF2 object-based checkpoint "
+                             "(tf.train.Checkpoint): each name's '/' parts become nested objects")
+
+
+def _escape(local_name: str) -> str:
+    """Key escaping of one path element, as TensorFlow's trackable saver does."""
+    return local_name.replace(".", "..").replace("/", ".S")
+
+
+def object_based(tensors: list[Tensor], path: str) -> list[Tensor]:
+    """The tensors of a TF2 object-based checkpoint holding ``tensors``: each under the key
+    of its object path (``conv1/w`` -> ``conv1/w/.ATTRIBUTES/VARIABLE_VALUE``, the variable
+    ``w`` of the object ``conv1`` of the root), plus the ``_CHECKPOINTABLE_OBJECT_GRAPH``
+    describing that tree, with each variable's ``full_name`` its tensor name.
+
+    ``tf.train.Checkpoint(conv1=module_with_w).restore(prefix)`` then finds each value. As
+    ``tf.train.Checkpoint.save`` does, a ``save_counter`` (int64, 1) is added unless there is one,
+    so that even ``status.assert_consumed()`` passes.
+    """
+    from ...errors import WriteError
+
+    if any(t.name == GRAPH_KEY or "/.ATTRIBUTES/" in t.name for t in tensors):
+        raise WriteError(path, "the tensors already carry object-graph keys (read with --names keys); "
+                               "write them without --object-graph")
+    if not any(t.name == "save_counter" for t in tensors):
+        tensors = [*tensors, Tensor.from_array("save_counter", np.int64(1), {"role": "step"})]
+    children: list[dict[str, int]] = [{}]  # node id -> {local name: child id}; node 0 is the root
+    variable_of: dict[int, Tensor] = {}
+    for t in tensors:
+        parts = t.name.split("/")
+        if any(p == "" for p in parts):
+            raise WriteError(path, "an object path cannot have an empty part", t.name)
+        node = 0
+        for part in parts:
+            if node in variable_of:
+                raise WriteError(path, f"'{variable_of[node].name}' is a variable and cannot hold other objects",
+                                 t.name)
+            if part not in children[node]:
+                children[node][part] = len(children)
+                children.append({})
+            node = children[node][part]
+        if children[node] or node in variable_of:
+            raise WriteError(path, "this name is also a path to other objects", t.name)
+        variable_of[node] = t
+    keys: dict[int, str] = {}
+    for node, kids in enumerate(children):  # parents come before their children: keys build up
+        for local, child in kids.items():
+            base = keys.get(node)
+            keys[child] = _escape(local) if base is None else f"{base}/{_escape(local)}"
+    graph = bytearray()
+    out = []
+    for node, kids in enumerate(children):
+        body = b"".join(pw.field_bytes(1, pw.field_varint(1, child) + pw.field_bytes(2, local.encode()))
+                        for local, child in kids.items())
+        if node in variable_of:
+            t = variable_of[node]
+            key = f"{keys[node]}/.ATTRIBUTES/VARIABLE_VALUE"
+            body += pw.field_bytes(2, pw.field_bytes(1, b"VARIABLE_VALUE") + pw.field_bytes(2, t.name.encode())
+                                   + pw.field_bytes(3, key.encode()))
+            out.append(Tensor(key, t.dtype, t.shape, t.source, t.attrs))
+        graph += pw.field_bytes(1, body)
+    out.append(Tensor.from_array(GRAPH_KEY, np.array(bytes(graph), dtype=object), {"role": "other"}))
+    return sorted(out, key=lambda t: t.name.encode())
