@@ -63,13 +63,14 @@ def written(tmp_path_factory):
     root = tmp_path_factory.mktemp("tf_written")
     out = {}
     rng = np.random.default_rng(0)
-    for functional in (False, True):
+    for name, functional, compiled in (("sequential", False, True), ("functional", True, True),
+                                       ("uncompiled", True, False)):
         model = _keras_model(functional)
-        model.compile(optimizer="adam", loss="mse")
-        model.fit(rng.random((4, 8, 8, 3)), rng.random((4, 5)), epochs=1, verbose=0)
-        name = "functional" if functional else "sequential"
+        if compiled:
+            model.compile(optimizer="adam", loss="mse")
+            model.fit(rng.random((4, 8, 8, 3)), rng.random((4, 5)), epochs=1, verbose=0)
         model.export(str(root / f"{name}_export"), verbose=False)
-        ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        ckpt = tf.train.Checkpoint(model=model, **({"optimizer": model.optimizer} if compiled else {}))
         prefix = ckpt.save(str(root / f"{name}_ckpt" / "ckpt"))
         out[name] = (model, root / f"{name}_export", prefix)
 
@@ -91,7 +92,7 @@ def written(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["sequential", "functional"])
+@pytest.mark.parametrize("kind", ["sequential", "functional", "uncompiled"])
 def test_keras_export_named_by_variable_paths_once_each(written, kind):
     model, export, _ = written[kind]
     td = convert.read(export)
@@ -102,7 +103,7 @@ def test_keras_export_named_by_variable_paths_once_each(written, kind):
     assert td.metadata["tf.duplicate_keys_dropped"]
 
 
-@pytest.mark.parametrize("kind", ["sequential", "functional"])
+@pytest.mark.parametrize("kind", ["sequential", "functional", "uncompiled"])
 def test_tf2_checkpoint_readable_names_roles_and_raw_keys(written, kind):
     model, _, prefix = written[kind]
     td = convert.read(prefix + ".index")
@@ -110,13 +111,14 @@ def test_tf2_checkpoint_readable_names_roles_and_raw_keys(written, kind):
     for name, arr in weights.items():
         assert same_values(td[name].numpy(), arr), name
         assert td[name].attrs["role"] == "weight"
-    optimizer_state = {v.path: np.asarray(v.numpy()) for v in model.optimizer.variables}
+    optimizer = getattr(model, "optimizer", None)
+    optimizer_state = {v.path: np.asarray(v.numpy()) for v in (optimizer.variables if optimizer else [])}
     for name, arr in optimizer_state.items():
         assert same_values(td[name].numpy(), arr), name
         assert td[name].attrs["role"] in ("optimizer", "step"), name
     assert "_CHECKPOINTABLE_OBJECT_GRAPH" not in td
     slim = convert.api.select(td, weights_only=True)
-    assert sorted(slim) == sorted(weights)
+    assert sorted(slim) == sorted(weights)  # optimizer state and counters (save_counter) left out
     reader = tf.train.load_checkpoint(prefix)
     raw = convert.read(prefix + ".index", names="keys")
     assert sorted(raw) == sorted(reader.get_variable_to_shape_map())
