@@ -33,20 +33,20 @@ class _UsageExit(Exception):
 
 
 def _add_format_options(parser: argparse.ArgumentParser, sides: Sequence[str]) -> None:
-    seen = set()
-    group = parser.add_argument_group("format options")
+    declared: dict[str, tuple[registry.Option, list[str]]] = {}
     for info, opt in registry.options():
-        if opt.side not in sides or opt.flag in seen:
-            continue
-        seen.add(opt.flag)
-        help_text = f"{opt.help} [{opt.side} {info.name}]"
+        if opt.side in sides:
+            declared.setdefault(opt.flag, (opt, []))[1].append(info.name)
+    group = parser.add_argument_group("format options")
+    for flag, (opt, formats) in declared.items():
+        help_text = f"{opt.help} [{opt.side} {', '.join(formats)}]"
         if opt.kind is bool:
-            group.add_argument(opt.flag, dest=opt.keyword, action="store_true", help=help_text)
+            group.add_argument(flag, dest=opt.keyword, action="store_true", help=help_text)
         elif opt.kind is list:
-            group.add_argument(opt.flag, dest=opt.keyword, action="append", metavar="VALUE", help=help_text)
+            group.add_argument(flag, dest=opt.keyword, action="append", metavar="VALUE", help=help_text)
         else:
-            group.add_argument(opt.flag, dest=opt.keyword, type=opt.kind, choices=opt.choices,
-                               metavar=opt.flag.lstrip("-").upper().replace("-", "_"), help=help_text)
+            group.add_argument(flag, dest=opt.keyword, type=opt.kind, choices=opt.choices,
+                               metavar=flag.lstrip("-").upper().replace("-", "_"), help=help_text)
 
 
 def _side_options(args: argparse.Namespace, side: str) -> dict:

@@ -100,7 +100,8 @@ OPTIONS = (
     Option("--template", "write", str,
            "ONNX model whose main-graph initializers are replaced by the tensors "
            "(names, dtypes and shapes must match exactly)"),
-    Option("--opset", "write", int, "default-domain opset of a weights-only ONNX model (default 21)"),
+    Option("--opset", "write", int, "default-domain opset of the ONNX model (default 21; with --graph, "
+           "tf2onnx's default)"),
     Option("--external-data-threshold", "write", int,
            "total tensor bytes above which ONNX data goes to an external file (default 2000000000)"),
     Option("--external-data-name", "write", str,
