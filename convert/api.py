@@ -91,32 +91,57 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
     info = registry.get(format)
     if info.writer is None:
         raise UsageError(f"{info.name} cannot be written")
+    module = registry.load(info)
+    return _write([td], path, info, force, verify, opts,
+                  lambda tds, tmp, kw: getattr(module, info.writer)(tds[0], tmp, **kw),
+                  lambda tmp: [getattr(module, info.reader)(tmp)])
+
+
+def write_steps(tds: Sequence[TensorDict], path: PathLike, format: str, *, force: bool = False,
+                verify: bool = True, **opts) -> dict:
+    """Write several checkpoints (the steps of a training run) into one output, for a format
+    whose registry entry has a ``series_writer``; verified like :func:`write`, each one."""
+    info = registry.get(format)
+    if info.series_writer is None:
+        raise UsageError(f"{info.name} holds one checkpoint per output")
+    module = registry.load(info)
+    return _write(list(tds), path, info, force, verify, opts,
+                  lambda tds_, tmp, kw: getattr(module, info.series_writer)(tds_, tmp, **kw),
+                  lambda tmp: [getattr(module, info.reader)(p) for _, p in module.expand(tmp, all_steps=True)])
+
+
+def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, force: bool, verify: bool,
+           opts: Mapping[str, object], write_with, read_back) -> dict:
     registry.require(info, "write")
     kwargs = _options(info, "write", opts)
     path = Path(path)
-    check_dtypes(td, info, path)
-    module = registry.load(info)
-    seen: dict[str, int] = {}
+    for td in tds:
+        check_dtypes(td, info, path)
+    seen: list[dict[str, int]] = [{} for _ in tds]
     verified = False
     with fileio.atomic_output(path, force) as tmp:
         try:
             # A writer may return facts for the summary; "verify": False means its output does not
             # hold the tensors by name (a converted graph) and it checked the output itself.
-            reported = getattr(module, info.writer)(_recording(td, seen), tmp, **kwargs) or {}
+            reported = write_with([_recording(td, s) for td, s in zip(tds, seen, strict=True)], tmp, kwargs) or {}
             if verify and reported.pop("verify", True) and info.reader is not None \
                     and not registry.missing(info, "read"):
-                _verify(td, seen, getattr(module, info.reader)(tmp), path)
+                got = read_back(tmp)
+                if len(got) != len(tds):
+                    raise VerificationError(path, f"holds {len(got)} checkpoints, wrote {len(tds)}")
+                for td, s, g in zip(tds, seen, got, strict=True):
+                    _verify(td, s, g, path)
                 verified = True
         except ConvertError as e:  # name the output, not the staging folder it is written in
             _rename_path(e, str(tmp.parent), str(path.parent))
             raise
     notes = []
-    shared = [t.name for t in td.values() if "torch.shared_with" in t.attrs]
+    shared = [t.name for td in tds for t in td.values() if "torch.shared_with" in t.attrs]
     if shared and info.name != "torch":
         notes.append(f"{len(shared)} tensors shared storage in the source; {info.name} has no shared storage, "
                      f"so each was written as its own copy: {', '.join(shared)}")
-    return {"output": str(path), "format": info.name, "tensors": len(td), "bytes": td.nbytes,
-            "verified": verified, "notes": notes, **reported}
+    return {"output": str(path), "format": info.name, "tensors": sum(len(td) for td in tds),
+            "bytes": sum(td.nbytes for td in tds), "verified": verified, "notes": notes, **reported}
 
 
 def _rename_path(e: ConvertError, old: str, new: str) -> None:
@@ -276,15 +301,18 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         jobs = [(label, path) for label, path in module.expand(Path(src), **read_opts)]
     else:
         jobs = [(None, Path(src))]
-    outputs = []
-    for label, path in jobs:
-        if dst is None:
-            out = default_output(src, dst_info, label)
-        else:
-            out = Path(dst) if label is None else _labelled(Path(dst), label)
-        if os.path.abspath(out) == os.path.abspath(path) or os.path.abspath(out) == os.path.abspath(src):
+    if len(jobs) > 1 and dst_info.series_writer:  # every step into one output (a tf-ckpt folder)
+        outs = [Path(dst) if dst is not None else default_output(src, dst_info)]
+    elif dst is None:
+        outs = [default_output(src, dst_info, label) for label, _ in jobs]
+    else:
+        outs = [Path(dst) if label is None else _labelled(Path(dst), label) for label, _ in jobs]
+    for out in outs:
+        if any(os.path.abspath(out) == os.path.abspath(p) for p in (src, *(p for _, p in jobs))):
             raise UsageError(f"{out}: the output would replace the input; name another with -o")
         fileio.check_writable(out, force)
+    prepared = []
+    for label, path in jobs:
         td = read(path, src_info.name, **read_opts)
         source_count = len(td)
         td = select(td, *patterns, weights_only)
@@ -293,13 +321,19 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         td, report = apply_maps(td, maps)
         if dtype:
             td = cast_floating(td, dtype)
-        result = write(td, out, dst_info.name, force=force, verify=verify, **write_opts)
-        result.update(source=str(path), source_format=src_info.name, source_tensors=source_count)
+        info = {"source": str(path), "source_format": src_info.name, "source_tensors": source_count}
         if label is not None:
-            result["label"] = label
+            info["label"] = label
         if report is not None:
-            result["mapping"] = report.to_dict()
-        outputs.append(result)
+            info["mapping"] = report.to_dict()
+        prepared.append((td, info))
+    if len(outs) == 1 and len(prepared) > 1:
+        result = write_steps([td for td, _ in prepared], outs[0], dst_info.name, force=force, verify=verify,
+                             **write_opts)
+        outputs = [{**result, "sources": [info for _, info in prepared]}]
+    else:
+        outputs = [{**write(td, out, dst_info.name, force=force, verify=verify, **write_opts), **info}
+                   for (td, info), out in zip(prepared, outs, strict=True)]
     return {"outputs": outputs, "seconds": round(time.perf_counter() - started, 3)}
 
 

@@ -61,6 +61,9 @@ class FormatInfo:
     reader: str | None = "read"
     writer: str | None = "write"
     detector: str | None = "detect"
+    series_writer: str | None = None
+    """A function writing several checkpoints (``--all-steps``) into one output, listed by the
+    module's ``expand``; formats without one get an output per checkpoint."""
 
 
 FORMATS: tuple[FormatInfo, ...] = (
@@ -69,9 +72,10 @@ FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("saved-model", "convert.formats.saved_model", "TensorFlow SavedModel directory (its variables)",
                aliases=("savedmodel", "tf-saved-model"), dtype_column="tf", needs_to_write=(("tensorflow", "tf"),)),
     FormatInfo("tf-ckpt", "convert.formats.tf_checkpoint", "TensorFlow checkpoint, V1 or V2 (dir with 'checkpoint', prefix, .index, V1 file); writes V2",
-               aliases=("tf", "tf-checkpoint", "tensorflow"), suffix="", dtype_column="tf"),
+               aliases=("tf", "tf-checkpoint", "tensorflow"), suffix="", dtype_column="tf", series_writer="write_steps"),
     FormatInfo("tf-ckpt-v1", "convert.formats.tf_checkpoint", "TensorFlow V1 checkpoint (SavedTensorSlices), for legacy consumers",
-               aliases=("tf-v1",), suffix="", dtype_column="tf", writer="write_v1", detector=None),
+               aliases=("tf-v1",), suffix="", dtype_column="tf", writer="write_v1", detector=None,
+               series_writer="write_steps_v1"),
     FormatInfo("torch", "convert.formats.torch", "PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
                aliases=("pt", "pytorch", "pth"), suffix=".pt", dtype_column="torch"),
     FormatInfo("onnx", "convert.formats.onnx", "ONNX model (weights: initializers, Constant nodes, subgraphs, external data)",

@@ -465,6 +465,29 @@ def test_api_all_steps_and_step(linear, tmp_path):
     assert sorted(os.listdir(tmp_path / "s40"))[0] == "checkpoint"
 
 
+@pytest.mark.parametrize("to", ["tf-ckpt", "tf-ckpt-v1"])
+def test_all_steps_migrate_into_one_folder(tf, linear, tmp_path, to):
+    """--all-steps into tf-ckpt: one folder with every retained step and a state file listing them,
+    so that TensorFlow's own state functions and Saver.restore work on each step."""
+    from convert.cli import main
+
+    out = tmp_path / "migrated"
+    assert main(["tf-ckpt", str(linear), "--all-steps", "--to", to, "-o", str(out), "-q"]) == 0
+    state = tf.train.get_checkpoint_state(str(out))
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == [
+        "my-model-30", "my-model-40", "my-model-50", "my-model-60"]
+    assert tf.train.latest_checkpoint(str(out)) == str(out / "my-model-60")
+    for step in (30, 40, 50, 60):
+        g = tf.Graph()
+        with g.as_default(), tf.compat.v1.Session(graph=g) as sess:
+            saver = tf.compat.v1.train.import_meta_graph(str(out / f"my-model-{step}.meta"))
+            saver.restore(sess, str(out / f"my-model-{step}"))
+            original = tf.train.load_checkpoint(str(linear / f"my-model-{step}"))
+            values = {v.op.name: sess.run(v) for v in tf.compat.v1.global_variables()}
+            assert_same(values["w"], original.get_tensor("w"), step)
+            assert values["global_step"] == step
+
+
 def test_works_without_tensorflow(tmp_path):
     """Reading and writing V1/V2 needs no TensorFlow: run with its import blocked."""
     import subprocess

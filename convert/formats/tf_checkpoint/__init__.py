@@ -35,6 +35,7 @@ import glob
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,24 +327,32 @@ def _prefix_for(td: TensorDict) -> str:
     return prefix
 
 
-def _prepare(td: TensorDict, path: os.PathLike | str, opts: dict) -> tuple[Path, str]:
+def _write_checkpoints(tds: list[TensorDict], path: os.PathLike | str, opts: dict,
+                       write_files: Callable[[TensorDict, str], None], meta_graph: bool = True) -> None:
+    """A new directory at ``path`` with one checkpoint per TensorDict, named after its
+    ``tf.prefix``, each with its ``.meta`` graph when known and ``meta_graph``, and a
+    ``checkpoint`` state file listing them all, the last as the latest."""
     if opts:
         raise UsageError(f"tf-ckpt writer does not take option(s) {', '.join(sorted(opts))}")
     out = Path(path)
+    prefixes = [_prefix_for(td) for td in tds]
+    if len(set(prefixes)) != len(prefixes):
+        raise WriteError(out, f"two checkpoints would have the same prefix: {', '.join(prefixes)}")
     try:
         out.mkdir()
     except FileExistsError:
         raise WriteError(out, "already exists") from None
     except OSError as e:
         raise WriteError(out, f"cannot create the directory: {e.strerror}") from None
-    return out, _prefix_for(td)
-
-
-def _finish(td: TensorDict, out: Path, prefix: str, meta_graph: bool = True) -> None:
-    (out / STATE_FILE).write_text(format_state(prefix))
-    meta = td.metadata.get("local.tf.meta_graph_path")
-    if meta_graph and meta and os.path.isfile(meta):
-        shutil.copyfile(meta, out / (prefix + ".meta"))
+    try:
+        for td, prefix in zip(tds, prefixes, strict=True):
+            write_files(td, str(out / prefix))
+            meta = td.metadata.get("local.tf.meta_graph_path")
+            if meta_graph and meta and os.path.isfile(meta):
+                shutil.copyfile(meta, out / (prefix + ".meta"))
+        (out / STATE_FILE).write_text(format_state(prefixes[-1], prefixes))
+    except OSError as e:
+        raise WriteError(out, f"cannot write: {e.strerror}") from None
 
 
 def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, **opts) -> None:
@@ -355,13 +364,18 @@ def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, *
     Tensors are streamed one by one; the bytes depend only on ``td``. With ``object_graph``,
     a TF2 object-based checkpoint instead (see :func:`.objects.object_based`).
     """
-    tensors = objects.object_based(list(td.values()), str(path)) if object_graph else td.values()
-    out, prefix = _prepare(td, path, opts)
-    try:
-        write_bundle(tensors, str(out / prefix))
-        _finish(td, out, prefix, meta_graph=not object_graph)  # a TF1 graph does not go with object keys
-    except OSError as e:
-        raise WriteError(out, f"cannot write: {e.strerror}") from None
+    write_steps([td], path, object_graph, **opts)
+
+
+def write_steps(tds: list[TensorDict], path: os.PathLike | str, object_graph: bool = False, **opts) -> None:
+    """Several V2 checkpoints (``--all-steps``) in one directory, as :func:`write` writes one;
+    the state file lists them all, so ``tf.train.latest_checkpoint`` finds the last."""
+    def write_files(td: TensorDict, prefix: str) -> None:
+        tensors = objects.object_based(list(td.values()), prefix) if object_graph else td.values()
+        write_bundle(tensors, prefix)
+
+    # a TF1 graph does not go with object-based keys
+    _write_checkpoints(tds, path, opts, write_files, meta_graph=not object_graph)
 
 
 def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> None:
@@ -371,14 +385,15 @@ def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> None:
     V1 cannot hold bfloat16, float8, uint32 or uint64 (TensorFlow refuses them); such
     tensors raise one :class:`WriteError` listing them all.
     """
-    check_v1_dtypes(list(td.values()), path)
-    out, prefix = _prepare(td, path, opts)
-    try:
-        write_v1_file(list(td.values()), str(out / prefix))
-        _finish(td, out, prefix)
-    except OSError as e:
-        raise WriteError(out, f"cannot write: {e.strerror}") from None
+    write_steps_v1([td], path, **opts)
 
 
-__all__ = ["NAME", "OPTIONS", "detect", "read", "write", "write_v1", "expand", "locate", "role_of",
+def write_steps_v1(tds: list[TensorDict], path: os.PathLike | str, **opts) -> None:
+    """Several V1 checkpoints in one directory (see :func:`write_steps`)."""
+    for td in tds:
+        check_v1_dtypes(list(td.values()), path)
+    _write_checkpoints(tds, path, opts, lambda td, prefix: write_v1_file(list(td.values()), prefix))
+
+
+__all__ = ["NAME", "OPTIONS", "detect", "read", "write", "write_v1", "write_steps", "write_steps_v1", "expand", "locate", "role_of",
            "Located", "ConvertError"]
