@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import google_crc32c
@@ -74,7 +74,7 @@ def check_dtypes(td: TensorDict, info: registry.FormatInfo, path: PathLike) -> N
 
 
 def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, verify: bool = True,
-          **opts) -> dict:
+          progress: Callable[[int], None] | None = None, **opts) -> dict:
     """Write a TensorDict atomically, then (by default) read it back and compare every tensor.
 
     Args:
@@ -83,6 +83,7 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
         format: a format name from ``convert formats``.
         force: replace an existing output.
         verify: re-read the output with the format's reader and compare each tensor's values.
+        progress: called with the number of bytes each time a piece of tensor data is written.
         **opts: format-specific writing options.
 
     Returns:
@@ -94,11 +95,11 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
     module = registry.load(info)
     return _write([td], path, info, force, verify, opts,
                   lambda tds, tmp, kw: getattr(module, info.writer)(tds[0], tmp, **kw),
-                  lambda tmp: [getattr(module, info.reader)(tmp)])
+                  lambda tmp: [getattr(module, info.reader)(tmp)], progress)
 
 
 def write_steps(tds: Sequence[TensorDict], path: PathLike, format: str, *, force: bool = False,
-                verify: bool = True, **opts) -> dict:
+                verify: bool = True, progress: Callable[[int], None] | None = None, **opts) -> dict:
     """Write several checkpoints (the steps of a training run) into one output, for a format
     whose registry entry has a ``series_writer``; verified like :func:`write`, each one."""
     info = registry.get(format)
@@ -107,11 +108,12 @@ def write_steps(tds: Sequence[TensorDict], path: PathLike, format: str, *, force
     module = registry.load(info)
     return _write(list(tds), path, info, force, verify, opts,
                   lambda tds_, tmp, kw: getattr(module, info.series_writer)(tds_, tmp, **kw),
-                  lambda tmp: [getattr(module, info.reader)(p) for _, p in module.expand(tmp, all_steps=True)])
+                  lambda tmp: [getattr(module, info.reader)(p) for _, p in module.expand(tmp, all_steps=True)],
+                  progress)
 
 
 def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, force: bool, verify: bool,
-           opts: Mapping[str, object], write_with, read_back) -> dict:
+           opts: Mapping[str, object], write_with, read_back, progress: Callable[[int], None] | None) -> dict:
     registry.require(info, "write")
     kwargs = _options(info, "write", opts)
     path = Path(path)
@@ -123,7 +125,8 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, for
         try:
             # A writer may return facts for the summary; "verify": False means its output does not
             # hold the tensors by name (a converted graph) and it checked the output itself.
-            reported = write_with([_recording(td, s) for td, s in zip(tds, seen, strict=True)], tmp, kwargs) or {}
+            recorded = [_recording(td, s, progress) for td, s in zip(tds, seen, strict=True)]
+            reported = write_with(recorded, tmp, kwargs) or {}
             if verify and reported.pop("verify", True) and info.reader is not None \
                     and not registry.missing(info, "read"):
                 got = read_back(tmp)
@@ -151,26 +154,31 @@ def _rename_path(e: ConvertError, old: str, new: str) -> None:
 
 
 class _Recording(Source):
-    """Passes a tensor's data through unchanged, noting its digest for verification."""
+    """Passes a tensor's data through unchanged, noting its digest for verification and
+    telling ``progress`` how many bytes went by."""
 
-    def __init__(self, tensor: Tensor, seen: dict[str, int]):
-        self.tensor, self.seen = tensor, seen
+    def __init__(self, tensor: Tensor, seen: dict[str, int], progress: Callable[[int], None] | None):
+        self.tensor, self.seen, self.progress = tensor, seen, progress
 
     def chunks(self, nbytes, size=CHUNK):
         crc = 0
         for piece in self.tensor.source.chunks(nbytes, size):
             crc = google_crc32c.extend(crc, piece)
+            if self.progress:
+                self.progress(len(piece))
             yield piece
         self.seen[self.tensor.name] = crc
 
     def array(self, dtype, shape):
         arr = self.tensor.numpy()
         self.seen[self.tensor.name] = array_digest(arr)
+        if self.progress and arr.dtype.kind != "O":
+            self.progress(arr.nbytes)
         return arr
 
 
-def _recording(td: TensorDict, seen: dict[str, int]) -> TensorDict:
-    return td.replace(Tensor(t.name, t.dtype, t.shape, _Recording(t, seen), t.attrs) for t in td.values())
+def _recording(td: TensorDict, seen: dict[str, int], progress: Callable[[int], None] | None) -> TensorDict:
+    return td.replace(Tensor(t.name, t.dtype, t.shape, _Recording(t, seen, progress), t.attrs) for t in td.values())
 
 
 def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path: Path) -> None:
@@ -261,8 +269,8 @@ def _labelled(path: Path, label: str) -> Path:
 def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: str | None = None,
             include: Iterable[str] = (), exclude: Iterable[str] = (), dtype: str | None = None,
             maps: Sequence[str] = (), weights_only: bool = False, force: bool = False, verify: bool = True,
-            read_opts: Mapping[str, object] | None = None,
-            write_opts: Mapping[str, object] | None = None) -> dict:
+            read_opts: Mapping[str, object] | None = None, write_opts: Mapping[str, object] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> dict:
     """Convert one checkpoint (or, with ``read_opts={"all_steps": True}``, every retained one).
 
     Args:
@@ -277,6 +285,7 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         force: overwrite an existing output.
         verify: read the output back and compare.
         read_opts, write_opts: format-specific options.
+        progress: called as ``progress(done, total)`` with byte counts while data is written.
 
     Returns:
         A JSON-able summary of what was done (one entry per output under ``outputs``).
@@ -327,12 +336,20 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         if report is not None:
             info["mapping"] = report.to_dict()
         prepared.append((td, info))
+    tick = None
+    if progress is not None:
+        total, done = sum(td.nbytes for td, _ in prepared), 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(done, total)
     if len(outs) == 1 and len(prepared) > 1:
         result = write_steps([td for td, _ in prepared], outs[0], dst_info.name, force=force, verify=verify,
-                             **write_opts)
+                             progress=tick, **write_opts)
         outputs = [{**result, "sources": [info for _, info in prepared]}]
     else:
-        outputs = [{**write(td, out, dst_info.name, force=force, verify=verify, **write_opts), **info}
+        outputs = [{**write(td, out, dst_info.name, force=force, verify=verify, progress=tick, **write_opts), **info}
                    for (td, info), out in zip(prepared, outs, strict=True)]
     return {"outputs": outputs, "seconds": round(time.perf_counter() - started, 3)}
 

@@ -13,9 +13,10 @@ Exit status: 0 done, 1 the input or the conversion failed, 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from . import api, registry
 from .errors import ConvertError, UsageError
@@ -99,13 +100,29 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
+@contextlib.contextmanager
+def _progress_bar(show: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr for people at a terminal; nothing for pipelines and logs."""
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("writing", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("writing", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def cmd_convert(argv: list[str]) -> int:
     args = _conversion_parser().parse_args(argv)
-    summary = api.convert(
-        args.src, args.output, to=args.to, src_format=args.src_format, include=args.include,
-        exclude=args.exclude, dtype=args.dtype, maps=args.map, weights_only=args.weights_only,
-        force=args.force, verify=not args.no_verify,
-        read_opts=_side_options(args, "read"), write_opts=_side_options(args, "write"))
+    with _progress_bar(sys.stderr.isatty() and not (args.quiet or args.json)) as progress:
+        summary = api.convert(
+            args.src, args.output, to=args.to, src_format=args.src_format, include=args.include,
+            exclude=args.exclude, dtype=args.dtype, maps=args.map, weights_only=args.weights_only,
+            force=args.force, verify=not args.no_verify,
+            read_opts=_side_options(args, "read"), write_opts=_side_options(args, "write"), progress=progress)
     if args.json:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,36 @@ def test_console_script(st_file):
     res = subprocess.run([SCRIPT, "auto", st_file.parent / "missing", "--to", "safetensors"], capture_output=True,
                          text=True)
     assert res.returncode == 1 and res.stderr.count("\n") == 1
+
+
+def test_progress_reports_every_byte(st_file):
+    calls = []
+    convert.convert(st_file, st_file.parent / "p.safetensors", to="safetensors", progress=lambda d, t: calls.append((d, t)))
+    total = convert.read(st_file).nbytes
+    assert calls and calls[-1] == (total, total)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:], strict=False))
+
+
+def test_progress_bar_at_a_terminal_only(st_file, tmp_path):
+    """Under a pseudo-terminal a bar is drawn on stderr; piped, stderr holds just the summary line."""
+    import pty
+
+    out = tmp_path / "tty.safetensors"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a fresh process whose stderr is the terminal
+        os.execv(SCRIPT, [str(SCRIPT), "auto", str(st_file), "--to", "safetensors", "-o", str(out)])
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert os.waitpid(pid, 0)[1] == 0
+    assert b"wrote" in seen and out.exists()
+    assert b"\x1b[" in seen  # the bar's terminal control codes
+    res = subprocess.run([SCRIPT, "auto", st_file, "--to", "safetensors", "-o", tmp_path / "piped.safetensors"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr.count("\n") == 1 and "\x1b[" not in res.stderr
