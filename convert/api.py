@@ -119,6 +119,9 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, for
     path = Path(path)
     for td in tds:
         check_dtypes(td, info, path)
+    if path.is_dir() and not path.is_symlink() and not (info.detector and getattr(registry.load(info), info.detector)(path)):
+        # --force replaces an output, never a folder of something else (its files would go with it)
+        raise WriteError(path, f"is a folder that holds no {info.name} output; remove it or name another output")
     seen: list[dict[str, int]] = [{} for _ in tds]
     verified = False
     with fileio.atomic_output(path, force) as tmp:
@@ -138,7 +141,9 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, for
         except ConvertError as e:  # name the output, not the staging folder it is written in
             _rename_path(e, str(tmp.parent), str(path.parent))
             raise
-    notes = []
+        except OSError as e:  # disk full, permissions...: the output's problem, not a bug
+            raise WriteError(path, f"cannot write: {e.strerror or e}") from None
+    notes = list(reported.pop("notes", []))
     shared = [t.name for td in tds for t in td.values() if "torch.shared_with" in t.attrs]
     if shared and info.name != "torch":
         notes.append(f"{len(shared)} tensors shared storage in the source; {info.name} has no shared storage, "
@@ -227,10 +232,13 @@ def cast_floating(td: TensorDict, dtype: str) -> TensorDict:
         def fn(arr: np.ndarray) -> np.ndarray:
             with np.errstate(over="ignore", invalid="ignore"):
                 out = arr.astype(target.numpy)
-                overflow = np.isfinite(arr) & ~np.isfinite(out.astype(np.float64))
-            if overflow.any():
-                worst = float(np.max(np.abs(arr[overflow].astype(np.float64))))
-                raise ConvertError(f"tensor '{t.name}': value {worst:g} overflows {target}; "
+                wide_in, wide_out = arr.astype(np.float64), out.astype(np.float64)
+                # a finite value that became inf or NaN, or an infinity the target has not (float8_e4m3fn)
+                lost = (np.isfinite(wide_in) & ~np.isfinite(wide_out)) | (np.isinf(wide_in) & ~np.isinf(wide_out))
+            if lost.any():
+                bad = wide_in[lost]
+                worst = bad[np.argmax(np.where(np.isinf(bad), np.inf, np.abs(bad)))]
+                raise ConvertError(f"tensor '{t.name}': value {worst:g} cannot be held by {target}; "
                                    f"leave it out with --exclude or pick a wider --dtype")
             return out
         return derived(t, fn, target, t.shape)
@@ -317,7 +325,8 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
     else:
         outs = [Path(dst) if label is None else _labelled(Path(dst), label) for label, _ in jobs]
     for out in outs:
-        if any(os.path.abspath(out) == os.path.abspath(p) for p in (src, *(p for _, p in jobs))):
+        inputs = [Path(os.path.abspath(p)) for p in (src, *(p for _, p in jobs))]
+        if any(Path(os.path.abspath(out)) in (p, *p.parents) for p in inputs):
             raise UsageError(f"{out}: the output would replace the input; name another with -o")
         fileio.check_writable(out, force)
     prepared = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -311,10 +312,23 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is so that partial outputs are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())  # errors quoted from frameworks can span lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
@@ -327,19 +341,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         if debug:
             raise
-        print(f"convert: {e}", file=sys.stderr)
+        print(f"convert: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except ConvertError as e:
         if debug:
             raise
-        print(f"convert: {e}", file=sys.stderr)
+        print(f"convert: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as e:
         print("convert: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     except Exception as e:  # a bug of ours: still one line, with a way to see more
         if debug:
             raise
-        print(f"convert: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+        print(f"convert: internal error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -82,7 +82,10 @@ def atomic_output(dest: os.PathLike | str, force: bool = False) -> Iterator[Path
     dest = Path(dest)
     check_writable(dest, force)
     stage = _temp_name(dest)
-    stage.mkdir()
+    try:
+        stage.mkdir()
+    except OSError as e:
+        raise WriteError(dest, f"cannot write in {dest.parent}: {e.strerror}") from None
     try:
         tmp = stage / dest.name
         yield tmp

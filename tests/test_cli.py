@@ -88,7 +88,7 @@ def test_dtype_cast_and_overflow_refusal(st_file, capsys):
     assert np.array_equal(got["conv1/w"], np.arange(24, dtype=np.float16).reshape(2, 3, 4))
     bad = st_file.parent / "overflow.safetensors"
     code, _, err = run(["auto", st_file, "--to", "safetensors", "-o", bad, "--dtype", "float16"], capsys)
-    assert code == 1 and "big" in err and "overflows float16" in err and "Traceback" not in err
+    assert code == 1 and "big" in err and "-1e+06" not in err and "1e+06 cannot be held by float16" in err and "Traceback" not in err
     assert not bad.exists() and sorted(p.name for p in st_file.parent.iterdir()) == ["half.safetensors",
                                                                                      "model.safetensors"]
 
@@ -189,3 +189,57 @@ def test_progress_bar_at_a_terminal_only(st_file, tmp_path):
     res = subprocess.run([SCRIPT, "auto", st_file, "--to", "safetensors", "-o", tmp_path / "piped.safetensors"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and res.stderr.count("\n") == 1 and "\x1b[" not in res.stderr
+
+
+def test_output_that_contains_the_input_is_refused(tmp_path, st_file, capsys):
+    folder = tmp_path / "inp"
+    folder.mkdir()
+    src = folder / "m.safetensors"
+    st_file.rename(src)
+    code, _, err = run(["auto", src, "--to", "tf-ckpt", "-o", folder, "--force"], capsys)
+    assert code == 2 and "replace the input" in err and src.exists()
+
+
+def test_force_never_replaces_a_folder_of_something_else(tmp_path, st_file, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "important.txt").write_text("keep")
+    for fmt in ("tf-ckpt", "safetensors"):
+        code, _, err = run(["auto", st_file, "--to", fmt, "-o", precious, "--force"], capsys)
+        assert code == 1 and "holds no" in err and (precious / "important.txt").read_text() == "keep"
+    ours = tmp_path / "ours"
+    assert run(["auto", st_file, "--to", "tf-ckpt", "-o", ours, "-q"], capsys)[0] == 0
+    assert run(["auto", st_file, "--to", "tf-ckpt", "-o", ours, "--force", "-q"], capsys)[0] == 0  # its own kind
+
+
+def test_unwritable_destination_is_a_one_line_write_error(st_file, capsys):
+    code, _, err = run(["auto", st_file, "--to", "safetensors", "-o", "/proc/x.safetensors"], capsys)
+    assert code == 1 and "/proc/x.safetensors" in err and "internal error" not in err and err.count("\n") == 1
+
+
+def test_sigterm_midway_leaves_nothing(st_file, capsys, monkeypatch):
+    import signal
+
+    import convert.formats.safetensors as st
+
+    real = st.copy_tensor
+
+    def copy_then_terminate(tensor, out):
+        n = real(tensor, out)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a CI timeout would, after some bytes are written
+        return n
+    monkeypatch.setattr(st, "copy_tensor", copy_then_terminate)
+    code, _, err = run(["auto", st_file, "--to", "safetensors", "-o", st_file.parent / "t.safetensors"], capsys)
+    assert code == 128 + signal.SIGTERM and "interrupted" in err
+    assert sorted(p.name for p in st_file.parent.iterdir()) == ["model.safetensors"]
+
+
+def test_dtype_refuses_infinities_the_target_cannot_hold(tmp_path, capsys):
+    src = tmp_path / "inf.safetensors"
+    convert.write(convert.TensorDict.from_arrays({"a": np.array([1, -np.inf], np.float32)}), src, "safetensors")
+    code, _, err = run(["auto", src, "--to", "safetensors", "--dtype", "float8_e4m3fn", "-o", tmp_path / "o.safetensors"],
+                       capsys)
+    assert code == 1 and "-inf cannot be held by float8_e4m3fn" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.safetensors"]
+    assert run(["auto", src, "--to", "safetensors", "--dtype", "float16", "-o", tmp_path / "h.safetensors"],
+               capsys)[0] == 0  # float16 has infinities

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import convert
-from convert.errors import CorruptFileError, WriteError
+from convert.errors import CorruptFileError, UsageError
 
 from contract import FormatContract, same_values, samples
 from oracles import safetensors_read
@@ -90,7 +90,7 @@ def test_sharded_folder_loads_in_transformers(tmp_path):
 
 
 def test_bad_shard_size_is_refused(tmp_path):
-    with pytest.raises(WriteError, match="cannot read size"):
+    with pytest.raises(UsageError, match="cannot read size"):
         convert.write(samples()["names"], tmp_path / "x", "safetensors", max_shard_size="lots")
 
 

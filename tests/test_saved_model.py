@@ -207,3 +207,13 @@ def test_object_graph_writer_refuses_what_no_object_tree_holds(tmp_path, arrays,
     with pytest.raises(convert.WriteError, match=text):
         convert.write(convert.TensorDict.from_arrays(arrays), tmp_path / "o", "tf-ckpt", object_graph=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_is_no_saved_model_is_refused(tmp_path, capsys):
+    from convert.cli import main
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    code = main(["saved-model", str(tmp_path / "junk"), "--to", "safetensors", "-o", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and "not a SavedModel" in err and not (tmp_path / "o.safetensors").exists()

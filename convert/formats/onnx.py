@@ -638,6 +638,9 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
     import onnx
 
     out = Path(path)
+    if opset is not None and not 1 <= opset <= onnx.defs.onnx_opset_version():
+        raise UsageError(f"--opset must be between 1 and {onnx.defs.onnx_opset_version()} (onnx {onnx.__version__}), "
+                         f"got {opset}")
     if graph:
         if template is not None:
             raise UsageError("--graph and --template exclude each other")
@@ -663,8 +666,9 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
     data_name = None
     if numeric > threshold:
         data_name = external_data_name or f"{out.name}.data"
-        if Path(data_name).name != data_name or data_name in ("", ".", ".."):
-            raise UsageError(f"--external-data-name must be a plain file name, got '{data_name}'")
+        if Path(data_name).name != data_name or data_name in ("", ".", "..", out.name):
+            raise UsageError(f"--external-data-name must be a plain file name other than the model's, "
+                             f"got '{data_name}'")
     _emit(model, tensors, out, data_name, onnx)
 
 

@@ -26,7 +26,7 @@ import struct
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import CorruptFileError, ReadError, WriteError
+from ..errors import CorruptFileError, ReadError, UsageError, WriteError
 from ..fileio import copy_tensor
 from ..ir import FileRegion, Tensor, TensorDict
 from ..registry import Option
@@ -233,8 +233,8 @@ def parse_size(text: str) -> int:
     """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000 (units as transformers reads them)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise WriteError(None, f"cannot read size '{text}' (examples: 5GB, 500MB, 2GiB)")
+        raise UsageError(f"--max-shard-size: cannot read size '{text}' (examples: 5GB, 500MB, 2GiB)")
     size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if size <= 0:
-        raise WriteError(None, f"size '{text}' must be positive")
+        raise UsageError(f"--max-shard-size: '{text}' must be positive")
     return size

@@ -93,6 +93,8 @@ def read(path: Path, names: str | None = None) -> TensorDict:
     pb = root / _PB
     if pb.is_file():
         metadata.update(_signatures(pb))
+    elif not (root / "saved_model.pbtxt").is_file():
+        raise ReadError(root, "not a SavedModel: no saved_model.pb")
     prefix = root / "variables" / "variables"
     if not Path(str(prefix) + ".index").is_file():
         if (root / "variables").is_dir() and any((root / "variables").iterdir()):

@@ -107,7 +107,7 @@ def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]
     stored checksum: Keras 3 ``export``), whose keys are returned as the second item.
     Without an object graph the tensors are returned unchanged.
     """
-    graph = next((t for t in tensors if t.name == GRAPH_KEY), None)
+    graph = next((t for t in tensors if t.name == GRAPH_KEY and t.dtype.kind == "string" and t.numel == 1), None)
     if graph is None:
         return tensors, []
     try:
@@ -200,8 +200,8 @@ def object_based(tensors: list[Tensor], path: str) -> list[Tensor]:
         node = 0
         for part in parts:
             if node in variable_of:
-                raise WriteError(path, f"'{variable_of[node].name}' is a variable and cannot hold other objects",
-                                 t.name)
+                raise WriteError(path, f"'{variable_of[node].name}' is a variable and cannot hold other objects "
+                                       "(optimizer slots such as 'w/Adam'? leave them out with --weights-only)", t.name)
             if part not in children[node]:
                 children[node][part] = len(children)
                 children.append({})
