@@ -20,9 +20,10 @@ classes ship only inside ``tensorflow``.
 Naming: a variable's ``full_name``; for a slot variable without one,
 ``<its variable's name>/<slot name>``; otherwise the key with ``/.ATTRIBUTES/...`` cut
 and the key escaping (``.S`` for ``/``, ``..`` for ``.``) undone. Keras 3 ``model.export``
-saves each variable twice under the same full name: the copy whose key comes first is kept
-(a copy: same name, dtype, shape and stored crc32c; the dropped keys are reported). Distinct
-variables that share a name (TF's default ``Variable``) are each named by their object path.
+saves each variable twice under the same full name: when every name has exactly two copies
+(same dtype, shape and stored crc32c), the copy whose key comes first is kept and the dropped
+keys are reported. Otherwise variables that share a name (TF's default ``Variable``, two
+metrics' ``count``) are distinct, and each is named by its object path.
 Roles: variables reached from the root without passing through an ``optimizer`` edge are
 weights; the others, and slot variables, are optimizer state; ``save_counter`` and
 iteration counters are steps.
@@ -103,8 +104,8 @@ def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]
     """Rename object-graph keys to the variables' names and set their roles.
 
     ``tensors`` come in key order; the result keeps that order, without the object
-    graph tensor itself and without second copies of a variable (same name, same
-    stored checksum: Keras 3 ``export``), whose keys are returned as the second item.
+    graph tensor itself and without Keras 3 ``export``'s second copies (see the module
+    docstring), whose keys are returned as the second item.
     Without an object graph the tensors are returned unchanged.
     """
     graph = next((t for t in tensors if t.name == GRAPH_KEY and t.dtype.kind == "string" and t.numel == 1), None)
@@ -140,21 +141,20 @@ def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]
                 role = "optimizer"
             by_key[key] = (name, role)
     named = [(t, *by_key.get(t.name, (t.name, t.attrs.get("role", "weight")))) for t in tensors if t.name != GRAPH_KEY]
-    # Per name: drop second copies; if distinct variables still share it (TF's default name
-    # "Variable"), each is named by its object path instead.
-    distinct: dict[str, list[Tensor]] = {}
-    dropped = []
+    groups: dict[str, list[Tensor]] = {}
     for t, name, _ in named:
-        kept = distinct.setdefault(name, [])
-        if any(_same_data(k, t) for k in kept):
-            dropped.append(t.name)
-        else:
-            kept.append(t)
-    out = []
+        groups.setdefault(name, []).append(t)
+    # Keras 3 export saves every variable twice: each name then has exactly two copies, and the
+    # second is dropped. Anywhere else, variables that share a name (TF's default "Variable",
+    # two metrics' "count") are distinct, however equal their values: each is named by its path.
+    copies = all(len(g) == 2 and _same_data(*g) for g in groups.values()) and len(named) > len(groups)
+    out, dropped = [], []
     for t, name, role in named:
-        if t not in distinct[name]:
+        group = groups[name]
+        if copies and t is group[1]:
+            dropped.append(t.name)
             continue
-        final = name if len(distinct[name]) == 1 else unescape_key(t.name)
+        final = name if len(group) == 1 or copies else unescape_key(t.name)
         out.append(Tensor(final, t.dtype, t.shape, t.source, {**t.attrs, "role": role, "tf.key": t.name}))
     return out, dropped
 
