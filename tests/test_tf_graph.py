@@ -106,3 +106,21 @@ def test_graph_usage_errors(tmp_path, capsys, argv, text):
     err = capsys.readouterr().err
     assert text in err and err.count("\n") == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_corpus_tf1_graph_with_legacy_variables_to_onnx(tmp_path):
+    """A real TF1 graph from the corpus: pre-1.0 'Variable' ops and a placeholder whose shape only
+    the .meta's _output_shapes records. (Its later layers go through a dropout whose random mask TF
+    draws even at keep_prob 1.0, and ORT draws differently, so the first conv block is compared.)"""
+    folder = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "AloshkaD+traffic-signs@027fba2f9bc6"
+    out = tmp_path / "signs.onnx"
+    assert main(["tf-ckpt", str(folder), "--to", "onnx", "--graph", "--outputs", "Relu", "--check",
+                 "-o", str(out), "-q"]) == 0
+    images = np.random.default_rng(3).random((4, 32, 32), dtype=np.float32)
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        saver = tf.compat.v1.train.import_meta_graph(str(folder / "model.ckpt.meta"))
+        saver.restore(sess, str(folder / "model.ckpt"))
+        expected = sess.run("Relu:0", {"Placeholder:0": images})
+    (got,) = run_onnx(out, {"Placeholder:0": images})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(expected).max())))

@@ -84,7 +84,7 @@ def session(td: TensorDict, meta: str, path: os.PathLike | str) -> Iterator[tupl
         sess.run(v1.variables_initializer([v for v in variables if v.op.name not in td]))
         for var in (v for v in variables if v.op.name in td):
             t = td[var.op.name]
-            if tuple(var.shape.as_list()) != t.shape:
+            if not var.shape.is_compatible_with(t.shape):  # old graphs leave some shapes unknown
                 raise WriteError(path, f"shape {list(t.shape)} does not fit the graph's {var.shape}", t.name)
             var.load(t.numpy(), sess)
         yield graph, sess
@@ -124,15 +124,42 @@ def _ancestors(graph, outputs: list[str]) -> list:
     return [op for op in graph.get_operations() if op.name in seen]
 
 
-def random_feed(graph, inputs: list[str], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random values of the right dtype and shape (unknown dimensions: 2) for each input."""
+def input_shapes(graph, inputs: list[str], meta: str | None = None) -> dict[str, list[int | None]]:
+    """Each input's shape. Placeholders of old graphs may declare none; their shape then comes
+    from the ``_output_shapes`` attribute TF recorded in the ``.meta`` file (the import drops
+    it), else is unknown (tf2onnx would take them as scalars)."""
+    recorded = {}
+    if meta:
+        tf = tensorflow()
+        meta_graph = tf.compat.v1.MetaGraphDef()
+        with open(meta, "rb") as f:
+            meta_graph.ParseFromString(f.read())
+        for node in meta_graph.graph_def.node:
+            shapes = node.attr["_output_shapes"].list.shape if "_output_shapes" in node.attr else []
+            if node.op == "Placeholder" and shapes and not shapes[0].unknown_rank:
+                recorded[node.name + ":0"] = [None if d.size < 0 else d.size for d in shapes[0].dim]
+    out = {}
+    for name in inputs:
+        t = graph.get_tensor_by_name(name)
+        if t.shape.rank is not None:
+            out[name] = t.shape.as_list()
+        elif name in recorded:
+            out[name] = recorded[name]
+    return out
+
+
+def random_feed(graph, inputs: list[str], shapes: dict[str, list[int | None]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random values of the right dtype and shape (unknown dimensions: 2) for each input; float
+    scalars get 1.0, the inference value of the usual scalar inputs (dropout's keep_prob)."""
     rng = np.random.default_rng(seed)
     feed = {}
     for name in inputs:
         t = graph.get_tensor_by_name(name)
-        shape = [2 if d is None else d for d in (t.shape.as_list() if t.shape.rank is not None else [])]
+        shape = [2 if d is None else d for d in shapes.get(name, [])]
         dtype = np.dtype(t.dtype.as_numpy_dtype)
-        if dtype.kind == "f":
+        if dtype.kind == "f" and not shape:
+            feed[name] = np.ones((), dtype)
+        elif dtype.kind == "f":
             feed[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":
             feed[name] = rng.integers(0, 2, shape).astype(dtype)
@@ -173,14 +200,16 @@ def saved_model_with_values(td: TensorDict, sm_dir: str) -> Iterator[Path]:
 
 
 def check_onnx_against_tensorflow(model_path: Path, graph, sess, inputs: list[str], outputs: list[str],
-                                  atol: float = 1e-5) -> float:
+                                  shapes: dict[str, list[int | None]], atol: float = 1e-5) -> float:
     """Run the ONNX model (onnxruntime) and the TF session on the same random inputs; the
-    largest absolute difference, or :class:`VerificationError` above ``atol``."""
+    largest absolute difference, or :class:`VerificationError` when an output differs by more
+    than ``atol`` times its largest magnitude (at least 1): float32 cannot do better on large
+    values, so 1e-5 is absolute for outputs up to 1 and relative beyond."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise MissingDependencyError("--check", "onnxruntime", "onnx") from None
-    feed = random_feed(graph, inputs)
+    feed = random_feed(graph, inputs, shapes)
     expected = sess.run(outputs, feed)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings would bury our one-line messages
@@ -191,9 +220,12 @@ def check_onnx_against_tensorflow(model_path: Path, graph, sess, inputs: list[st
         if np.shape(e) != np.shape(g):
             raise VerificationError(model_path, f"output shape {np.shape(g)} differs from TensorFlow's "
                                                 f"{np.shape(e)}", name)
-        diff = float(np.max(np.abs(np.asarray(e, np.float64) - np.asarray(g, np.float64)))) if np.size(e) else 0.0
-        if not diff <= atol:
-            raise VerificationError(model_path, f"onnxruntime differs from TensorFlow by {diff:g} (> {atol:g})", name)
+        e64, g64 = np.asarray(e, np.float64), np.asarray(g, np.float64)
+        diff = float(np.max(np.abs(e64 - g64))) if np.size(e) else 0.0
+        scale = max(1.0, float(np.max(np.abs(e64)))) if np.size(e) else 1.0
+        if not diff <= atol * scale:
+            raise VerificationError(model_path, f"onnxruntime differs from TensorFlow by {diff:g} "
+                                                f"(> {atol:g} x {scale:g}, the output's largest magnitude)", name)
         worst = max(worst, diff)
     return worst
 
@@ -222,10 +254,16 @@ def write_onnx(td: TensorDict, path: Path, inputs: list[str], outputs: list[str]
     if meta:
         with session(td, meta, path) as (graph, sess):
             inputs, outputs = graph_io(graph, inputs, outputs)
+            graph_def = graph.as_graph_def()
+            for node in graph_def.node:
+                # TF 2.21 freezes VariableV2 but leaves the pre-1.0 "Variable" op (same attributes) as it is
+                if node.op == "Variable":
+                    node.op = "VariableV2"
             frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
-                sess, graph.as_graph_def(), [n.rsplit(":", 1)[0] for n in outputs])
-            _save_onnx(tf2onnx, frozen, inputs, outputs, opset, path)
-            worst = check_onnx_against_tensorflow(path, graph, sess, inputs, outputs) if check else None
+                sess, graph_def, [n.rsplit(":", 1)[0] for n in outputs])
+            shapes = input_shapes(graph, inputs, meta)
+            _save_onnx(tf2onnx, frozen, inputs, outputs, opset, path, shapes)
+            worst = check_onnx_against_tensorflow(path, graph, sess, inputs, outputs, shapes) if check else None
     elif sm_dir and os.path.isdir(sm_dir):
         with saved_model_with_values(td, sm_dir) as copy:
             try:
@@ -233,13 +271,14 @@ def write_onnx(td: TensorDict, path: Path, inputs: list[str], outputs: list[str]
                     str(copy), inputs or None, outputs or None, signatures=["serving_default"])
             except Exception as e:  # tf2onnx/TF raise many kinds; all mean the same to the user
                 raise ConvertError(f"{sm_dir}: TensorFlow cannot load this SavedModel's signature: {e}") from None
-            _save_onnx(tf2onnx, frozen, inputs, outputs, opset, path)
+            _save_onnx(tf2onnx, frozen, inputs, outputs, opset, path, None)
             worst = None
             if check:
                 graph = tf.Graph()
                 with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
                     tf.import_graph_def(frozen, name="")
-                    worst = check_onnx_against_tensorflow(path, graph, sess, inputs, outputs)
+                    worst = check_onnx_against_tensorflow(path, graph, sess, inputs, outputs,
+                                                          input_shapes(graph, inputs))
     else:
         raise UsageError("--graph needs a TensorFlow source with a graph: a TF1 checkpoint with its .meta file, "
                          "or a SavedModel")
@@ -249,11 +288,14 @@ def write_onnx(td: TensorDict, path: Path, inputs: list[str], outputs: list[str]
     return report
 
 
-def _save_onnx(tf2onnx, graph_def, inputs: list[str], outputs: list[str], opset: int | None, path: Path) -> None:
+def _save_onnx(tf2onnx, graph_def, inputs: list[str], outputs: list[str], opset: int | None, path: Path,
+               shapes: dict[str, list[int | None]] | None) -> None:
     import onnx
 
     try:
-        model, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=inputs, output_names=outputs, opset=opset)
+        model, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=inputs, output_names=outputs, opset=opset,
+                                                  # a copy: tf2onnx rewrites it in place (None -> -1)
+                                                  shape_override={k: list(v) for k, v in (shapes or {}).items()} or None)
     except Exception as e:  # tf2onnx raises many kinds for unsupported ops
         raise ConvertError(f"tf2onnx cannot convert this graph: {e}") from None
     model.producer_version = model.producer_version or ""
