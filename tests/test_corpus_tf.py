@@ -138,3 +138,38 @@ def test_corpus_object_checkpoint_readable_names(tf):
         if key in full_names:
             assert name == full_names[key]
         assert_same(t.numpy(), tf_value(tf, prefix, key, t.dtype.numpy), name)
+
+
+@pytest.mark.parametrize("folder", [
+    "AloshkaD+traffic-signs@027fba2f9bc6", "255BITS+vocal-autoencoder@85d64249fe3c",
+    "tensorflow+serving@27a9c3581077/tensorflow_serving/servables/tensorflow/testdata/half_plus_two/00000123"])
+def test_corpus_v1_migration_restores_with_its_graph(tf, folder, tmp_path):
+    """The issue's migration on real old checkpoints, whose .meta savers read V1 only
+    (RestoreSlice): the saver is rewritten, and the classic loading code restores V2."""
+    import convert
+
+    src = CORPUS / folder
+    meta = next(src.glob("*.meta"))
+    out = tmp_path / "v2"
+    summary = convert.convert(src if (src / "checkpoint").exists() else meta.with_suffix(""), out, to="tf-ckpt")
+    assert any("rewrote the .meta graph's saver" in n for n in summary["outputs"][0]["notes"])
+    latest = tf.train.latest_checkpoint(str(out))
+    assert tfc.read(out).metadata["tf.checkpoint_version"] == "2"
+    g = tf.Graph()
+    with g.as_default(), tf.compat.v1.Session(graph=g) as sess:
+        saver = tf.compat.v1.train.import_meta_graph(latest + ".meta")
+        saver.restore(sess, latest)
+        original = tf.train.load_checkpoint(str(meta.with_suffix("")))
+        for v in tf.compat.v1.global_variables():
+            assert_same(sess.run(v), original.get_tensor(v.op.name), v.op.name)
+
+
+def test_meta_graph_left_out_when_the_tensors_no_longer_fit_it(tmp_path):
+    import convert
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for kwargs in ({"weights_only": True}, {"dtype": "float16"}):
+        out = tmp_path / next(iter(kwargs))
+        summary = convert.convert(examples / "model1", out, to="tf-ckpt", **kwargs)
+        assert not list(out.glob("*.meta"))
+        assert any("left out the .meta graph" in n for n in summary["outputs"][0]["notes"])

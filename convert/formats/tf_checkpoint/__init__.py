@@ -34,7 +34,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from pathlib import Path
 from ...errors import ConvertError, ReadError, UsageError, WriteError
 from ...ir import Tensor, TensorDict
 from ...registry import Option
-from . import objects
+from . import metagraph, objects
 from .bundle import read_bundle, write_bundle
 from .slices import check_v1_dtypes, read_v1, write_v1_file
 from .sstable import has_table_magic
@@ -328,16 +327,19 @@ def _prefix_for(td: TensorDict) -> str:
 
 
 def _write_checkpoints(tds: list[TensorDict], path: os.PathLike | str, opts: dict,
-                       write_files: Callable[[TensorDict, str], None], meta_graph: bool = True) -> None:
+                       write_files: Callable[[TensorDict, str], None], version: int,
+                       meta_graph: bool = True) -> dict:
     """A new directory at ``path`` with one checkpoint per TensorDict, named after its
-    ``tf.prefix``, each with its ``.meta`` graph when known and ``meta_graph``, and a
-    ``checkpoint`` state file listing them all, the last as the latest."""
+    ``tf.prefix``, each with its ``.meta`` graph when known, ``meta_graph`` and it fits
+    (:func:`.metagraph.meta_for`), and a ``checkpoint`` state file listing them all, the last
+    as the latest. Returns notes on graphs left out or rewritten."""
     if opts:
         raise UsageError(f"tf-ckpt writer does not take option(s) {', '.join(sorted(opts))}")
     out = Path(path)
     prefixes = [_prefix_for(td) for td in tds]
     if len(set(prefixes)) != len(prefixes):
         raise WriteError(out, f"two checkpoints would have the same prefix: {', '.join(prefixes)}")
+    metas = [metagraph.meta_for(td, version) if meta_graph else (None, None) for td in tds]
     try:
         out.mkdir()
     except FileExistsError:
@@ -345,17 +347,18 @@ def _write_checkpoints(tds: list[TensorDict], path: os.PathLike | str, opts: dic
     except OSError as e:
         raise WriteError(out, f"cannot create the directory: {e.strerror}") from None
     try:
-        for td, prefix in zip(tds, prefixes, strict=True):
+        for td, prefix, (meta, _) in zip(tds, prefixes, metas, strict=True):
             write_files(td, str(out / prefix))
-            meta = td.metadata.get("local.tf.meta_graph_path")
-            if meta_graph and meta and os.path.isfile(meta):
-                shutil.copyfile(meta, out / (prefix + ".meta"))
+            if meta is not None:
+                (out / (prefix + ".meta")).write_bytes(meta)
         (out / STATE_FILE).write_text(format_state(prefixes[-1], prefixes))
     except OSError as e:
         raise WriteError(out, f"cannot write: {e.strerror}") from None
+    notes = list(dict.fromkeys(note for _, note in metas if note))
+    return {"notes": notes} if notes else {}
 
 
-def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, **opts) -> None:
+def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, **opts) -> dict:
     """Write a V2 checkpoint directory at ``path`` (which must not exist).
 
     It holds ``<prefix>.index``, ``<prefix>.data-00000-of-00001``, a ``checkpoint`` state
@@ -364,10 +367,10 @@ def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, *
     Tensors are streamed one by one; the bytes depend only on ``td``. With ``object_graph``,
     a TF2 object-based checkpoint instead (see :func:`.objects.object_based`).
     """
-    write_steps([td], path, object_graph, **opts)
+    return write_steps([td], path, object_graph, **opts)
 
 
-def write_steps(tds: list[TensorDict], path: os.PathLike | str, object_graph: bool = False, **opts) -> None:
+def write_steps(tds: list[TensorDict], path: os.PathLike | str, object_graph: bool = False, **opts) -> dict:
     """Several V2 checkpoints (``--all-steps``) in one directory, as :func:`write` writes one;
     the state file lists them all, so ``tf.train.latest_checkpoint`` finds the last."""
     def write_files(td: TensorDict, prefix: str) -> None:
@@ -375,24 +378,24 @@ def write_steps(tds: list[TensorDict], path: os.PathLike | str, object_graph: bo
         write_bundle(tensors, prefix)
 
     # a TF1 graph does not go with object-based keys
-    _write_checkpoints(tds, path, opts, write_files, meta_graph=not object_graph)
+    return _write_checkpoints(tds, path, opts, write_files, 2, meta_graph=not object_graph)
 
 
-def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> None:
+def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> dict:
     """Write a V1 checkpoint directory at ``path``: the ``<prefix>`` table file, a
     ``checkpoint`` state file and the ``.meta`` graph when known (see :func:`write`).
 
     V1 cannot hold bfloat16, float8, uint32 or uint64 (TensorFlow refuses them); such
     tensors raise one :class:`WriteError` listing them all.
     """
-    write_steps_v1([td], path, **opts)
+    return write_steps_v1([td], path, **opts)
 
 
-def write_steps_v1(tds: list[TensorDict], path: os.PathLike | str, **opts) -> None:
+def write_steps_v1(tds: list[TensorDict], path: os.PathLike | str, **opts) -> dict:
     """Several V1 checkpoints in one directory (see :func:`write_steps`)."""
     for td in tds:
         check_v1_dtypes(list(td.values()), path)
-    _write_checkpoints(tds, path, opts, lambda td, prefix: write_v1_file(list(td.values()), prefix))
+    return _write_checkpoints(tds, path, opts, lambda td, prefix: write_v1_file(list(td.values()), prefix), 1)
 
 
 __all__ = ["NAME", "OPTIONS", "detect", "read", "write", "write_v1", "write_steps", "write_steps_v1", "expand", "locate", "role_of",
