@@ -246,13 +246,14 @@ def cast_floating(td: TensorDict, dtype: str) -> TensorDict:
     return td.replace(cast(t) if t.dtype.is_floating and t.dtype != target else t for t in td.values())
 
 
-def apply_maps(td: TensorDict, maps: Sequence[str]):
-    """Apply rule files / presets in order; returns (TensorDict, report or None)."""
+def apply_maps(td: TensorDict, maps: Sequence):
+    """Apply rule files / presets (names, or rule sets :func:`convert.mapping.load` gave) in order;
+    returns (TensorDict, report or None)."""
     if not maps:
         return td, None
     from . import mapping
 
-    return mapping.apply(td, [mapping.load(m) for m in maps])
+    return mapping.apply(td, [mapping.load(m) if isinstance(m, (str, os.PathLike)) else m for m in maps])
 
 
 _STRIP = re.compile(r"(\.safetensors\.index\.json|\.index|\.data-\d+-of-\d+|\.safetensors|\.pt|\.pth|\.bin|"
@@ -310,6 +311,10 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
     patterns = _patterns(include), _patterns(exclude)
     if dtype:
         _float_dtype(dtype)
+    if maps:
+        from . import mapping
+
+        maps = [mapping.load(m) for m in maps]  # once, and a bad rule file fails before any reading
     module = registry.load(src_info)
     if read_opts.get("all_steps"):
         if not hasattr(module, "expand"):
@@ -324,8 +329,8 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         outs = [default_output(src, dst_info, label) for label, _ in jobs]
     else:
         outs = [Path(dst) if label is None else _labelled(Path(dst), label) for label, _ in jobs]
+    inputs = [Path(os.path.abspath(p)) for p in (src, *(p for _, p in jobs))]
     for out in outs:
-        inputs = [Path(os.path.abspath(p)) for p in (src, *(p for _, p in jobs))]
         if any(Path(os.path.abspath(out)) in (p, *p.parents) for p in inputs):
             raise UsageError(f"{out}: the output would replace the input; name another with -o")
         fileio.check_writable(out, force)
