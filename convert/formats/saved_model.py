@@ -28,10 +28,10 @@ import hashlib
 from pathlib import Path
 
 from ..errors import CorruptFileError, ReadError, UsageError
-from ..ir import Tensor, TensorDict
+from ..ir import TensorDict
 from ..registry import Option
 from . import tf_graph
-from .tf_checkpoint import objects, role_of
+from .tf_checkpoint import named, objects
 from .tf_checkpoint import protowire as pw
 from .tf_checkpoint.bundle import read_bundle
 from .tf_checkpoint.sstable import has_table_magic
@@ -103,12 +103,7 @@ def read(path: Path, names: str | None = None) -> TensorDict:
     if not has_table_magic(str(prefix) + ".index"):
         raise CorruptFileError(str(prefix) + ".index", "not a checkpoint index (no table magic)")
     tensors, _ = read_bundle(str(prefix))
-    tensors = [Tensor(t.name, t.dtype, t.shape, t.source, {"role": role_of(t.name)}) for t in tensors]
-    if (names or "readable") == "readable":
-        tensors, copies = objects.readable(tensors, str(prefix) + ".index")
-        if copies:
-            metadata["tf.duplicate_keys_dropped"] = ",".join(copies)
-    return TensorDict(tensors, metadata)
+    return TensorDict(named(tensors, names, str(prefix) + ".index", metadata), metadata)
 
 
 # ---------------------------------------------------------------------------------------------- write

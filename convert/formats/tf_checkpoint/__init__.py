@@ -273,6 +273,17 @@ def role_of(name: str) -> str:
     return "weight"
 
 
+def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str]) -> list[Tensor]:
+    """Checkpoint tensors with their roles and, unless ``names`` is "keys", the readable names of
+    a TF2 object graph (:func:`.objects.readable`; dropped copies are noted in ``metadata``)."""
+    tensors = [Tensor(t.name, t.dtype, t.shape, t.source, {"role": role_of(t.name)}) for t in tensors]
+    if (names or "readable") == "readable":
+        tensors, copies = objects.readable(tensors, index)
+        if copies:
+            metadata["tf.duplicate_keys_dropped"] = ",".join(copies)
+    return tensors
+
+
 def read(path: os.PathLike | str, step: int | None = None, all_steps: bool = False, names: str | None = None,
          **unknown) -> TensorDict:
     """Read a V1 or V2 checkpoint lazily (see module docstring for what ``path`` may be).
@@ -296,16 +307,12 @@ def read(path: os.PathLike | str, step: int | None = None, all_steps: bool = Fal
         tensors, _ = read_bundle(loc.prefix)
     else:
         tensors, _ = read_v1(list(loc.files))
-    tensors = [Tensor(t.name, t.dtype, t.shape, t.source, {"role": role_of(t.name)}) for t in tensors]
     metadata = {
         "source.format": NAME,
         "tf.checkpoint_version": str(loc.version),
         "tf.prefix": os.path.basename(loc.prefix),
     }
-    if (names or "readable") == "readable":
-        tensors, copies = objects.readable(tensors, loc.prefix + ".index")
-        if copies:
-            metadata["tf.duplicate_keys_dropped"] = ",".join(copies)
+    tensors = named(tensors, names, loc.prefix + ".index", metadata)
     for t in tensors:
         if t.name in ("global_step", "global_step/.ATTRIBUTES/VARIABLE_VALUE") and t.numel == 1 \
                 and t.dtype.kind in ("int", "uint"):
@@ -398,5 +405,5 @@ def write_steps_v1(tds: list[TensorDict], path: os.PathLike | str, **opts) -> di
     return _write_checkpoints(tds, path, opts, lambda td, prefix: write_v1_file(list(td.values()), prefix), 1)
 
 
-__all__ = ["NAME", "OPTIONS", "detect", "read", "write", "write_v1", "write_steps", "write_steps_v1", "expand", "locate", "role_of",
+__all__ = ["NAME", "OPTIONS", "detect", "read", "named", "write", "write_v1", "write_steps", "write_steps_v1", "expand", "locate", "role_of",
            "Located", "ConvertError"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 
 from ...dtypes import from_tf
-from ...errors import ConvertError
+from ...errors import ConvertError, MissingDependencyError
 from ...ir import TensorDict
 from . import protowire as pw
 
@@ -114,7 +114,7 @@ def meta_for(td: TensorDict, version: int) -> tuple[bytes | None, str | None]:
     if version == 2 and saver_version in (0, 1):
         try:
             return _with_saver(path, version), "rewrote the .meta graph's saver for V2 (it read V1 files only)"
-        except ImportError:
+        except MissingDependencyError:
             return None, ("left out the .meta graph: its saver reads V1 checkpoints only; install convert[tf] "
                           "to have it rewritten for V2, or write tf-ckpt-v1")
         except Exception as e:  # TensorFlow cannot import the graph: say so, keep the checkpoint
@@ -124,13 +124,10 @@ def meta_for(td: TensorDict, version: int) -> tuple[bytes | None, str | None]:
 
 def _with_saver(meta: str, version: int) -> bytes:
     """The graph of ``meta`` exported again with a new saver writing/reading ``version``."""
-    import os
+    from ..tf_graph import tensorflow
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-
-    v1 = tf.compat.v1
-    graph = tf.Graph()
+    v1 = tensorflow().compat.v1
+    graph = v1.Graph()
     with graph.as_default():
         v1.train.import_meta_graph(meta)
         saver = v1.train.Saver(write_version=v1.train.SaverDef.V2 if version == 2 else v1.train.SaverDef.V1)
