@@ -8,7 +8,9 @@ CLI turns into flags. Adapter modules import heavy frameworks inside functions o
 so importing one is cheap.
 
 Detection order: an explicit format name, then content (each adapter's ``detect``,
-in table order), never the extension alone: ``.ckpt`` is TensorFlow or PyTorch.
+in table order), then an unambiguous extension as a hint only (so that a damaged
+``model.onnx`` gets the ONNX reader's precise error); never ``.ckpt`` or ``.bin``,
+which TensorFlow and PyTorch both use.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class FormatInfo:
     reader: str | None = "read"
     writer: str | None = "write"
     detector: str | None = "detect"
+    hint_suffixes: tuple[str, ...] = ()
+    """File name endings that only this format uses: when no format recognises a file's content,
+    the one its ending names reads it, so that a damaged file gets that reader's precise error."""
     series_writer: str | None = None
     """A function writing several checkpoints (``--all-steps``) into one output, listed by the
     module's ``expand``; formats without one get an output per checkpoint."""
@@ -68,18 +73,19 @@ class FormatInfo:
 
 FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("safetensors", "convert.formats.safetensors", "safetensors file, or a Hugging Face sharded folder / index.json",
-               aliases=("st",), suffix=".safetensors", dtype_column="safetensors"),
+               aliases=("st",), suffix=".safetensors", dtype_column="safetensors", hint_suffixes=(".safetensors",)),
     FormatInfo("saved-model", "convert.formats.saved_model", "TensorFlow SavedModel directory (its variables)",
                aliases=("savedmodel", "tf-saved-model"), dtype_column="tf", needs_to_write=(("tensorflow", "tf"),)),
     FormatInfo("tf-ckpt", "convert.formats.tf_checkpoint", "TensorFlow checkpoint, V1 or V2 (dir with 'checkpoint', prefix, .index, V1 file); writes V2",
-               aliases=("tf", "tf-checkpoint", "tensorflow"), suffix="", dtype_column="tf", series_writer="write_steps"),
+               aliases=("tf", "tf-checkpoint", "tensorflow"), suffix="", dtype_column="tf", series_writer="write_steps",
+               hint_suffixes=(".index",)),
     FormatInfo("tf-ckpt-v1", "convert.formats.tf_checkpoint", "TensorFlow V1 checkpoint (SavedTensorSlices), for legacy consumers",
                aliases=("tf-v1",), suffix="", dtype_column="tf", writer="write_v1", detector=None,
                series_writer="write_steps_v1"),
     FormatInfo("torch", "convert.formats.torch", "PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
-               aliases=("pt", "pytorch", "pth"), suffix=".pt", dtype_column="torch"),
+               aliases=("pt", "pytorch", "pth"), suffix=".pt", dtype_column="torch", hint_suffixes=(".pt", ".pth")),
     FormatInfo("onnx", "convert.formats.onnx", "ONNX model (weights: initializers, Constant nodes, subgraphs, external data)",
-               suffix=".onnx", dtype_column="onnx"),
+               suffix=".onnx", dtype_column="onnx", hint_suffixes=(".onnx",)),
 )
 
 
@@ -122,6 +128,9 @@ def detect(path: os.PathLike | str) -> FormatInfo:
             return info
     if not p.exists():
         raise ReadError(p, "no such file or directory")
+    for info in FORMATS:  # the extension, as a hint only: its reader says what is wrong with the file
+        if info.hint_suffixes and p.is_file() and p.name.lower().endswith(info.hint_suffixes):
+            return info
     raise ReadError(p, f"not a weight file convert recognises (formats: {', '.join(names())})")
 
 

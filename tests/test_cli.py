@@ -243,3 +243,16 @@ def test_dtype_refuses_infinities_the_target_cannot_hold(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.safetensors"]
     assert run(["auto", src, "--to", "safetensors", "--dtype", "float16", "-o", tmp_path / "h.safetensors"],
                capsys)[0] == 0  # float16 has infinities
+
+
+@pytest.mark.parametrize("fmt, ext, text", [("onnx", ".onnx", "truncated"), ("torch", ".pt", "zip"),
+                                            ("safetensors", ".safetensors", "truncated")])
+def test_damaged_file_gets_its_readers_precise_error_by_extension(tmp_path, capsys, fmt, ext, text):
+    """Content no longer says what a truncated file is; its unambiguous extension picks the reader."""
+    good = tmp_path / ("good" + ext)
+    convert.write(convert.TensorDict.from_arrays({"w": np.arange(4096, dtype=np.float32)}), good, fmt)
+    bad = tmp_path / ("bad" + ext)
+    bad.write_bytes(good.read_bytes()[:2000])
+    code, _, err = run(["auto", bad, "--to", "safetensors", "-o", tmp_path / "out.safetensors"], capsys)
+    assert code == 1 and text in err and str(bad) in err and "not a weight file" not in err
+    assert not (tmp_path / "out.safetensors").exists()
