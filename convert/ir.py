@@ -10,10 +10,15 @@ Nothing here mutates: renaming, selecting and transforming return new objects.
 
 from __future__ import annotations
 
+import errno
 import math
+import mmap
+import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
@@ -30,6 +35,26 @@ class Source:
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
         """The raw bytes in pieces of at most ``size`` bytes."""
         raise NotImplementedError
+
+    def copy_into(self, out: BinaryIO, nbytes: int, progress: Callable[[int], None] | None = None) -> int:
+        """Write the raw bytes to the file ``out`` at its position; return their CRC-32C."""
+        crc = written = 0
+        for piece in self.chunks(nbytes):
+            out.write(piece)
+            crc = google_crc32c.extend(crc, piece)
+            written += len(piece)
+            if progress:
+                progress(len(piece))
+        if written != nbytes:
+            raise ConvertError(f"source produced {written} bytes, expected {nbytes}")
+        return crc
+
+    def digest(self, nbytes: int) -> int:
+        """CRC-32C of the raw bytes."""
+        crc = 0
+        for piece in self.chunks(nbytes):
+            crc = google_crc32c.extend(crc, piece)
+        return crc
 
     def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor as a NumPy array (any memory layout)."""
@@ -88,6 +113,91 @@ class FileRegion(Source):
 
     def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
         return np.frombuffer(self.read(), dtype=dtype.numpy).reshape(shape)
+
+    def digest(self, nbytes: int) -> int:
+        """CRC-32C of the region, read through a memory map (no copy), checked when the file has one."""
+        if nbytes != self.length:
+            raise CorruptFileError(self.path, f"holds {self.length} bytes, expected {nbytes}", self.label)
+        with _open(self.path, self.label) as f:
+            self._check_size(f)
+            return self._checked(mapped_checksum(f.fileno(), self.offset, self.length))
+
+    def copy_into(self, out: BinaryIO, nbytes: int, progress: Callable[[int], None] | None = None) -> int:
+        """Copy the region into ``out`` inside the kernel (``copy_file_range``, as ``cp`` does) while
+        a second thread takes its CRC-32C from a memory map; on another platform or file system,
+        stream it in chunks."""
+        if nbytes != self.length:
+            raise CorruptFileError(self.path, f"holds {self.length} bytes, expected {nbytes}", self.label)
+        copy = getattr(os, "copy_file_range", None)
+        if copy is None or self.length < (1 << 20):
+            return super().copy_into(out, nbytes, progress)
+        with _open(self.path, self.label) as f:
+            self._check_size(f)
+            out.flush()
+            src, dst, start = f.fileno(), out.fileno(), out.tell()
+            crc: list = []
+            thread = threading.Thread(target=lambda: crc.append(_guarded(mapped_checksum, src, self.offset, self.length)))
+            thread.start()
+            try:
+                done = 0
+                while done < self.length:
+                    try:
+                        n = copy(src, dst, min(4 * CHUNK, self.length - done), self.offset + done, start + done)
+                    except OSError as e:
+                        if done or e.errno not in _NO_COPY_RANGE:
+                            raise
+                        n = -1
+                    if n <= 0:
+                        break
+                    done += n
+                    if progress:
+                        progress(n)
+            finally:
+                thread.join()
+        if isinstance(crc[0], BaseException):
+            raise crc[0]
+        if n == -1:  # copy_file_range refused (another file system, a pipe): stream instead
+            return super().copy_into(out, nbytes, progress)
+        if done != self.length:
+            raise CorruptFileError(self.path, "file is truncated", self.label)
+        out.seek(start + done)
+        return self._checked(crc[0])
+
+    def _check_size(self, f: BinaryIO) -> None:
+        if self.offset + self.length > os.fstat(f.fileno()).st_size:  # a map past the end would crash
+            raise CorruptFileError(self.path, "file is truncated", self.label)
+
+    def _checked(self, crc: int) -> int:
+        if self.crc32c is not None and crc != self.crc32c:
+            raise CorruptFileError(self.path, f"checksum mismatch (crc32c {crc:#010x}, expected {self.crc32c:#010x})", self.label)
+        return crc
+
+
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
+
+def _guarded(fn, *args):
+    try:
+        return fn(*args)
+    except BaseException as e:  # handed to the thread that waits for it
+        return e
+
+
+def mapped_checksum(fd: int, offset: int, length: int, extend=google_crc32c.extend) -> int:
+    """A checksum (CRC-32C by default, or ``extend(crc, piece)``'s) of ``length`` bytes at ``offset``
+    of an open file whose size was checked, read through a memory map: no copy into Python."""
+    crc, end = 0, offset + length
+    pos = offset - offset % mmap.ALLOCATIONGRANULARITY
+    while pos < end:  # one window at a time: mapped pages count in RSS while the map lives
+        size = min(CHUNK, end - pos)
+        m = mmap.mmap(fd, size, offset=pos, access=mmap.ACCESS_READ)
+        try:
+            skip = max(0, offset - pos)
+            crc = extend(crc, np.frombuffer(m, np.uint8, count=size - skip, offset=skip))
+        finally:
+            m.close()
+        pos += size
+    return crc
 
 
 def _open(path: str, label: str | None):
@@ -170,6 +280,18 @@ class Tensor:
         if self.dtype.kind == "string":
             raise ConvertError(f"tensor '{self.name}': string tensors have no raw byte form")
         return self.source.chunks(self.nbytes, size)
+
+    def copy_into(self, out: BinaryIO, progress: Callable[[int], None] | None = None) -> int:
+        """Write the raw bytes to the file ``out`` at its position, by the fastest means the
+        source allows; return their CRC-32C (see :func:`digest`)."""
+        if self.dtype.kind == "string":
+            raise ConvertError(f"tensor '{self.name}': string tensors have no raw byte form")
+        try:
+            return self.source.copy_into(out, self.nbytes, progress)
+        except ConvertError as e:
+            if type(e) is ConvertError:  # a source's own complaint: say which tensor
+                raise ConvertError(f"tensor '{self.name}': {e}") from None
+            raise
 
     def tobytes(self) -> bytes:
         if isinstance(self.source, FileRegion):
@@ -267,10 +389,7 @@ def digest(tensor: Tensor) -> int:
     """
     if tensor.dtype.kind == "string":
         return array_digest(tensor.numpy())
-    crc = 0
-    for piece in tensor.chunks():
-        crc = google_crc32c.extend(crc, piece)
-    return crc
+    return tensor.source.digest(tensor.nbytes)
 
 
 def array_digest(arr: np.ndarray) -> int:

@@ -220,15 +220,13 @@ def test_unwritable_destination_is_a_one_line_write_error(st_file, capsys):
 def test_sigterm_midway_leaves_nothing(st_file, capsys, monkeypatch):
     import signal
 
-    import convert.formats.safetensors as st
+    real = convert.Tensor.copy_into
 
-    real = st.copy_tensor
-
-    def copy_then_terminate(tensor, out):
-        n = real(tensor, out)
+    def copy_then_terminate(tensor, out, progress=None):
+        crc = real(tensor, out, progress)
         os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a CI timeout would, after some bytes are written
-        return n
-    monkeypatch.setattr(st, "copy_tensor", copy_then_terminate)
+        return crc
+    monkeypatch.setattr(convert.Tensor, "copy_into", copy_then_terminate)
     code, _, err = run(["auto", st_file, "--to", "safetensors", "-o", st_file.parent / "t.safetensors"], capsys)
     assert code == 128 + signal.SIGTERM and "interrupted" in err
     assert sorted(p.name for p in st_file.parent.iterdir()) == ["model.safetensors"]

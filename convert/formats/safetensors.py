@@ -26,8 +26,7 @@ import struct
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import CorruptFileError, ReadError, UsageError, WriteError
-from ..fileio import copy_tensor
+from ..errors import CorruptFileError, ReadError, UsageError
 from ..ir import FileRegion, Tensor, TensorDict
 from ..registry import Option
 
@@ -179,7 +178,7 @@ def _merge(where: Path, parts: list[TensorDict], extra_meta: dict) -> TensorDict
 def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None:
     """Write one ``.safetensors`` file, or a sharded folder when ``max_shard_size`` is set.
 
-    Memory: one tensor at a time (see :func:`convert.fileio.copy_tensor`).
+    Memory: one tensor at a time (see :meth:`convert.ir.Tensor.copy_into`).
     """
     path = Path(path)
     metadata = td.portable_metadata
@@ -221,8 +220,7 @@ def _write_file(tensors: list[Tensor], metadata: dict, path: Path) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in tensors:
-            if copy_tensor(t, f) != t.nbytes:
-                raise WriteError(path, "source produced the wrong number of bytes", t.name)
+            t.copy_into(f)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

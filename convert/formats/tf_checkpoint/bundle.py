@@ -202,19 +202,12 @@ def write_bundle(tensors: Iterable[Tensor], prefix: str) -> None:
         for t in tensors:
             if t.dtype.kind == "string":
                 pieces, crc = encode_string_tensor(t.numpy())
+                size = 0
+                for piece in pieces:
+                    f.write(piece)
+                    size += len(piece)
             else:
-                pieces, crc = t.chunks(), None
-            size, running = 0, 0
-            for piece in pieces:
-                if isinstance(piece, np.ndarray):
-                    piece = piece.reshape(-1).view(np.uint8)
-                f.write(piece)
-                running = crc32c_extend(running, piece)
-                size += len(piece)
-            if crc is None:
-                crc = running
-                if size != t.nbytes:
-                    raise WriteError(dpath, f"source produced {size} bytes, expected {t.nbytes}", t.name)
+                crc, size = t.copy_into(f), t.nbytes
             entries.append((t.name.encode("utf-8"),
                             BundleEntry(t.dtype.tf, t.shape, 0, offset, size, mask_crc(crc)).encode()))
             offset += size
