@@ -373,14 +373,27 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
     return {"outputs": outputs, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def inspect(path: PathLike, format: str | None = None, **opts) -> dict:
+def inspect(path: PathLike, format: str | None = None, *, verify: bool = False,
+            progress: Callable[[int, int], None] | None = None, **opts) -> dict:
     """What a checkpoint holds: format, every tensor's name, dtype, shape, bytes and role, totals, metadata.
 
     Only headers/indexes are read (string tensors, which are small, are read to count their bytes).
+    With ``verify``, every tensor's bytes are read too, checking every checksum the format has
+    (a damaged file raises :class:`~convert.errors.CorruptFileError`); ``progress(done, total)``
+    is told the bytes read.
     """
     info = _format(path, format)
     td = read(path, info.name, **opts)
     tensors = [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "bytes": t.nbytes,
                 **{k: v for k, v in t.attrs.items()}} for t in td.values()]
-    return {"path": str(path), "format": info.name, "tensors": tensors, "count": len(tensors),
-            "total_bytes": sum(t["bytes"] for t in tensors), "metadata": dict(td.metadata)}
+    report = {"path": str(path), "format": info.name, "tensors": tensors, "count": len(tensors),
+              "total_bytes": sum(t["bytes"] for t in tensors), "metadata": dict(td.metadata)}
+    if verify:
+        done = 0
+        for t in td.values():
+            digest(t)
+            done += t.nbytes if t.dtype.kind != "string" else 0
+            if progress:
+                progress(done, td.nbytes)
+        report["verified"] = {"tensors": len(td), "bytes": td.nbytes, "checksums": info.checksums or None}
+    return report

@@ -17,12 +17,14 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from . import api, registry
 from .errors import ConvertError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SHOW_PROGRESS_AFTER = 1.0  # seconds of work before a progress bar appears
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,18 +104,32 @@ def _console():
 
 
 @contextlib.contextmanager
-def _progress_bar(show: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr for people at a terminal; nothing for pipelines and logs."""
+def _progress_bar(show: bool, verb: str = "writing") -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr for people at a terminal, shown once the work has taken about a
+    second (a quick conversion stays one line); nothing for pipelines and logs."""
     if not show:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    started, bar, task = time.monotonic(), None, None
 
-    with Progress("writing", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("writing", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        nonlocal bar, task
+        if bar is None:
+            if time.monotonic() - started < SHOW_PROGRESS_AFTER:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+            bar = Progress(verb, BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                           console=Console(stderr=True), transient=True)
+            bar.start()
+            task = bar.add_task(verb, total=total)
+        bar.update(task, completed=done, total=total)
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 def cmd_convert(argv: list[str]) -> int:
@@ -142,10 +158,14 @@ def cmd_inspect(argv: list[str]) -> int:
     p = _Parser(prog="convert inspect", description="List what a checkpoint holds.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--format", default="auto", help="format name (default: detect from content)")
+    p.add_argument("--verify", action="store_true",
+                   help="read every tensor's bytes and check every checksum the format has (exit 1 if damaged)")
     _common(p)
     _add_format_options(p, ("read",))
     args = p.parse_args(argv)
-    report = api.inspect(args.path, args.format, **_side_options(args, "read"))
+    with _progress_bar(args.verify and sys.stderr.isatty() and not (args.quiet or args.json), "checking") as progress:
+        report = api.inspect(args.path, args.format, verify=args.verify, progress=progress,
+                             **_side_options(args, "read"))
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
@@ -167,6 +187,11 @@ def cmd_inspect(argv: list[str]) -> int:
         console.print("metadata:")
         for k, v in report["metadata"].items():
             console.print(f"  {k} = {v}", markup=False)
+    if "verified" in report:
+        checked = report["verified"]["checksums"]
+        console.print(f"verified: every tensor read in full ({_human(report['verified']['bytes'])}); "
+                      + (f"checked: {checked}" if checked else f"{report['format']} files hold no checksums"),
+                      markup=False)
     return EXIT_OK
 
 

@@ -69,21 +69,27 @@ class FormatInfo:
     series_writer: str | None = None
     """A function writing several checkpoints (``--all-steps``) into one output, listed by the
     module's ``expand``; formats without one get an output per checkpoint."""
+    checksums: str = ""
+    """What the format's own checksums cover (the reader checks them whenever it reads the bytes
+    they cover); "" when it has none."""
 
 
 FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("safetensors", "convert.formats.safetensors", "safetensors file, or a Hugging Face sharded folder / index.json",
                aliases=("st",), suffix=".safetensors", dtype_column="safetensors", hint_suffixes=(".safetensors",)),
     FormatInfo("saved-model", "convert.formats.saved_model", "TensorFlow SavedModel directory (its variables)",
-               aliases=("savedmodel", "tf-saved-model"), dtype_column="tf", needs_to_write=(("tensorflow", "tf"),)),
+               aliases=("savedmodel", "tf-saved-model"), dtype_column="tf", needs_to_write=(("tensorflow", "tf"),),
+               checksums="CRC-32C of every variable and of every block of the variables index"),
     FormatInfo("tf-ckpt", "convert.formats.tf_checkpoint", "TensorFlow checkpoint, V1 or V2 (dir with 'checkpoint', prefix, .index, V1 file); writes V2",
                aliases=("tf", "tf-checkpoint", "tensorflow"), suffix="", dtype_column="tf", series_writer="write_steps",
-               hint_suffixes=(".index",)),
+               hint_suffixes=(".index",),
+               checksums="V2: CRC-32C of every tensor and of every index block; V1: CRC-32C of every table block"),
     FormatInfo("tf-ckpt-v1", "convert.formats.tf_checkpoint", "TensorFlow V1 checkpoint (SavedTensorSlices), for legacy consumers",
                aliases=("tf-v1",), suffix="", dtype_column="tf", writer="write_v1", detector=None,
-               series_writer="write_steps_v1"),
+               series_writer="write_steps_v1", checksums="CRC-32C of every table block"),
     FormatInfo("torch", "convert.formats.torch", "PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
-               aliases=("pt", "pytorch", "pth"), suffix=".pt", dtype_column="torch", hint_suffixes=(".pt", ".pth")),
+               aliases=("pt", "pytorch", "pth"), suffix=".pt", dtype_column="torch", hint_suffixes=(".pt", ".pth"),
+               checksums="zip layouts: CRC-32 of every storage record (legacy pickle files have none)"),
     FormatInfo("onnx", "convert.formats.onnx", "ONNX model (weights: initializers, Constant nodes, subgraphs, external data)",
                suffix=".onnx", dtype_column="onnx", hint_suffixes=(".onnx",)),
 )

@@ -166,14 +166,14 @@ def test_progress_reports_every_byte(st_file):
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:], strict=False))
 
 
-def test_progress_bar_at_a_terminal_only(st_file, tmp_path):
-    """Under a pseudo-terminal a bar is drawn on stderr; piped, stderr holds just the summary line."""
+def _under_a_terminal(argv: list[str], show_after: float) -> bytes:
+    """Run the CLI in a fresh process whose stderr is a pseudo-terminal; what the terminal got."""
     import pty
 
-    out = tmp_path / "tty.safetensors"
+    code = "import sys, convert.cli as c; c.SHOW_PROGRESS_AFTER = float(sys.argv[1]); sys.exit(c.main(sys.argv[2:]))"
     pid, fd = pty.fork()
-    if pid == 0:  # the child: a fresh process whose stderr is the terminal
-        os.execv(SCRIPT, [str(SCRIPT), "auto", str(st_file), "--to", "safetensors", "-o", str(out)])
+    if pid == 0:  # the child
+        os.execv(sys.executable, [sys.executable, "-c", code, str(show_after), *map(str, argv)])
     seen = b""
     while True:
         try:
@@ -183,9 +183,20 @@ def test_progress_bar_at_a_terminal_only(st_file, tmp_path):
         if not chunk:
             break
         seen += chunk
-    assert os.waitpid(pid, 0)[1] == 0
-    assert b"wrote" in seen and out.exists()
-    assert b"\x1b[" in seen  # the bar's terminal control codes
+    assert os.waitpid(pid, 0)[1] == 0, seen
+    return seen
+
+
+def test_progress_bar_at_a_terminal_only(st_file, tmp_path):
+    """At a terminal a bar is drawn on stderr once the work has taken SHOW_PROGRESS_AFTER seconds
+    (0 here); a quick conversion gets none; piped, stderr holds just the summary line."""
+    seen = _under_a_terminal(["auto", st_file, "--to", "safetensors", "-o", tmp_path / "bar.safetensors"], 0)
+    assert b"wrote" in seen and (tmp_path / "bar.safetensors").exists()
+    assert b"\x1b[" in seen and b"writing" in seen  # the bar, drawn with terminal control codes
+    seen = _under_a_terminal(["auto", st_file, "--to", "safetensors", "-o", tmp_path / "quick.safetensors"], 1.0)
+    assert b"wrote" in seen and b"\x1b[" not in seen and b"writing" not in seen
+    seen = _under_a_terminal(["inspect", st_file, "--verify"], 0)
+    assert b"verified" in seen and b"checking" in seen
     res = subprocess.run([SCRIPT, "auto", st_file, "--to", "safetensors", "-o", tmp_path / "piped.safetensors"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and res.stderr.count("\n") == 1 and "\x1b[" not in res.stderr
@@ -254,3 +265,22 @@ def test_damaged_file_gets_its_readers_precise_error_by_extension(tmp_path, caps
     code, _, err = run(["auto", bad, "--to", "safetensors", "-o", tmp_path / "out.safetensors"], capsys)
     assert code == 1 and text in err and str(bad) in err and "not a weight file" not in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_inspect_verify_reads_every_byte_and_checks_checksums(tmp_path, capsys):
+    """A V2 checkpoint written by TensorFlow: intact, --verify passes and says what it checked;
+    one flipped byte in a tensor's data (which plain inspect never reads) fails it, naming the tensor."""
+    tf = pytest.importorskip("tensorflow")
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    tf.raw_ops.SaveV2(prefix=str(d / "m"), tensor_names=["a", "b"], shape_and_slices=["", ""],
+                      tensors=[tf.constant(np.arange(1000, dtype=np.float32)), tf.constant([1, 2, 3])])
+    code, out, _ = run(["inspect", d / "m.index", "--verify", "--json"], capsys)
+    assert code == 0 and json.loads(out)["verified"]["bytes"] == 4012
+    data = d / "m.data-00000-of-00001"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert run(["inspect", d / "m.index"], capsys)[0] == 0  # the index alone is intact
+    code, _, err = run(["inspect", d / "m.index", "--verify"], capsys)
+    assert code == 1 and "checksum mismatch" in err and "'a'" in err and err.count("\n") == 1

@@ -132,3 +132,19 @@ def test_torch_zip64_past_4_gib(tmp_path):
         assert res.stdout.split(None, 2) == [str(n), "0", "[1.5, -2.0]\n"]
     finally:
         out.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("numel", [1000, 600_000])  # a small storage (read) and a big one (kernel copy)
+def test_torch_zip_crc_catches_a_flipped_bit(tmp_path, numel):
+    """torch.save's zip holds a CRC-32 per storage; a damaged byte fails the read, naming the tensor."""
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.arange(numel, dtype=torch.float32), "b": torch.ones(3)}, path)
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("data/0"))
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 200 + numel * 2] ^= 0x01  # inside storage 0's data ('w')
+    path.write_bytes(bytes(raw))
+    with pytest.raises(convert.errors.CorruptFileError, match="checksum mismatch \\(crc32 ") as e:
+        convert.convert(path, tmp_path / "o.safetensors", to="safetensors")
+    assert e.value.tensor == "w" and not (tmp_path / "o.safetensors").exists()
