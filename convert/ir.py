@@ -77,8 +77,10 @@ class Source:
 class FileRegion(Source):
     """``length`` bytes at ``offset`` of a file; optionally checked against the file's checksums.
 
-    ``crc32c`` is the plain (unmasked) CRC-32C of the region (TF bundles), ``crc32`` its CRC-32
-    (a zip member's); a mismatch raises :class:`CorruptFileError` naming ``label`` (the tensor).
+    ``crc32c`` is the plain (unmasked) CRC-32C of the region (TF bundles), or, when ``span`` is
+    set, of the file bytes ``[span[0], span[1])`` around it (the SSTable block holding a V1
+    tensor); ``crc32`` is its CRC-32 (a zip member's). A mismatch raises :class:`CorruptFileError`
+    naming ``label`` (the tensor).
     """
 
     path: str
@@ -87,11 +89,12 @@ class FileRegion(Source):
     crc32c: int | None = None
     label: str | None = None
     crc32: int | None = None
+    span: tuple[int, int] | None = None
 
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
         self._check_length(nbytes)
-        sums = Checksums(self.crc32c is not None, self.crc32 is not None)
         with _open(self.path, self.label) as f:
+            sums = Checksums(self.crc32c is not None and self.span is None, self.crc32 is not None, self._outer(f))
             f.seek(self.offset)
             left = self.length
             while left:
@@ -101,18 +104,18 @@ class FileRegion(Source):
                 sums.add(piece)
                 left -= len(piece)
                 yield piece
-        self._checked(sums)
+            self._checked(sums, f)
 
     def read(self) -> bytes:
         """All bytes of the region in one read, checked."""
         with _open(self.path, self.label) as f:
             f.seek(self.offset)
             data = f.read(self.length)
-        if len(data) != self.length:
-            raise CorruptFileError(self.path, "file is truncated", self.label)
-        sums = Checksums(self.crc32c is not None, self.crc32 is not None)
-        sums.add(data)
-        self._checked(sums)
+            if len(data) != self.length:
+                raise CorruptFileError(self.path, "file is truncated", self.label)
+            sums = Checksums(self.crc32c is not None and self.span is None, self.crc32 is not None, self._outer(f))
+            sums.add(data)
+            self._checked(sums, f)
         return data
 
     def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
@@ -123,7 +126,8 @@ class FileRegion(Source):
         self._check_length(nbytes)
         with _open(self.path, self.label) as f:
             self._check_size(f)
-            return self._checked(mapped_checksums(f.fileno(), self.offset, self.length, crc32=self.crc32 is not None))
+            return self._checked(mapped_checksums(f.fileno(), self.offset, self.length, self.crc32 is not None,
+                                                  outer=self._outer(f)), f)
 
     def copy_into(self, out: BinaryIO, nbytes: int, progress: Callable[[int], None] | None = None) -> int:
         """Copy the region into ``out`` inside the kernel (``copy_file_range``, as ``cp`` does) while
@@ -138,8 +142,9 @@ class FileRegion(Source):
             out.flush()
             src, dst, start = f.fileno(), out.fileno(), out.tell()
             sums: list = []
+            outer = self._outer(f)
             thread = threading.Thread(target=lambda: sums.append(
-                _guarded(mapped_checksums, src, self.offset, self.length, self.crc32 is not None)))
+                _guarded(mapped_checksums, src, self.offset, self.length, self.crc32 is not None, True, outer)))
             thread.start()
             try:
                 done = 0
@@ -157,26 +162,40 @@ class FileRegion(Source):
                         progress(n)
             finally:
                 thread.join()
-        if isinstance(sums[0], BaseException):
-            raise sums[0]
-        if n == -1:  # copy_file_range refused (another file system, a pipe): stream instead
-            return super().copy_into(out, nbytes, progress)
-        if done != self.length:
-            raise CorruptFileError(self.path, "file is truncated", self.label)
-        out.seek(start + done)
-        return self._checked(sums[0])
+            if isinstance(sums[0], BaseException):
+                raise sums[0]
+            if n == -1:  # copy_file_range refused (another file system, a pipe): stream instead
+                return super().copy_into(out, nbytes, progress)
+            if done != self.length:
+                raise CorruptFileError(self.path, "file is truncated", self.label)
+            out.seek(start + done)
+            return self._checked(sums[0], f)
 
     def _check_length(self, nbytes: int) -> None:
         if nbytes != self.length:
             raise CorruptFileError(self.path, f"holds {self.length} bytes, expected {nbytes}", self.label)
 
     def _check_size(self, f: BinaryIO) -> None:
-        if self.offset + self.length > os.fstat(f.fileno()).st_size:  # a map past the end would crash
+        end = max(self.offset + self.length, self.span[1] if self.span else 0)
+        if end > os.fstat(f.fileno()).st_size:  # a map past the end would crash
             raise CorruptFileError(self.path, "file is truncated", self.label)
 
-    def _checked(self, sums: Checksums) -> int:
+    def _pread(self, f: BinaryIO, start: int, end: int) -> bytes:
+        data = os.pread(f.fileno(), end - start, start)
+        if len(data) != end - start:
+            raise CorruptFileError(self.path, "file is truncated", self.label)
+        return data
+
+    def _outer(self, f: BinaryIO) -> int | None:
+        """With a ``span``: the CRC-32C of its bytes before the region, to be extended over the region."""
+        return None if self.span is None else google_crc32c.value(self._pread(f, self.span[0], self.offset))
+
+    def _checked(self, sums: Checksums, f: BinaryIO) -> int:
         """``sums.crc32c``, once every checksum the file holds for the region matched."""
-        for kind, want, got in (("crc32c", self.crc32c, sums.crc32c), ("crc32", self.crc32, sums.crc32)):
+        got_c = sums.crc32c
+        if self.span is not None:
+            got_c = google_crc32c.extend(sums.outer, self._pread(f, self.offset + self.length, self.span[1]))
+        for kind, want, got in (("crc32c", self.crc32c, got_c), ("crc32", self.crc32, sums.crc32)):
             if want is not None and got != want:
                 raise CorruptFileError(self.path, f"checksum mismatch ({kind} {got:#010x}, expected {want:#010x})",
                                        self.label)
@@ -184,17 +203,21 @@ class FileRegion(Source):
 
 
 class Checksums:
-    """Running CRC-32C and/or CRC-32 (zip's) over consecutive pieces of bytes."""
+    """Running CRC-32C and/or CRC-32 (zip's) over consecutive pieces of bytes; ``outer``, when
+    given, is a CRC-32C of earlier bytes that is extended over the pieces too."""
 
-    def __init__(self, crc32c: bool = True, crc32: bool = False):
+    def __init__(self, crc32c: bool = True, crc32: bool = False, outer: int | None = None):
         self.crc32c: int | None = 0 if crc32c else None
         self.crc32: int | None = 0 if crc32 else None
+        self.outer = outer
 
     def add(self, piece) -> None:
         if self.crc32c is not None:
             self.crc32c = google_crc32c.extend(self.crc32c, piece)
         if self.crc32 is not None:
             self.crc32 = zlib_crc32(piece, self.crc32)
+        if self.outer is not None:
+            self.outer = google_crc32c.extend(self.outer, piece)
 
 
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
@@ -207,10 +230,11 @@ def _guarded(fn, *args):
         return e
 
 
-def mapped_checksums(fd: int, offset: int, length: int, crc32: bool = False, crc32c: bool = True) -> Checksums:
+def mapped_checksums(fd: int, offset: int, length: int, crc32: bool = False, crc32c: bool = True,
+                     outer: int | None = None) -> Checksums:
     """Checksums of ``length`` bytes at ``offset`` of an open file whose size was checked, read
     through a memory map: no copy into Python."""
-    sums, end = Checksums(crc32c, crc32), offset + length
+    sums, end = Checksums(crc32c, crc32, outer), offset + length
     pos = offset - offset % mmap.ALLOCATIONGRANULARITY
     while pos < end:  # one window at a time: mapped pages count in RSS while the map lives
         size = min(CHUNK, end - pos)

@@ -148,3 +148,44 @@ def test_torch_zip_crc_catches_a_flipped_bit(tmp_path, numel):
     with pytest.raises(convert.errors.CorruptFileError, match="checksum mismatch \\(crc32 ") as e:
         convert.convert(path, tmp_path / "o.safetensors", to="safetensors")
     assert e.value.tensor == "w" and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def big_v1(tmp_path_factory):
+    """A V1 checkpoint written by TensorFlow's Save op: big float32/float64/complex64 tensors
+    (located in the file and copied as is) beside small and integer ones (parsed)."""
+    tf = pytest.importorskip("tensorflow")
+    path = tmp_path_factory.mktemp("v1") / "model.ckpt"
+    rng = np.random.default_rng(3)
+    arrays = {"a/kernel": rng.standard_normal((600, 1024), dtype=np.float32),
+              "b/kernel": rng.standard_normal((300, 512)),
+              "c/spectrum": (rng.standard_normal(200_000) + 1j * rng.standard_normal(200_000)).astype(np.complex64),
+              "d/bias": np.arange(7, dtype=np.float32), "e/step": np.arange(300_000, dtype=np.int64)}
+    names = sorted(arrays)
+    tf.raw_ops.Save(filename=str(path), tensor_names=names, data=[tf.constant(arrays[n]) for n in names])
+    return path, arrays
+
+
+def test_v1_big_tensors_are_copied_from_their_blocks(big_v1, tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    src, arrays = big_v1
+    sources = {n: type(t.source).__name__ for n, t in convert.read(src).items()}
+    assert sources == {"a/kernel": "FileRegion", "b/kernel": "FileRegion", "c/spectrum": "FileRegion",
+                       "d/bias": "ArraySource", "e/step": "ArraySource"}
+    out = tmp_path / "v2"
+    convert.convert(src, out, to="tf-ckpt")
+    reader = tf.train.load_checkpoint(str(out))
+    _same({n: reader.get_tensor(n) for n in arrays}, arrays)
+
+
+def test_v1_damaged_block_is_caught_by_its_crc(big_v1, tmp_path):
+    src, arrays = big_v1
+    raw = bytearray(src.read_bytes())
+    at = raw.find(arrays["a/kernel"][300].tobytes())  # a row in the middle of the big float32 tensor
+    assert at > 0
+    raw[at + 5] ^= 0x04
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(convert.errors.CorruptFileError, match="checksum mismatch") as e:
+        convert.convert(bad, tmp_path / "out", to="tf-ckpt")
+    assert e.value.tensor == "a/kernel" and not (tmp_path / "out").exists()

@@ -17,17 +17,20 @@ The same slice keys name the slice entries of V2 partitioned variables.
 
 from __future__ import annotations
 
+import bisect
 import math
+import os
+import struct
 from collections.abc import Callable
 
 import numpy as np
 
 from ...dtypes import DType, from_tf
 from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
-from ...ir import ArraySource, Tensor
+from ...ir import ArraySource, FileRegion, Source, Tensor
 from . import protowire as pw
 from .protowire import Extent, ProtoError
-from .sstable import TableReader, TableWriter
+from .sstable import NO_COMPRESSION, TRAILER_SIZE, TableReader, TableWriter, unmask_crc
 
 # ------------------------------------------------------------- slice keys (OrderedCode)
 # tensorflow/core/lib/strings/ordered_code.cc and tensorflow/core/util/saved_tensor_slice_util.cc
@@ -215,8 +218,95 @@ def read_v1(files: list[str]) -> tuple[list[Tensor], int]:
     tensors = []
     for name in sorted(merged, key=lambda s: s.encode("utf-8")):
         dtype, shape, slices = merged[name]
-        tensors.append(Tensor(name, dtype, shape, ArraySource(_v1_producer(name, dtype, shape, slices))))
+        source: Source | None = None
+        if len(slices) == 1 and all(e.length is None for e in slices[0][0]):  # the whole tensor in one slice
+            source = _raw_region(slices[0][1], slice_key(name, slices[0][0]), name, dtype, shape)
+        tensors.append(Tensor(name, dtype, shape, source or ArraySource(_v1_producer(name, dtype, shape, slices))))
     return tensors, producer
+
+
+_RAW_FROM = 1 << 20  # bytes of values from which a V1 tensor is located in its file, to be copied as is
+
+
+def _raw_region(table: TableReader, key: bytes, name: str, dtype: DType, shape: tuple[int, ...]) -> FileRegion | None:
+    """Where a big float or complex tensor's values sit, raw little-endian bytes in an uncompressed
+    block (the packed ``float_val``... field, as TF writes it), as a file region checked by its
+    block's crc; None for any other layout, which the general reader parses instead.
+
+    Only entry headers and the value's first bytes are read, never the values.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if dtype.name not in _FIXED_FIELDS or nbytes < _RAW_FROM:
+        return None
+    i = bisect.bisect_left([k for k, _ in table.index], key)
+    if i == len(table.index):
+        return None
+    off, size = table.index[i][1]
+    if off + size + TRAILER_SIZE > table.file_size or size < 4:
+        return None
+    try:
+        with open(table.path, "rb") as f:
+            fd = f.fileno()
+            trailer = os.pread(fd, TRAILER_SIZE, off + size)
+            restarts = struct.unpack("<I", os.pread(fd, 4, off + size - 4))[0]
+            limit = size - 4 * (restarts + 1)
+            if len(trailer) != TRAILER_SIZE or trailer[0] != NO_COMPRESSION:
+                return None
+            pos, k = 0, b""
+            while True:  # the block's entries: shared, unshared, value lengths, key suffix, value
+                if pos >= limit:
+                    return None
+                head = os.pread(fd, 15 + len(key), off + pos)
+                shared, p = pw.read_varint(head, 0)
+                unshared, p = pw.read_varint(head, p)
+                vlen, p = pw.read_varint(head, p)
+                if p + unshared > len(head):
+                    head = os.pread(fd, p + unshared, off + pos)
+                if shared > len(k) or p + unshared > len(head) or pos + p + unshared + vlen > limit:
+                    return None
+                k = k[:shared] + head[p:p + unshared]
+                value = off + pos + p + unshared
+                if k == key:
+                    break
+                if k > key:
+                    return None
+                pos += p + unshared + vlen
+            found = _packed_field(os.pread(fd, min(vlen, 4096), value), vlen, _FIXED_FIELDS[dtype.name][0])
+    except (OSError, ProtoError, struct.error):
+        return None  # the general reader says what is wrong
+    if found is None or found[1] != nbytes:
+        return None
+    return FileRegion(table.path, value + found[0], nbytes, crc32c=unmask_crc(struct.unpack("<I", trailer[1:])[0]),
+                      label=name, span=(off, off + size + 1))
+
+
+def _packed_field(head: bytes, total: int, field: int) -> tuple[int, int] | None:
+    """(offset, length) of the values in a ``SavedTensorSlices`` value of ``total`` bytes whose first
+    bytes are ``head``: data (2) -> SavedSlice.data (3) -> TensorProto.``field``, which must be the
+    last bytes of all three messages (as TF writes them). None for anything else."""
+    pos, end = 0, total
+    for want in (2, 3, field):
+        while True:
+            if pos >= len(head):
+                return None
+            tag, pos = pw.read_varint(head, pos)
+            num, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _, pos = pw.read_varint(head, pos)
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            elif wire == 2:
+                length, pos = pw.read_varint(head, pos)
+                if num == want:
+                    if pos + length != end:  # not the last field: another layout
+                        return None
+                    break
+                pos += length
+            else:
+                return None
+            if pos >= end:
+                return None
+    return pos, end - pos
 
 
 def _v1_producer(name: str, dtype: DType, shape: tuple[int, ...], slices: list) -> Callable[[], np.ndarray]:
