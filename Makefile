@@ -44,7 +44,7 @@ lint: install
 	$(BIN)/ruff check convert tests benchmarks
 
 bench: install
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) $(OUT) build dist *.egg-info .pytest_cache .ruff_cache

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import google_crc32c
-import numpy as np
 
 from . import dtypes, fileio, registry
 from .errors import ConvertError, UsageError, VerificationError, WriteError
 from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest
+from .lazy import np
 
 PathLike = os.PathLike | str
 DROPPED_BY_WEIGHTS_ONLY = ("optimizer", "step")

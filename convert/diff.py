@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .ir import Tensor, TensorDict
+from .lazy import np
 
 _SLICE = 1 << 20  # elements compared at once (8 MB per float64 operand)
 

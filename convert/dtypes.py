@@ -9,24 +9,30 @@ number (onnx/onnx.proto), the safetensors header string and the torch dtype name
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import ml_dtypes
-import numpy as np
-
 from .errors import ConvertError, UsageError
+from .lazy import np
+
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # NumPy has them from ml_dtypes
 
 
 @dataclass(frozen=True)
 class DType:
     name: str
-    numpy: np.dtype
+    numpy_spec: str  # a NumPy dtype string, or an ml_dtypes name
     tf: int | None
     onnx: int | None
     safetensors: str | None
     torch: str | None
     itemsize: int  # 0 for variable-size (string)
     kind: str  # "float", "int", "uint", "bool", "complex", "string"
+
+    @property
+    def numpy(self) -> np.dtype:
+        """The NumPy dtype (little-endian), made on first use: NumPy is imported only when needed."""
+        return _numpy_dtype(self.numpy_spec)
 
     @property
     def is_floating(self) -> bool:
@@ -39,34 +45,36 @@ class DType:
         return self.name
 
 
-def _row(name, np_dtype, tf, onnx, st, torch, kind):
-    dt = np.dtype(np_dtype)
-    if dt.byteorder == ">":  # pragma: no cover - we always ask for little-endian
-        raise AssertionError(name)
-    return DType(name, dt, tf, onnx, st, torch, 0 if kind == "string" else dt.itemsize, kind)
+@functools.cache
+def _numpy_dtype(spec: str) -> np.dtype:
+    if spec in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, spec))
+    return np.dtype(spec)
 
 
-#      name            numpy                          TF  ONNX safetensors torch
-TABLE: tuple[DType, ...] = (
-    _row("float64", "<f8", 2, 11, "F64", "float64", "float"),
-    _row("float32", "<f4", 1, 1, "F32", "float32", "float"),
-    _row("float16", "<f2", 19, 10, "F16", "float16", "float"),
-    _row("bfloat16", ml_dtypes.bfloat16, 14, 16, "BF16", "bfloat16", "float"),
-    _row("float8_e4m3fn", ml_dtypes.float8_e4m3fn, 25, 17, "F8_E4M3", "float8_e4m3fn", "float"),
-    _row("float8_e5m2", ml_dtypes.float8_e5m2, 24, 19, "F8_E5M2", "float8_e5m2", "float"),
-    _row("int8", "<i1", 6, 3, "I8", "int8", "int"),
-    _row("int16", "<i2", 5, 5, "I16", "int16", "int"),
-    _row("int32", "<i4", 3, 6, "I32", "int32", "int"),
-    _row("int64", "<i8", 9, 7, "I64", "int64", "int"),
-    _row("uint8", "<u1", 4, 2, "U8", "uint8", "uint"),
-    _row("uint16", "<u2", 17, 4, "U16", "uint16", "uint"),
-    _row("uint32", "<u4", 22, 12, "U32", "uint32", "uint"),
-    _row("uint64", "<u8", 23, 13, "U64", "uint64", "uint"),
-    _row("bool", "?", 10, 9, "BOOL", "bool", "bool"),
-    _row("complex64", "<c8", 8, 14, "C64", "complex64", "complex"),
-    _row("complex128", "<c16", 18, 15, None, "complex128", "complex"),
-    _row("string", object, 7, 8, None, None, "string"),
-)
+#          name            numpy    bytes  TF  ONNX safetensors torch
+TABLE: tuple[DType, ...] = tuple(DType(name, spec, tf, onnx, st, torch, size, kind) for name, spec, size, tf, onnx, st, torch, kind in (
+    ("float64", "<f8", 8, 2, 11, "F64", "float64", "float"),
+    ("float32", "<f4", 4, 1, 1, "F32", "float32", "float"),
+    ("float16", "<f2", 2, 19, 10, "F16", "float16", "float"),
+    ("bfloat16", "bfloat16", 2, 14, 16, "BF16", "bfloat16", "float"),
+    ("float8_e4m3fn", "float8_e4m3fn", 1, 25, 17, "F8_E4M3", "float8_e4m3fn", "float"),
+    ("float8_e5m2", "float8_e5m2", 1, 24, 19, "F8_E5M2", "float8_e5m2", "float"),
+    ("int8", "<i1", 1, 6, 3, "I8", "int8", "int"),
+    ("int16", "<i2", 2, 5, 5, "I16", "int16", "int"),
+    ("int32", "<i4", 4, 3, 6, "I32", "int32", "int"),
+    ("int64", "<i8", 8, 9, 7, "I64", "int64", "int"),
+    ("uint8", "<u1", 1, 4, 2, "U8", "uint8", "uint"),
+    ("uint16", "<u2", 2, 17, 4, "U16", "uint16", "uint"),
+    ("uint32", "<u4", 4, 22, 12, "U32", "uint32", "uint"),
+    ("uint64", "<u8", 8, 23, 13, "U64", "uint64", "uint"),
+    ("bool", "?", 1, 10, 9, "BOOL", "bool", "bool"),
+    ("complex64", "<c8", 8, 8, 14, "C64", "complex64", "complex"),
+    ("complex128", "<c16", 16, 18, 15, None, "complex128", "complex"),
+    ("string", "O", 0, 7, 8, None, None, "string"),
+))
 
 _BY_NAME = {d.name: d for d in TABLE}
 _ALIASES = {
@@ -78,7 +86,6 @@ _BY_TF = {d.tf: d for d in TABLE if d.tf is not None}
 _BY_ONNX = {d.onnx: d for d in TABLE if d.onnx is not None}
 _BY_ST = {d.safetensors: d for d in TABLE if d.safetensors is not None}
 _BY_TORCH = {d.torch: d for d in TABLE if d.torch is not None}
-_BY_NUMPY = {d.numpy: d for d in TABLE if d.kind != "string"}
 
 FLOAT32 = _BY_NAME["float32"]
 STRING = _BY_NAME["string"]
@@ -122,4 +129,9 @@ def from_numpy(dtype) -> DType:
     dt = np.dtype(dtype)
     if dt.kind in "OSU":
         return STRING
-    return _lookup(_BY_NUMPY, dt.newbyteorder("<") if dt.byteorder == ">" else dt, "NumPy")
+    return _lookup(_by_numpy(), dt.newbyteorder("<") if dt.byteorder == ">" else dt, "NumPy")
+
+
+@functools.cache
+def _by_numpy() -> dict:
+    return {d.numpy: d for d in TABLE if d.kind != "string"}

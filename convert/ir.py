@@ -21,7 +21,8 @@ from types import MappingProxyType
 from typing import BinaryIO
 
 import google_crc32c
-import numpy as np
+
+from .lazy import np
 
 try:  # CRC-32 at ~10 GB/s; the standard library's runs at ~2.5
     from zlib_ng.zlib_ng import crc32 as zlib_crc32

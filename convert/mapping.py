@@ -28,13 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from . import dtypes
 from .dtypes import DType
 from .errors import ConvertError, MappingError
 from .ir import ArraySource, Tensor, TensorDict, derived
+from .lazy import np
 
 SCHEMA_VERSION = 1
 # Installed from a wheel the presets are convert/mappings; in the source tree, the top-level mappings/.

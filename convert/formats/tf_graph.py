@@ -26,10 +26,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import ConvertError, MissingDependencyError, UsageError, VerificationError, WriteError
 from ..ir import TensorDict
+from ..lazy import np
 
 
 def tensorflow():

@@ -58,11 +58,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .. import dtypes
 from ..errors import ConvertError, CorruptFileError, ReadError, WriteError
 from ..ir import ArraySource, FileRegion, Source, Tensor, TensorDict, mapped_checksums, zlib_crc32
+from ..lazy import np
 from ..registry import Option
 from . import torch_pickle as tp
 

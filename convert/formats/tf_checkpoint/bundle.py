@@ -22,11 +22,10 @@ import os
 import struct
 from collections.abc import Iterable
 
-import numpy as np
-
 from ...dtypes import DType, from_tf
 from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
 from ...ir import ArraySource, FileRegion, Tensor
+from ...lazy import np
 from . import protowire as pw
 from .protowire import BundleEntry, BundleHeader, ProtoError
 from .slices import assemble, slice_bounds, slice_key

@@ -23,11 +23,10 @@ import os
 import struct
 from collections.abc import Callable
 
-import numpy as np
-
 from ...dtypes import DType, from_tf
 from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
 from ...ir import ArraySource, FileRegion, Source, Tensor
+from ...lazy import np
 from . import protowire as pw
 from .protowire import Extent, ProtoError
 from .sstable import NO_COMPRESSION, TRAILER_SIZE, TableReader, TableWriter, unmask_crc

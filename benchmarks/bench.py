@@ -1,0 +1,287 @@
+"""`make bench`: convert's speed and memory against `cp` of the same bytes and against the script
+a user would otherwise write with the frameworks, on a ~2 GB checkpoint of ~200 float32 tensors.
+
+Usage: python benchmarks/bench.py [--size-mb 2048] [--repeat 5] [--dir DIR] [--json PATH]
+                                  [--only NAME ...] [--curve 512,1024,2048,4096]
+
+Every contender is a command run in a fresh process (import cost included); its wall time is
+measured around the process and its peak RSS is the child's ru_maxrss. ``cp`` is the floor of
+any conversion; ``cp+fsync`` is the same copy made durable, as convert's outputs are (written,
+verified, fsynced, then renamed into place). The inputs are made first,
+in a child process, with TensorFlow / PyTorch / the safetensors library as writers when installed
+(otherwise with convert's own writers, and the framework contenders are skipped), and read once
+so every contender starts from a warm page cache. Repetitions are interleaved: each round runs
+every contender of a scenario once, so a slow moment of the machine hits all of them alike.
+The table gives medians; ``--json`` (default benchmarks/results/latest.json) keeps every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+CONVERT = [PY, "-m", "convert"]
+FRAMEWORKS = ("tensorflow", "torch", "onnx", "onnxruntime", "tf2onnx", "safetensors")
+N_TENSORS = 200
+
+
+# ---- inputs (made in a child process: the driver never holds tensor data) -------------------------
+
+def tensor_sizes(total_bytes: int, n: int = N_TENSORS) -> list[tuple[int, int]]:
+    """``n`` float32 shapes (rows, 1024) of mixed sizes summing to about ``total_bytes``: a few big
+    embedding-like tensors, many mid-sized kernels and a tail of small ones, as real models have."""
+    weights = [8.0 if i % 50 == 0 else 1.0 if i % 5 else 0.05 for i in range(n)]
+    scale = total_bytes / 4096 / sum(weights)
+    return [(max(1, round(w * scale)), 1024) for w in weights]
+
+
+def arrays(total_bytes: int, n: int = N_TENSORS):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate(tensor_sizes(total_bytes, n)):
+        yield f"block_{i:03d}/kernel", rng.standard_normal(shape, dtype=np.float32)
+
+
+def have(module: str) -> bool:
+    import importlib.util
+
+    return sys.modules.get(module, True) is not None and importlib.util.find_spec(module) is not None
+
+
+def make(kind: str, out: Path, size_mb: int) -> None:
+    """Write input ``kind`` at ``out``: v2 (folder), v1 (file), st (file), pt (file)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    total = size_mb << 20
+    if kind in ("v2", "v1") and have("tensorflow"):
+        import tensorflow as tf
+
+        names, tensors = zip(*((n, tf.constant(a)) for n, a in arrays(total)), strict=True)
+        if kind == "v2":
+            out.mkdir(parents=True)
+            tf.raw_ops.SaveV2(prefix=str(out / "model.ckpt-1"), tensor_names=list(names),
+                              shape_and_slices=[""] * len(names), tensors=list(tensors))
+            (out / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-1"\n')
+        else:
+            tf.raw_ops.Save(filename=str(out), tensor_names=list(names), data=list(tensors))
+    elif kind == "st" and have("safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(dict(arrays(total)), str(out))
+    elif kind == "pt" and have("torch"):
+        import torch
+
+        torch.save({n: torch.from_numpy(a) for n, a in arrays(total)}, str(out))
+    else:  # convert's own writers, streaming one tensor at a time
+        import convert
+        from convert.ir import ArraySource, Tensor, TensorDict
+
+        fmt = {"v2": "tf-ckpt", "v1": "tf-ckpt-v1", "st": "safetensors", "pt": "torch"}[kind]
+        import numpy as np
+
+        def lazy(i: int, shape: tuple[int, int]) -> Tensor:
+            produce = lambda: np.random.default_rng(i).standard_normal(shape, dtype=np.float32)  # noqa: E731
+            return Tensor(f"block_{i:03d}/kernel", convert.dtypes.by_name("float32"), shape, ArraySource(produce))
+        td = TensorDict(lazy(i, s) for i, s in enumerate(tensor_sizes(total)))
+        convert.write(td, out, fmt, verify=False)
+
+
+def data_file(kind: str, path: Path) -> Path:
+    return next(path.glob("*.data-*")) if kind == "v2" else path
+
+
+# ---- contenders --------------------------------------------------------------------------------
+
+TF = "import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\nimport numpy as np, tensorflow as tf\n"
+TF_READ = ("r = tf.train.load_checkpoint({src!r})\n"
+           "arrays = {{k: r.get_tensor(k) for k in r.get_variable_to_shape_map()}}\n")
+TF_SAVE = ("names = sorted(arrays)\n"
+           "tf.raw_ops.SaveV2(prefix=os.path.join({dst!r}, 'model.ckpt'), tensor_names=names,\n"
+           "                  shape_and_slices=[''] * len(names), tensors=[tf.constant(arrays[n]) for n in names])\n")
+
+
+@dataclass
+class Scenario:
+    name: str
+    src: str                 # input kind: v2, v1, st, pt
+    ours: list[str]          # convert arguments; {src} and {dst} are filled in
+    framework: str | None    # Python snippet of the script a user would write; {src}, {dst}
+    needs: tuple[str, ...]   # modules the framework script imports
+    dst: str                 # output name
+    targets: dict = field(default_factory=dict)  # x_cp (at most), rss_mb (under), x_framework (at least)
+
+
+SCENARIOS = [
+    Scenario("tf-ckpt V2 -> safetensors", "v2", ["tf-ckpt", "{src}", "--to", "safetensors", "-o", "{dst}"],
+             TF + TF_READ.replace("{src!r}", "tf.train.latest_checkpoint({src!r})")
+             + "from safetensors.numpy import save_file\nsave_file(arrays, {dst!r})\n",
+             ("tensorflow", "safetensors"), "out.safetensors", {"x_cp": 1.0, "rss_mb": 100, "x_framework": 5}),
+    Scenario("safetensors -> tf-ckpt V2", "st", ["safetensors", "{src}", "--to", "tf-ckpt", "-o", "{dst}"],
+             TF + "from safetensors.numpy import load_file\narrays = load_file({src!r})\nos.mkdir({dst!r})\n"
+             + TF_SAVE, ("tensorflow", "safetensors"), "out-ckpt", {"x_cp": 1.3, "rss_mb": 100}),
+    Scenario("tf-ckpt V1 -> V2", "v1", ["tf-ckpt", "{src}", "--to", "tf-ckpt", "-o", "{dst}"],
+             TF + TF_READ + "os.mkdir({dst!r})\n" + TF_SAVE, ("tensorflow",), "out-ckpt", {"x_cp": 2.0}),
+    Scenario("torch -> safetensors", "pt", ["torch", "{src}", "--to", "safetensors", "-o", "{dst}"],
+             "import torch\nfrom safetensors.torch import save_file\n"
+             "save_file(torch.load({src!r}, weights_only=True), {dst!r})\n",
+             ("torch", "safetensors"), "out.safetensors", {"x_cp": 1.5, "x_framework": 2}),
+    Scenario("safetensors -> torch", "st", ["safetensors", "{src}", "--to", "torch", "-o", "{dst}"],
+             "import torch\nfrom safetensors.torch import load_file\ntorch.save(load_file({src!r}), {dst!r})\n",
+             ("torch", "safetensors"), "out.pt", {"x_cp": 1.5, "x_framework": 2}),
+    Scenario("inspect (cold start)", "v2", ["inspect", "{src}", "--json"],
+             TF + "for name, shape in tf.train.list_variables({src!r}): print(name, shape)\n",
+             ("tensorflow",), "", {"seconds": 0.3}),
+]
+
+
+def run(cmd: list[str], dst: Path | None) -> dict:
+    """Run ``cmd`` in a fresh process; its wall seconds and peak RSS (MB)."""
+    if dst is not None:
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink(missing_ok=True)
+    os.sync()  # every contender starts with no dirty pages of the one before waiting to be written
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
+
+
+def contenders(sc: Scenario, src: Path, dst: Path) -> dict[str, list[str] | None]:
+    fill = lambda a: a.format(src=str(src), dst=str(dst))  # noqa: E731
+    data = str(data_file(sc.src, src))
+    out = {"cp": ["cp", data, str(dst)] if sc.dst else None,
+           "cp+fsync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', data, str(dst)] if sc.dst else None,
+           "convert": [*CONVERT, *map(fill, sc.ours), *(["-q"] if sc.dst else [])],
+           "framework": None}
+    if sc.framework and all(have(m) for m in sc.needs):
+        out["framework"] = [PY, "-c", sc.framework.format(src=str(src), dst=str(dst))]
+    return out
+
+
+def judge(sc: Scenario, row: dict) -> list[str]:
+    """Each target of the scenario, met or missed, in words."""
+    t, verdicts = sc.targets, []
+    if "x_cp" in t and row.get("x_cp") is not None:
+        verdicts.append(f"{'ok' if row['x_cp'] <= t['x_cp'] else 'MISSED'}: <= {t['x_cp']}x cp")
+    if "rss_mb" in t:
+        verdicts.append(f"{'ok' if row['rss_mb'] < t['rss_mb'] else 'MISSED'}: RSS < {t['rss_mb']} MB")
+    if "x_framework" in t and row.get("x_framework") is not None:
+        verdicts.append(f"{'ok' if row['x_framework'] >= t['x_framework'] else 'MISSED'}: "
+                        f">= {t['x_framework']}x faster than the framework")
+    if "seconds" in t:
+        verdicts.append(f"{'ok' if row['seconds'] < t['seconds'] else 'MISSED'}: < {t['seconds']} s")
+    return verdicts
+
+
+def frameworks_imported_by_inspect(src: Path) -> list[str]:
+    code = ("import sys, contextlib, io\nfrom convert.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['inspect', sys.argv[1]])\n"
+            f"print(','.join(m for m in {FRAMEWORKS!r} if m in sys.modules))")
+    res = subprocess.run([PY, "-c", code, str(src)], capture_output=True, text=True, cwd=ROOT, check=True)
+    return [m for m in res.stdout.strip().split(",") if m]
+
+
+def memory_curve(tmp: Path, sizes_mb: list[int]) -> list[dict]:
+    """Peak RSS of tf-ckpt V2 -> safetensors as the checkpoint grows (inputs by convert's own writer)."""
+    points = []
+    for mb in sizes_mb:
+        src, dst = tmp / f"curve-{mb}", tmp / f"curve-{mb}.safetensors"
+        subprocess.run([PY, __file__, "--make", "v2-own", str(src), "--size-mb", str(mb)], check=True, cwd=ROOT)
+        subprocess.run(["cat", str(data_file("v2", src))], stdout=subprocess.DEVNULL, check=True)
+        r = run([*CONVERT, "tf-ckpt", str(src), "--to", "safetensors", "-o", str(dst), "-q"], dst)
+        points.append({"size_mb": mb, "seconds": round(r["seconds"], 3), "rss_mb": round(r["rss_mb"], 1)})
+        print(f"  {mb:>6} MB  {r['seconds']:6.2f} s  peak RSS {r['rss_mb']:6.1f} MB", flush=True)
+        shutil.rmtree(src)
+        dst.unlink()
+    return points
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=2048)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
+    ap.add_argument("--only", nargs="*", help="scenarios whose name contains one of these words")
+    ap.add_argument("--curve", default="512,1024,2048,4096", help="sizes (MB) for the memory curve; '' skips it")
+    ap.add_argument("--make", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.make:
+        kind, path = args.make
+        if kind == "v2-own":  # the memory curve's inputs: no framework, so sizes beyond RAM are cheap to make
+            sys.modules["tensorflow"] = None  # type: ignore[assignment]
+            kind = "v2"
+        make(kind, Path(path), args.size_mb)
+        return
+    chosen = [s for s in SCENARIOS if not args.only or any(w.lower() in s.name.lower() for w in args.only)]
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "platform": platform.platform()},
+               "size_mb": args.size_mb, "repeat": args.repeat, "scenarios": []}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        inputs = {}
+        for kind in sorted({s.src for s in chosen}):
+            size = args.size_mb // 2 if kind == "v1" else args.size_mb  # the issue's V1 case is 1 GB
+            inputs[kind] = tmp / {"v2": "ckpt", "v1": "model.ckpt", "st": "model.safetensors", "pt": "model.pt"}[kind]
+            t0 = time.perf_counter()
+            subprocess.run([PY, __file__, "--make", kind, str(inputs[kind]), "--size-mb", str(size)],
+                           check=True, cwd=ROOT)
+            subprocess.run(["cat", str(data_file(kind, inputs[kind]))], stdout=subprocess.DEVNULL, check=True)
+            print(f"made {kind} input ({size} MB) in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"\n{'scenario':<27} {'contender':<10} {'seconds':>8} {'x cp':>6} {'speedup':>8} {'RSS MB':>7}  targets")
+        for sc in chosen:
+            src, dst = inputs[sc.src], tmp / (sc.dst or "unused")
+            cmds = {k: v for k, v in contenders(sc, src, dst).items() if v is not None}
+            runs: dict[str, list[dict]] = {k: [] for k in cmds}
+            for _ in range(args.repeat):
+                for name, cmd in cmds.items():
+                    runs[name].append(run(cmd, dst if sc.dst else None))
+            med = {k: {"seconds": statistics.median(r["seconds"] for r in rs),
+                       "rss_mb": statistics.median(r["rss_mb"] for r in rs)} for k, rs in runs.items()}
+            row = dict(med["convert"])
+            row["x_cp"] = row["seconds"] / med["cp"]["seconds"] if "cp" in med else None
+            row["x_framework"] = med["framework"]["seconds"] / row["seconds"] if "framework" in med else None
+            verdicts = judge(sc, row)
+            for name in cmds:
+                m = med[name]
+                x_cp = f"{m['seconds'] / med['cp']['seconds']:6.2f}" if "cp" in med else f"{'':>6}"
+                speed = f"{med['framework']['seconds'] / m['seconds']:7.1f}x" if "framework" in med else f"{'':>8}"
+                print(f"{sc.name if name == 'convert' else '':<27} {name:<10} {m['seconds']:8.2f} {x_cp} {speed} "
+                      f"{m['rss_mb']:7.0f}  {'; '.join(verdicts) if name == 'convert' else ''}", flush=True)
+            entry = {"name": sc.name, "input_bytes": sum(p.stat().st_size for p in ([src] if src.is_file()
+                                                                                   else src.iterdir())),
+                     "median": med, "runs": runs, "targets": sc.targets, "verdicts": verdicts}
+            if sc.name.startswith("inspect"):
+                entry["frameworks_imported"] = frameworks_imported_by_inspect(src)
+                print(f"{'':<27} frameworks imported by convert inspect: {entry['frameworks_imported'] or 'none'}")
+            results["scenarios"].append(entry)
+        if args.curve:
+            print("\nmemory curve: tf-ckpt V2 -> safetensors, peak RSS by checkpoint size")
+            for kind in list(inputs):  # free the disk first
+                p = inputs.pop(kind)
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            results["memory_curve"] = memory_curve(tmp, [int(s) for s in args.curve.split(",")])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
