@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from . import api, registry
-from .errors import ConvertError, UsageError
+from .errors import ConvertError, UsageError, printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SHOW_PROGRESS_AFTER = 1.0  # seconds of work before a progress bar appears
@@ -172,21 +172,24 @@ def cmd_inspect(argv: list[str]) -> int:
     if args.quiet:
         return EXIT_OK
     from rich.table import Table
+    from rich.text import Text
 
     console = _console()
-    console.print(f"{report['path']}: {report['format']}, {report['count']} tensors, "
-                  f"{_human(report['total_bytes'])}")
+    console.print(f"{printable(str(report['path']))}: {report['format']}, {report['count']} tensors, "
+                  f"{_human(report['total_bytes'])}", markup=False)
     table = Table(box=None, pad_edge=False)
     extra = [c for c in ("role", "origin") if any(c in t for t in report["tensors"])]
     for col in ("name", "dtype", "shape", "bytes", *extra):
         table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     for t in report["tensors"]:
-        table.add_row(t["name"], t["dtype"], str(t["shape"]), str(t["bytes"]), *(t.get(c, "") for c in extra))
+        # names and origins come from the file: plain text (not rich markup), control characters escaped
+        table.add_row(Text(printable(t["name"])), t["dtype"], str(t["shape"]), str(t["bytes"]),
+                      *(Text(printable(str(t.get(c, "")))) for c in extra))
     console.print(table)
     if report["metadata"]:
         console.print("metadata:")
         for k, v in report["metadata"].items():
-            console.print(f"  {k} = {v}", markup=False)
+            console.print(f"  {printable(k)} = {printable(str(v))}", markup=False)
     if "verified" in report:
         checked = report["verified"]["checksums"]
         console.print(f"verified: every tensor read in full ({_human(report['verified']['bytes'])}); "

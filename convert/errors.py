@@ -10,6 +10,15 @@ from __future__ import annotations
 import os
 
 
+def printable(text: str) -> str:
+    """``text`` with its control and other non-printable characters escaped (``\\n``, ``\\x1b``): names
+    come from files, and a name holding a newline or a terminal escape sequence must not split an
+    error line or drive the terminal it is printed on."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ConvertError(Exception):
     """Base class of every error convert raises on purpose."""
 
@@ -40,9 +49,9 @@ class _PathError(ConvertError):
         self.tensor = tensor
         parts = []
         if self.path is not None:
-            parts.append(self.path)
+            parts.append(printable(self.path))
         if tensor is not None:
-            parts.append(f"tensor '{tensor}'")
+            parts.append(f"tensor '{printable(tensor)}'")
         prefix = ": ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
 

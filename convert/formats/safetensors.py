@@ -101,6 +101,8 @@ def read_header(path: Path) -> tuple[int, dict]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(path, f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CorruptFileError(path, "header nests JSON too deeply") from None
     if not isinstance(header, dict):
         raise CorruptFileError(path, "header is not a JSON object")
     return 8 + n, header
@@ -144,16 +146,22 @@ def _read_sharded(index: Path) -> TensorDict:
     try:
         doc = json.loads(index.read_text("utf-8"))
         weight_map = doc["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of file names")
+        if not isinstance(doc.get("metadata") or {}, dict):
+            raise TypeError("metadata is not an object")
     except OSError as e:
         raise ReadError(index, f"cannot read: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CorruptFileError(index, f"not a safetensors index ({type(e).__name__}: {e})") from None
     shards = list(dict.fromkeys(weight_map.values()))
     parts = []
+    folder = index.parent.resolve()
     for shard in shards:
         shard_path = index.parent / shard
+        # shards sit beside the index: a name leading elsewhere ('../', '/abs', a symlink out) is refused
+        if "\0" in shard or not shard_path.resolve().is_relative_to(folder):
+            raise CorruptFileError(index, f"shard {shard!r} is not a file of the index's folder")
         if not shard_path.is_file():
             raise ReadError(index, f"shard '{shard}' named in the index does not exist")
         parts.append(_read_file(shard_path))

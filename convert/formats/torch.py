@@ -127,9 +127,15 @@ class _Blob:
 
     def read(self, start: int, length: int, label: str) -> bytes:
         if self.member is not None:
-            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
-                f.seek(start)
-                data = f.read(length)
+            try:
+                with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+                    f.seek(start)
+                    data = f.read(length)
+            except OSError as e:
+                raise ReadError(self.path, f"cannot read: {e}", label) from None
+            except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, NotImplementedError (method), EOFError
+                raise CorruptFileError(self.path, f"damaged zip record {self.member} ({type(e).__name__}: {e})",
+                                       label) from None
         else:
             with open(self.path, "rb") as f:
                 f.seek(self.offset + start)
@@ -147,9 +153,29 @@ class _Loaded:
     metadata: dict[str, str]
 
 
+_MAX_RECORD = 1 << 30  # data.pkl and the small records: more is not a state_dict
+_MAX_RATIO = 1100  # deflate's best ratio is 1032:1; a record claiming more is lying about its size
+
+
+def _check_record(info: zipfile.ZipInfo, size: int, path: str, limit: int | None = None) -> None:
+    """Refuse a zip record whose sizes cannot be true, before anything is allocated for it
+    (zipfile would ask the file for all ``compress_size`` bytes in one read)."""
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if (info.compress_size > size or (stored and info.file_size != info.compress_size)
+            or info.file_size > _MAX_RATIO * info.compress_size + 64 or (limit is not None and info.file_size > limit)):
+        raise CorruptFileError(path, f"zip record {info.filename} claims {info.file_size} bytes "
+                               f"({info.compress_size} compressed) in a file of {size} bytes")
+
+
+def _read_record(zf: zipfile.ZipFile, name: str, size: int, path: str) -> bytes:
+    _check_record(zf.getinfo(name), size, path, _MAX_RECORD)
+    return zf.read(name)
+
+
 def _load_zip(path: str) -> _Loaded:
     with open(path, "rb") as f:
         zf = zipfile.ZipFile(f)
+        size = os.fstat(f.fileno()).st_size
         prefix = _zip_prefix(zf)
         if prefix is None:
             raise ReadError(path, "zip file without a data.pkl: not a torch checkpoint")
@@ -159,23 +185,23 @@ def _load_zip(path: str) -> _Loaded:
                             "save model.state_dict() with torch.save instead")
         byteorder = "little"
         if f"{prefix}byteorder" in names:
-            byteorder = zf.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+            byteorder = _read_record(zf, f"{prefix}byteorder", size, path).decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
                 raise CorruptFileError(path, f"unknown byte order {byteorder!r}")
         storages: dict[str, tp.StorageRef] = {}
-        root = tp.load(io.BytesIO(zf.read(f"{prefix}data.pkl")), storages=storages)
+        root = tp.load(io.BytesIO(_read_record(zf, f"{prefix}data.pkl", size, path)), storages=storages)
         metadata = {}
         if f"{prefix}{_METADATA_RECORD}" in names:
-            stored = json.loads(zf.read(f"{prefix}{_METADATA_RECORD}").decode("utf-8"))
+            stored = json.loads(_read_record(zf, f"{prefix}{_METADATA_RECORD}", size, path).decode("utf-8"))
             if isinstance(stored, dict):
                 metadata = {str(k): str(v) for k, v in stored.items()}
-        size = os.fstat(f.fileno()).st_size
         blobs = {}
         for key, ref in storages.items():
             member = f"{prefix}data/{key}"
             if member not in names:
                 raise CorruptFileError(path, f"storage '{key}' is missing (no record {member})")
             info = zf.getinfo(member)
+            _check_record(info, size, path)
             if info.file_size < ref.nbytes:
                 raise CorruptFileError(path, f"storage '{key}' holds {info.file_size} bytes, expected {ref.nbytes}")
             if info.compress_type == zipfile.ZIP_STORED:
@@ -235,6 +261,9 @@ def _load_legacy(path: str) -> _Loaded:
 
 # ---- read: tensors -------------------------------------------------------------------------------
 
+_MAX_BROADCAST = 1024  # an expanded (stride 0) view may be this much larger than the bytes it spans
+
+
 def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: str, path: str) -> Source:
     itemsize = dtype.itemsize
     storage = ref.storage
@@ -248,6 +277,9 @@ def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: st
     if base + span > blob.nbytes:
         raise CorruptFileError(path, f"tensor needs {base + span} bytes of storage '{storage.key}', "
                                f"which holds {blob.nbytes}", name)
+    if numel * itemsize > max(_MAX_BROADCAST * span, _MAX_RECORD):
+        raise CorruptFileError(path, f"a view of {span} bytes of storage '{storage.key}' that would expand to "
+                               f"{numel * itemsize} bytes (strides {list(ref.stride)})", name)
     contiguous = all(s == c for d, s, c in zip(ref.shape, ref.stride, tp.contiguous_strides(ref.shape), strict=True) if d != 1)
     if contiguous and blob.member is None and not blob.big_endian and not (ref.conj or ref.neg):
         whole = base == 0 and numel * itemsize == blob.nbytes  # the zip CRC covers the whole storage

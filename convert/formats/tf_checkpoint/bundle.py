@@ -104,6 +104,11 @@ def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
         if not entry.slices:
             tensors.append(Tensor(name, dtype, shape, source(entry, name, dtype, shape)))
             continue
+        # A partitioned variable's slices hold all its bytes (a string: at least a byte per element)
+        # in the data files: a shape claiming more is refused before anything is allocated for it.
+        if math.prod(shape) * (dtype.itemsize if dtype.kind != "string" else 1) > sum(shard_sizes):
+            raise CorruptFileError(index_path, f"partitioned {dtype}{list(shape)} is larger than the data "
+                                   f"files ({sum(shard_sizes)} bytes)", name)
         parts = []
         for extents in entry.slices:
             skey = slice_key(name, extents)

@@ -89,18 +89,23 @@ def slice_bounds(extents: list[Extent], shape: tuple[int, ...]) -> tuple[tuple[s
 
 def assemble(path: str, name: str, dtype: DType, shape: tuple[int, ...],
              parts: list[tuple[list[Extent], Callable[[tuple[int, ...]], np.ndarray]]]) -> np.ndarray:
-    """The full tensor from its slices; ``parts`` are (extents, fn(slice shape) -> array)."""
-    out = np.empty(shape, dtype=object if dtype.kind == "string" else dtype.numpy)
-    covered = 0
+    """The full tensor from its slices; ``parts`` are (extents, fn(slice shape) -> array).
+
+    The slices' extents are checked before the tensor is allocated: a header claiming a vast
+    shape made of empty slices allocates nothing.
+    """
+    bounds = []
     for extents, produce in parts:
         try:
-            index, sub = slice_bounds(extents, shape)
+            bounds.append((*slice_bounds(extents, shape), produce))
         except ValueError as e:
             raise CorruptFileError(path, f"bad slice: {e}", name) from None
-        out[index] = np.asarray(produce(sub)).reshape(sub)
-        covered += math.prod(sub)
+    covered = sum(math.prod(sub) for _, sub, _ in bounds)
     if covered != math.prod(shape):
         raise CorruptFileError(path, f"slices cover {covered} of {math.prod(shape)} elements", name)
+    out = np.empty(shape, dtype=object if dtype.kind == "string" else dtype.numpy)
+    for index, sub, produce in bounds:
+        out[index] = np.asarray(produce(sub)).reshape(sub)
     return out
 
 
@@ -140,6 +145,9 @@ def tensor_proto_values(buf, dtype: DType, shape: tuple[int, ...]) -> np.ndarray
     if dtype.name in _FIXED_FIELDS:
         num, elem = _FIXED_FIELDS[dtype.name]
         width = 4 if elem in ("<f4", "<c8") else 8
+        wire = pw.FIXED32 if width == 4 else pw.FIXED64
+        if any(wt not in (pw.BYTES, wire) for wt, _ in fields.get(num, [])):
+            raise ProtoError(f"field {num} has the wrong wire type")
         pieces = [bytes(v) if wt == pw.BYTES else v.to_bytes(width, "little") for wt, v in fields.get(num, [])]
         arr = np.frombuffer(b"".join(pieces), dtype=dtype.numpy)
     elif dtype.name in _VARINT_FIELDS:
@@ -214,9 +222,15 @@ def read_v1(files: list[str]) -> tuple[list[Tensor], int]:
             else:
                 merged[m.name] = (dtype, m.shape, [])
             merged[m.name][2].extend((ext, table) for ext in m.slices)
+    # Every element takes at least one byte of a file (a packed varint, a fixed-width value, a
+    # string's tag): a shape claiming more is refused before anything is allocated for it.
+    total = sum(table.file_size for table in tables)
     tensors = []
     for name in sorted(merged, key=lambda s: s.encode("utf-8")):
         dtype, shape, slices = merged[name]
+        if math.prod(shape) > total:
+            raise CorruptFileError(tables[0].path, f"shape {list(shape)} has more elements than the "
+                                   f"checkpoint has bytes ({total})", name)
         source: Source | None = None
         if len(slices) == 1 and all(e.length is None for e in slices[0][0]):  # the whole tensor in one slice
             source = _raw_region(slices[0][1], slice_key(name, slices[0][0]), name, dtype, shape)
