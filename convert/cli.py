@@ -377,7 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"convert: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except (KeyboardInterrupt, _Terminated) as e:
-        print("convert: interrupted; no output was written", file=sys.stderr)
+        # a signal that arrives while an output is being moved into place lets that finish first
+        # (fileio), so an output may exist: complete, never half-written
+        print("convert: interrupted; nothing was left half-written", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     except Exception as e:  # a bug of ours: still one line, with a way to see more
         if debug:

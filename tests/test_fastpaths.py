@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import convert
+
 from oracles import safetensors_read, torch_to_numpy
 
 ROWS = (700, 1300, 257)  # 2.7 MB, 5.1 MB, 1 MB: unaligned offsets in the data file
