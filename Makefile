@@ -1,4 +1,4 @@
-# convert: make install | demo | test | test-fast | lint | bench | clean
+# convert: make install | demo | test | test-fast | lint | bench | fuzz | clean
 # Everything runs inside a project virtualenv (.venv); `make install` creates it.
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= out
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench fuzz clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench.py
+
+# The parser fuzzer at length: 20,000 random inputs per target (11 targets, ~30 min on one core);
+# the test suite runs the same harness derandomized, 500 per target. FUZZ_EXAMPLES=N to change.
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	CONVERT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) $(OUT) build dist *.egg-info .pytest_cache .ruff_cache

@@ -53,6 +53,8 @@ class _PathError(ConvertError):
         if tensor is not None:
             parts.append(f"tensor '{printable(tensor)}'")
         prefix = ": ".join(parts)
+        # messages quote what files hold (storage keys, shard names, framework errors): one line, escaped
+        message = printable(" ".join(str(message).split()))
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 

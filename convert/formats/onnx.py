@@ -85,12 +85,12 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
-
 from .. import dtypes
 from ..errors import ConvertError, CorruptFileError, ReadError, UsageError, WriteError
 from ..ir import ArraySource, FileRegion, Tensor, TensorDict
+from ..lazy import np
 from ..registry import Option
+from .tf_checkpoint import protowire as pw
 
 NAME = "onnx"
 
@@ -122,6 +122,11 @@ EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 _BIG_TENSOR = 1 << 20
 _BIG_ALIGN = 1 << 16
 _SMALL_ALIGN = 64
+
+# Sparse tensors are made dense when read; their dense size is bounded by this floor or this many
+# times the model file's size, so that a few bytes claiming a vast shape allocate nothing.
+_SPARSE_FLOOR = 256 << 20
+_SPARSE_RATIO = 1024
 
 # TensorProto.DataLocation.EXTERNAL and AttributeProto.AttributeType values (onnx.proto).
 _EXTERNAL = 1
@@ -441,11 +446,15 @@ class _GraphReader:
         values = sparse.values
         dtype, _ = self.dtype_shape(values, name)
         shape = tuple(int(d) for d in sparse.dims)
-        if any(d < 0 for d in shape):
-            raise CorruptFileError(self.path, f"negative dimension in sparse shape {list(shape)}", name)
+        self.check_shape(shape, name)
         if dtype.kind == "string":
             raise ReadError(self.path, "sparse string tensors are not supported", name)
         val_dtype, val_shape = dtype, tuple(values.dims)
+        dense_bytes = math.prod(shape) * dtype.itemsize
+        if dense_bytes > self.max_dense_bytes():
+            raise CorruptFileError(self.path, f"sparse tensor of shape {list(shape)} would take {dense_bytes:,} bytes "
+                                   f"once dense, more than a model of {self.model_size():,} bytes can mean "
+                                   f"(limit {self.max_dense_bytes():,})", name)
         if values.data_location == _EXTERNAL:
             val_source, _ = self.external_region(values, name, val_dtype, val_shape)
         else:
@@ -461,7 +470,10 @@ class _GraphReader:
         def produce():
             vals = Tensor(name, val_dtype, val_shape, val_source).numpy().reshape(-1)
             idx = Tensor(name, idx_dtype, idx_shape, idx_source).numpy().astype(np.int64)
-            dense = np.zeros(shape, dtype=dtype.numpy)
+            try:
+                dense = np.zeros(shape, dtype=dtype.numpy)
+            except MemoryError:
+                raise ReadError(path, f"not enough memory for the dense form of shape {list(shape)}", name) from None
             try:
                 if (idx < 0).any() or (idx.ndim == 2 and idx.shape[1] != len(shape)) or idx.ndim > 2:
                     raise ValueError(f"indices of shape {list(idx.shape)} do not fit shape {list(shape)}")
@@ -508,17 +520,58 @@ class _GraphReader:
                 return None
         raise CorruptFileError(self.path, "Constant node without a value attribute", name)
 
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        """Refuse negative dimensions and shapes no array can have (see :func:`.protowire.check_shape`)."""
+        if any(d < 0 for d in shape):
+            raise CorruptFileError(self.path, f"negative dimension in shape {list(shape)}", name)
+        try:
+            pw.check_shape(shape)
+        except pw.ProtoError as e:
+            raise CorruptFileError(self.path, str(e), name) from None
+
+    def model_size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def max_dense_bytes(self) -> int:
+        """The largest dense form of a sparse tensor we make: a sparse model can be much smaller
+        than its dense weights, but not by more than :data:`_SPARSE_RATIO` (past a floor)."""
+        return max(_SPARSE_FLOOR, _SPARSE_RATIO * self.model_size())
+
     def dtype_shape(self, proto, name: str):
         try:
             dtype = dtypes.from_onnx(proto.data_type)
         except ConvertError:
             raise ReadError(self.path, f"unsupported ONNX data type {_onnx_type_name(proto.data_type)}", name) from None
         shape = tuple(int(d) for d in proto.dims)
-        if any(d < 0 for d in shape):
-            raise CorruptFileError(self.path, f"negative dimension in shape {list(shape)}", name)
+        self.check_shape(shape, name)
         if proto.HasField("segment"):
             raise ReadError(self.path, "segmented tensors are not supported", name)
         return dtype, shape
+
+    def external_file(self, location: str, name: str) -> Path:
+        """The file an external-data ``location`` names, which must be a regular file inside the
+        model's folder: the ONNX spec says locations are relative to it, and a model must not
+        make us read anything else (``../``, an absolute path, a symbolic link leading out)."""
+        rel = Path(location)
+        if "\0" in location:
+            raise CorruptFileError(self.path, f"external data location {location!r} holds a NUL byte", name)
+        if rel.is_absolute() or ".." in rel.parts or rel.drive:
+            raise CorruptFileError(self.path, f"external data location {location!r} is outside the model's folder", name)
+        try:
+            base = self.base_dir.resolve()
+            file = (base / rel).resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise CorruptFileError(self.path, f"external data location {location!r} cannot be resolved ({e})",
+                                   name) from None
+        if not file.is_relative_to(base):
+            raise CorruptFileError(self.path, f"external data location {location!r} leads outside the model's "
+                                   f"folder (to {file}) through a symbolic link", name)
+        if file.exists() and not file.is_file():
+            raise CorruptFileError(self.path, f"external data location {location!r} is not a file", name)
+        return file
 
     def inline_source(self, proto, name: str, dtype, shape):
         path = self.path
@@ -556,10 +609,7 @@ class _GraphReader:
             raise CorruptFileError(self.path, "string tensor stored as external data", name)
         if not location:
             raise CorruptFileError(self.path, "external data without a location", name)
-        rel = Path(location)
-        if rel.is_absolute() or ".." in rel.parts:
-            raise CorruptFileError(self.path, f"external data location '{location}' is outside the model's folder", name)
-        file = self.base_dir / rel
+        file = self.external_file(location, name)
         nbytes = math.prod(shape) * dtype.itemsize
         try:
             offset = int(info.get("offset", 0))
@@ -573,7 +623,7 @@ class _GraphReader:
             try:
                 self.file_sizes[file] = file.stat().st_size
             except OSError:
-                raise ReadError(file, f"external data file of {self.path} is missing", name) from None
+                raise ReadError(self.base_dir / location, f"external data file of {self.path} is missing", name) from None
         if offset + length > self.file_sizes[file]:
             raise CorruptFileError(file, f"external data at offset {offset} length {length} runs past the end "
                                    f"of the file ({self.file_sizes[file]} bytes)", name)

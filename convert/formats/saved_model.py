@@ -68,9 +68,9 @@ def _signatures(pb: Path) -> dict[str, str]:
                 continue
             for n, w, v in pw.iter_fields(meta_graph):
                 if n == 1 and w == pw.BYTES:  # MetaInfoDef.tags = 4
-                    tags += [bytes(t).decode() for k, _, t in pw.iter_fields(v) if k == 4]
+                    tags += [bytes(t).decode() for k, w2, t in pw.iter_fields(v) if k == 4 and w2 == pw.BYTES]
                 elif n == 5 and w == pw.BYTES:  # map<string, SignatureDef> entry: key = 1
-                    sigs += [bytes(k_).decode() for k, _, k_ in pw.iter_fields(v) if k == 1]
+                    sigs += [bytes(k_).decode() for k, w2, k_ in pw.iter_fields(v) if k == 1 and w2 == pw.BYTES]
     except (pw.ProtoError, UnicodeDecodeError) as e:
         raise CorruptFileError(pb, f"not a SavedModel protobuf ({e})") from None
     out = {}

@@ -30,20 +30,32 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import pickle
+import reprlib
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .. import dtypes
+from ..errors import printable
+from ..lazy import np
+from .tf_checkpoint.protowire import ProtoError, check_shape
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def _short(value) -> str:
+    """A bounded repr of a value from the pickle, for messages: a value can be nested thousands deep or
+    hold millions of items, and its repr must cost neither a RecursionError nor megabytes."""
+    return _REPR.repr(value)
 
 
 class RefusedGlobal(Exception):
     """The pickle asks for a global (class or function) that a state_dict does not need."""
 
     def __init__(self, what: str):
+        what = printable(what)  # names from the pickle: a NUL or an escape sequence must not reach a terminal
         super().__init__(what)
         self.what = what
 
@@ -181,9 +193,9 @@ class _NumpyDType:
         try:
             dt = np.dtype(self.spec)
         except TypeError:
-            raise PickleFormatError(f"unknown NumPy dtype {self.spec!r}") from None
+            raise PickleFormatError(f"unknown NumPy dtype {_short(self.spec)}") from None
         if dt.kind not in "biufc":
-            raise PickleFormatError(f"NumPy dtype {self.spec!r} is not a plain number")
+            raise PickleFormatError(f"NumPy dtype {_short(self.spec)} is not a plain number")
         return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
 
 
@@ -199,13 +211,13 @@ def _dtype_of(storage) -> DTypeRef:
     if not isinstance(storage, StorageRef):
         raise PickleFormatError(f"expected a storage, got {type(storage).__name__}")
     if storage.dtype is None:
-        raise PickleFormatError(f"untyped storage '{storage.key}' used without a dtype")
+        raise PickleFormatError(f"untyped storage {storage.key!r} used without a dtype")
     return storage.dtype
 
 
 def _ints(value, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in value):
-        raise PickleFormatError(f"bad tensor {what}: {value!r}")
+        raise PickleFormatError(f"bad tensor {what}: {_short(value)}")
     return tuple(value)
 
 
@@ -215,10 +227,14 @@ def _make_tensor(storage, offset, size, stride, requires_grad, dtype: DTypeRef, 
     if storage.quantized:
         return Unsupported("quantized tensor")
     if not isinstance(offset, int) or offset < 0:
-        raise PickleFormatError(f"bad storage offset {offset!r}")
+        raise PickleFormatError(f"bad storage offset {_short(offset)}")
     shape, strides = _ints(size, "shape"), _ints(stride, "stride")
     if len(shape) != len(strides):
-        raise PickleFormatError(f"shape {shape} and stride {strides} differ in rank")
+        raise PickleFormatError(f"shape {_short(shape)} and stride {_short(strides)} differ in rank")
+    try:
+        check_shape(shape)
+    except ProtoError as e:
+        raise PickleFormatError(str(e)) from None
     meta = metadata if isinstance(metadata, dict) else {}
     return TensorRef(storage, offset, shape, strides, dtype, bool(requires_grad),
                      conj=bool(meta.get("conj")), neg=bool(meta.get("neg")))
@@ -234,7 +250,7 @@ def rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False
 
 def rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
     if not isinstance(dtype, DTypeRef):
-        raise PickleFormatError(f"expected a torch dtype, got {dtype!r}")
+        raise PickleFormatError(f"expected a torch dtype, got {_short(dtype)}")
     return _make_tensor(storage, storage_offset, size, stride, requires_grad, dtype, metadata)
 
 
@@ -281,7 +297,7 @@ def make_device(spec, index=None):
 def encode_latin1(text, encoding="latin1"):
     # Protocol 2 pickles ``bytes`` as _codecs.encode(str, 'latin1').
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "iso-8859-1"):
-        raise PickleFormatError(f"_codecs.encode with {encoding!r}")
+        raise PickleFormatError(f"_codecs.encode with {_short(encoding)}")
     return text.encode("latin1")
 
 
@@ -296,7 +312,7 @@ def numpy_scalar(dtype, data=None):
 
 def numpy_dtype(spec, align=False, copy=True):
     if not isinstance(spec, str):
-        raise PickleFormatError(f"numpy dtype {spec!r}")
+        raise PickleFormatError(f"numpy dtype {_short(spec)}")
     return _NumpyDType(spec)
 
 
@@ -370,20 +386,20 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid:
-            raise PickleFormatError(f"unexpected persistent id {pid!r}")
+            raise PickleFormatError(f"unexpected persistent id {_short(pid)}")
         kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
         if kind != "storage":
             # ('module', cls, file, source): a whole nn.Module was saved, not a state_dict.
-            raise PickleFormatError(f"unexpected persistent id of kind {kind!r}")
+            raise PickleFormatError(f"unexpected persistent id of kind {_short(kind)}")
         if len(pid) == 5:
             _, stype, key, location, numel = pid
             view = None
         elif len(pid) == 6:  # legacy: (..., numel, view_metadata)
             _, stype, key, location, numel, view = pid
         else:
-            raise PickleFormatError(f"unexpected storage id {pid!r}")
+            raise PickleFormatError(f"unexpected storage id {_short(pid)}")
         if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
-            raise PickleFormatError(f"unexpected storage id {pid!r}")
+            raise PickleFormatError(f"unexpected storage id {_short(pid)}")
         key = str(key)
         location = location.decode("ascii") if isinstance(location, bytes) else str(location)
         root = self.storages.get(key)
@@ -397,7 +413,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         if view is None:
             return root
         if not (isinstance(view, tuple) and len(view) == 3):
-            raise PickleFormatError(f"unexpected storage view {view!r}")
+            raise PickleFormatError(f"unexpected storage view {_short(view)}")
         view_key, offset, size = str(view[0]), view[1], view[2]
         return StorageRef(view_key, root.dtype, size, location, root.quantized, view_of=key, view_offset=offset)
 
@@ -418,15 +434,106 @@ class RestrictedUnpickler(pickle._Unpickler):
     def _refuse(self):
         raise PickleFormatError("the pickle constructs objects in a way a state_dict never does")
 
+    def _refuse_buffer(self):
+        raise PickleFormatError("protocol 5 out-of-band buffers (a state_dict never uses them)")
+
     dispatch[pickle.BUILD[0]] = load_build
+    for _op in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+        dispatch[_op[0]] = _refuse_buffer
     for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2, pickle.EXT4):
         dispatch[_op[0]] = _refuse
     del _op
 
 
 def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True):
-    """Unpickle one object from ``file`` (positioned just after it on return)."""
-    return RestrictedUnpickler(file, storages=storages, allow_globals=allow_globals).load()
+    """Unpickle one object from ``file`` (positioned just after it on return).
+
+    Hostile pickles are refused before they cost memory or time: no read asks the file for
+    more bytes than it has left (a ``BINBYTES8``/``FRAME`` claiming terabytes would otherwise
+    make the file object allocate that much up front), and the result must be a finite tree
+    (see :func:`check_object_graph`).
+    """
+    obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals).load()
+    check_object_graph(obj)
+    return obj
+
+
+class _Bounded:
+    """A read-only view of a seekable binary file whose ``read(n)`` never asks for more than is left."""
+
+    def __init__(self, file):
+        self._file = file
+        pos = file.tell()
+        self._end = file.seek(0, io.SEEK_END)
+        file.seek(pos)
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(self._end - self._file.tell(), 0)
+        return self._file.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self._file.readline()
+
+
+MAX_DEPTH = 500
+"""Containers nested deeper than this are refused (torch nests a state_dict a few levels deep)."""
+MAX_EXPANDED = 1_000_000
+"""How many more nodes than it holds slots a pickle may describe by sharing objects: the memo lets
+a few hundred bytes describe a tree of 2**60 nodes (nested lists holding the previous one twice),
+which anything walking the result would take forever to visit."""
+
+
+def check_object_graph(root) -> None:
+    """Refuse an unpickled object that refers to itself, nests deeper than :data:`MAX_DEPTH` or,
+    walked as a tree, is more than :data:`MAX_EXPANDED` nodes larger than the slots of its distinct
+    containers (a tree without sharing is exactly as large as its slots, which the file had to spell out).
+
+    One iterative pass over the distinct containers (lists, tuples, dicts and their keys, sets,
+    an OrderedDict's ``__dict__``); tensors, storages and scalars are leaves.
+    """
+    size: dict[int, int] = {}  # id -> nodes of the subtree, once finished
+    on_path: set[int] = set()
+    keep = []  # the objects whose ids are in use: they must stay alive while we look
+    stack = [(root, None)]
+    slots = 0  # child slots of the distinct containers: the size of the pickle as written
+    while stack:
+        obj, kids = stack.pop()
+        oid = id(obj)
+        if kids is None:  # first visit
+            if oid in size:
+                continue
+            if oid in on_path:
+                raise PickleFormatError("the pickle holds an object that contains itself")
+            children = _children(obj)
+            if children is None:
+                size[oid] = 1
+                continue
+            if len(on_path) >= MAX_DEPTH:
+                raise PickleFormatError(f"objects nested deeper than {MAX_DEPTH} levels")
+            on_path.add(oid)
+            keep.append(obj)
+            slots += len(children)
+            stack.append((obj, children))
+            stack.extend((c, None) for c in reversed(children))
+        else:  # all children finished
+            on_path.discard(oid)
+            total = 1 + sum(size[id(c)] for c in kids)
+            if total > MAX_EXPANDED + 4 * slots:
+                raise PickleFormatError("the pickle's objects refer to each other so often that, unfolded, "
+                                        f"they number more than {MAX_EXPANDED:,} (a 'billion laughs' pickle)")
+            size[oid] = total
+
+
+def _children(obj) -> list | None:
+    if isinstance(obj, dict):
+        out = [*obj.keys(), *obj.values()]
+        extra = getattr(obj, "__dict__", None)
+        if extra:
+            out.append(extra)
+        return out
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)
+    return None
 
 
 # ---- the writer ------------------------------------------------------------------------------

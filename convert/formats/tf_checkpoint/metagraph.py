@@ -33,44 +33,70 @@ _PART = re.compile(r"/part_\d+$")  # a partitioned variable's pieces; the checkp
 
 
 def _fields(buf) -> dict[int, list]:
+    """{field number: [values]}: memoryviews for length-delimited fields, ints for the others."""
     out: dict[int, list] = {}
     for num, _, val in pw.iter_fields(buf):
         out.setdefault(num, []).append(val)
     return out
 
 
+def _last_message(fields: dict[int, list], num: int):
+    """The last length-delimited value of field ``num`` (b"" when there is none): what protobuf
+    keeps of a non-repeated message or string field. A value of another wire type is skipped."""
+    for val in reversed(fields.get(num, [])):
+        if not isinstance(val, int):
+            return val
+    return b""
+
+
+def _messages(fields: dict[int, list], num: int) -> list:
+    return [v for v in fields.get(num, []) if not isinstance(v, int)]
+
+
+def _last_int(fields: dict[int, list], num: int, default: int | None = 0) -> int | None:
+    for val in reversed(fields.get(num, [])):
+        if isinstance(val, int):
+            return val
+    return default
+
+
+def _text(fields: dict[int, list], num: int) -> str:
+    return bytes(_last_message(fields, num)).decode("utf-8", "replace")
+
+
 def _shape(buf) -> tuple[int | None, ...] | None:
     """A TensorShapeProto; None for unknown rank, None dims for unknown sizes."""
     f = _fields(buf)
-    if f.get(3, [0])[-1]:
+    if _last_int(f, 3):
         return None
     dims = []
-    for dim in f.get(2, []):
-        size = pw._signed64(_fields(dim).get(1, [0])[-1])
+    for dim in _messages(f, 2):
+        size = pw._signed64(_last_int(_fields(dim), 1))
         dims.append(None if size < 0 else size)
     return tuple(dims)
 
 
 def read_meta(data: bytes) -> tuple[int, dict[str, tuple[int | None, tuple | None]]]:
-    """The saver's version and the graph's variables: name -> (TF dtype number, shape)."""
+    """The saver's version and the graph's variables: name -> (TF dtype number, shape).
+
+    Raises :class:`~.protowire.ProtoError` when ``data`` is not a protobuf message.
+    """
     meta = _fields(data)
-    saver = _fields(meta[3][-1]) if 3 in meta else {}
-    version = saver.get(7, [0])[-1]
+    version = _last_int(_fields(_last_message(meta, 3)), 7)
     variables = {}
-    for graph in meta.get(2, []):
-        for node_buf in _fields(graph).get(1, []):
+    for graph in _messages(meta, 2):
+        for node_buf in _messages(_fields(graph), 1):
             node = _fields(node_buf)
-            op = bytes(node.get(2, [b""])[-1]).decode("utf-8", "replace")
-            if op not in _VARIABLE_OPS:
+            if _text(node, 2) not in _VARIABLE_OPS:
                 continue
-            name = bytes(node.get(1, [b""])[-1]).decode("utf-8", "replace")
             attrs = {}
-            for entry in node.get(5, []):
+            for entry in _messages(node, 5):
                 e = _fields(entry)
-                attrs[bytes(e.get(1, [b""])[-1]).decode("utf-8", "replace")] = _fields(e[2][-1]) if 2 in e else {}
-            dtype = attrs.get("dtype", {}).get(6, [None])[-1]
-            shape = _shape(attrs["shape"][7][-1]) if 7 in attrs.get("shape", {}) else None
-            variables[name] = (dtype, shape)
+                attrs[_text(e, 1)] = _fields(_last_message(e, 2))
+            dtype = _last_int(attrs.get("dtype", {}), 6, None)
+            shape_field = _messages(attrs.get("shape", {}), 7)
+            shape = _shape(shape_field[-1]) if shape_field else None
+            variables[_text(node, 1)] = (dtype, shape)
     return version, variables
 
 

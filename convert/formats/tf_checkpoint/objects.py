@@ -35,10 +35,9 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ...errors import CorruptFileError
 from ...ir import Tensor
+from ...lazy import np
 from ...registry import Option
 from . import protowire as pw
 
@@ -61,6 +60,19 @@ def _text(buf) -> str:
     return bytes(buf).decode("utf-8", "replace")
 
 
+def _sub_fields(buf) -> tuple[dict[int, int], dict[int, str]]:
+    """The varint and the string fields of a small message (the last of each number wins, as in
+    protobuf); a field of the wrong wire type is ignored, as protobuf does with unknown fields."""
+    ints: dict[int, int] = {}
+    texts: dict[int, str] = {}
+    for k, w, x in pw.iter_fields(buf):
+        if w == pw.VARINT:
+            ints[k] = pw._signed64(x)
+        elif w == pw.BYTES:
+            texts[k] = _text(x)
+    return ints, texts
+
+
 def parse_object_graph(data: bytes) -> list[_Node]:
     """Decode a serialized ``TrackableObjectGraph``."""
     nodes = []
@@ -71,13 +83,13 @@ def parse_object_graph(data: bytes) -> list[_Node]:
         for n, w, v in pw.iter_fields(val):
             if w != pw.BYTES:
                 continue
-            sub = {k: x for k, _, x in pw.iter_fields(v)}
+            ints, texts = _sub_fields(v)
             if n == 1:
-                node.children.append((int(sub.get(1, 0)), _text(sub.get(2, b""))))
+                node.children.append((ints.get(1, 0), texts.get(2, "")))
             elif n == 2:
-                node.attributes.append((_text(sub.get(1, b"")), _text(sub.get(2, b"")), _text(sub.get(3, b""))))
+                node.attributes.append((texts.get(1, ""), texts.get(2, ""), texts.get(3, "")))
             elif n == 3:
-                node.slots.append((int(sub.get(1, 0)), _text(sub.get(2, b"")), int(sub.get(3, 0))))
+                node.slots.append((ints.get(1, 0), texts.get(2, ""), ints.get(3, 0)))
         nodes.append(node)
     return nodes
 
@@ -90,6 +102,8 @@ def unescape_key(key: str) -> str:
 
 def _model_nodes(nodes: list[_Node]) -> set[int]:
     """Nodes reachable from the root without passing through an ``optimizer`` edge."""
+    if not nodes:
+        return set()
     seen, todo = {0}, deque([0])
     while todo:
         for child, local in nodes[todo.popleft()].children:
@@ -148,13 +162,19 @@ def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]
     # second is dropped. Anywhere else, variables that share a name (TF's default "Variable",
     # two metrics' "count") are distinct, however equal their values: each is named by its path.
     copies = all(len(g) == 2 and _same_data(*g) for g in groups.values()) and len(named) > len(groups)
-    out, dropped = [], []
+    out, dropped, taken = [], [], set()
     for t, name, role in named:
         group = groups[name]
         if copies and t is group[1]:
             dropped.append(t.name)
             continue
         final = name if len(group) == 1 or copies else unescape_key(t.name)
+        if final in taken:  # only a malformed graph (or keys) can give two tensors one name: keep the key
+            final = t.name
+        if final in taken:
+            raise CorruptFileError(path, f"the object graph gives two tensors the name {final!r} "
+                                   "(read with --names keys)", GRAPH_KEY)
+        taken.add(final)
         out.append(Tensor(final, t.dtype, t.shape, t.source, {**t.attrs, "role": role, "tf.key": t.name}))
     return out, dropped
 

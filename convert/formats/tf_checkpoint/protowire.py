@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-import numpy as np
+from ...lazy import np
 
 VARINT, FIXED64, BYTES, FIXED32 = 0, 1, 2, 5
 
@@ -204,6 +204,23 @@ def encode_slice(extents: list[Extent]) -> bytes:
     return bytes(out)
 
 
+MAX_RANK = 64  # NumPy's limit (NPY_MAXDIMS)
+
+
+def check_shape(shape: tuple[int, ...]) -> None:
+    """ProtoError unless NumPy can make an array of ``shape`` in any dtype: at most :data:`MAX_RANK`
+    dimensions, and the product of the non-zero ones, times 16 bytes (the widest dtype), below 2**63,
+    which NumPy checks even for an empty array. Larger shapes are never real; a header claiming
+    one is refused here rather than failing in NumPy later."""
+    if len(shape) > MAX_RANK:
+        raise ProtoError(f"shape of rank {len(shape)} (at most {MAX_RANK})")
+    n = 1
+    for d in shape:
+        n *= d or 1
+    if n * 16 >= 1 << 63:
+        raise ProtoError(f"shape {list(shape)} is too large for any array")
+
+
 def decode_shape(buf) -> tuple[int, ...]:
     """TensorShapeProto: repeated Dim dim = 2 {int64 size = 1}; bool unknown_rank = 3."""
     dims = []
@@ -218,6 +235,7 @@ def decode_shape(buf) -> tuple[int, ...]:
             dims.append(size)
         elif num == 3 and wt == VARINT and val:
             raise ProtoError("shape of unknown rank")
+    check_shape(tuple(dims))
     return tuple(dims)
 
 

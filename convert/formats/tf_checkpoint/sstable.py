@@ -25,9 +25,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 import google_crc32c
-import numpy as np
 
 from ...errors import CorruptFileError, ReadError
+from ...lazy import np
 from .protowire import ProtoError, encode_varint, read_varint
 
 MAGIC = 0xDB4775248B80FB57
@@ -39,12 +39,16 @@ BLOCK_SIZE = 262144  # tensorflow/core/lib/io/table_options.h
 RESTART_INTERVAL = 16
 _MASK_DELTA = 0xA282EAD8
 _CACHE_LIMIT = 4 << 20  # bytes: blocks larger than this are not cached
+_SNAPPY_MAX_RATIO = 22  # snappy's densest element, a 3-byte copy of 64 bytes, expands 21.3 times
 
 
 def crc32c_extend(crc: int, buf) -> int:
     """crc32c over any buffer (google_crc32c takes only bytes or NumPy arrays, not memoryviews)."""
-    if not isinstance(buf, (bytes, np.ndarray)):
-        buf = np.frombuffer(buf, dtype=np.uint8)
+    if not isinstance(buf, bytes):
+        if len(buf) <= 1 << 16:  # small (every index block): a copy, and NumPy stays unloaded
+            buf = bytes(buf)
+        elif not isinstance(buf, np.ndarray):
+            buf = np.frombuffer(buf, dtype=np.uint8)
     return google_crc32c.extend(crc, buf)
 
 
@@ -127,8 +131,11 @@ class TableReader:
             raise CorruptFileError(self.path, "no table magic at the end of the file; truncated or not a TF checkpoint")
         self.file_size = size
         try:
-            _metaindex, pos = _decode_handle(footer, 0)
+            metaindex_handle, pos = _decode_handle(footer, 0)
             index_handle, _ = _decode_handle(footer, pos)
+            # TF never uses the metaindex block (empty in its files) but it is part of the file:
+            # checking its crc too means no flipped bit anywhere but the footer padding goes unseen.
+            self.read_block(metaindex_handle)
             index = self.read_block(index_handle)
             self.index: list[tuple[bytes, tuple[int, int]]] = [
                 (k, _decode_handle(v, 0)[0]) for k, v in iter_block(index)]
@@ -158,6 +165,15 @@ class TableReader:
         if ctype == NO_COMPRESSION:
             data = raw[:size]
         elif ctype == SNAPPY:
+            # The block starts with its decompressed length, which the decompressor allocates up
+            # front (and aborts the process when it cannot): check it against snappy's best ratio.
+            try:
+                claimed = read_varint(raw, 0)[0] if size else 0
+            except ProtoError:
+                claimed = -1
+            if not 0 <= claimed <= _SNAPPY_MAX_RATIO * size + 64:
+                raise CorruptFileError(self.path, f"bad snappy block at offset {offset}: claims {claimed} bytes "
+                                       f"from {size}", label)
             try:
                 import cramjam
                 data = bytes(cramjam.snappy.decompress_raw(raw[:size]))
