@@ -128,10 +128,14 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, for
         try:
             # A writer may return facts for the summary; "verify": False means its output does not
             # hold the tensors by name (a converted graph) and it checked the output itself.
-            recorded = [_recording(td, s, progress) for td, s in zip(tds, seen, strict=True)]
+            will_verify = verify and info.reader is not None and not registry.missing(info, "read")
+            recorded = [_recording(td, s, progress, will_verify) for td, s in zip(tds, seen, strict=True)]
             reported = write_with(recorded, tmp, kwargs) or {}
-            if verify and reported.pop("verify", True) and info.reader is not None \
-                    and not registry.missing(info, "read"):
+            if not reported.pop("verify", True):  # the writer checked its output itself; the sources
+                for td, s in zip(tds, seen, strict=True):  # of byte copies are still to be checked
+                    for name in s if will_verify else ():
+                        digest(td[name])
+            elif will_verify:
                 got = read_back(tmp)
                 if len(got) != len(tds):
                     raise VerificationError(path, f"holds {len(got)} checkpoints, wrote {len(tds)}")
@@ -162,8 +166,9 @@ class _Recording(Source):
     """Passes a tensor's data through unchanged, noting its digest for verification and
     telling ``progress`` how many bytes went by."""
 
-    def __init__(self, tensor: Tensor, seen: dict[str, int], progress: Callable[[int], None] | None):
-        self.tensor, self.seen, self.progress = tensor, seen, progress
+    def __init__(self, tensor: Tensor, seen: dict[str, int], progress: Callable[[int], None] | None,
+                 verify: bool):
+        self.tensor, self.seen, self.progress, self.verify = tensor, seen, progress, verify
 
     def chunks(self, nbytes, size=CHUNK):
         crc = 0
@@ -174,8 +179,8 @@ class _Recording(Source):
             yield piece
         self.seen[self.tensor.name] = crc
 
-    def copy_into(self, out, nbytes, progress=None):
-        crc = self.tensor.source.copy_into(out, nbytes, self.progress)
+    def copy_into(self, out, nbytes, progress=None, verified_after=False):
+        crc = self.tensor.source.copy_into(out, nbytes, self.progress, self.verify)
         self.seen[self.tensor.name] = crc
         return crc
 
@@ -187,8 +192,10 @@ class _Recording(Source):
         return arr
 
 
-def _recording(td: TensorDict, seen: dict[str, int], progress: Callable[[int], None] | None) -> TensorDict:
-    return td.replace(Tensor(t.name, t.dtype, t.shape, _Recording(t, seen, progress), t.attrs) for t in td.values())
+def _recording(td: TensorDict, seen: dict[str, int], progress: Callable[[int], None] | None,
+               verify: bool) -> TensorDict:
+    return td.replace(Tensor(t.name, t.dtype, t.shape, _Recording(t, seen, progress, verify), t.attrs)
+                      for t in td.values())
 
 
 def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path: Path) -> None:
@@ -200,6 +207,7 @@ def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path
             raise VerificationError(path, f"reads back as {g.dtype} {list(g.shape)}, wrote {t.dtype} {list(t.shape)}", name)
         want = seen[name] if name in seen else digest(t)
         if digest(g) != want:
+            digest(t)  # a copy returns the checksum its source stores unchecked: a damaged source fails here
             raise VerificationError(path, "reads back with different values", name)
 
 

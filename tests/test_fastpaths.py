@@ -78,7 +78,10 @@ def test_safetensors_to_v2_to_torch_keeps_every_byte(big_v2, tmp_path):
     _same(safetensors_read(again), expected)
 
 
-def test_damaged_big_tensor_is_caught_while_copying(big_v2, tmp_path):
+@pytest.mark.parametrize("verify", [True, False])
+def test_damaged_big_tensor_is_caught_while_copying(big_v2, tmp_path, verify):
+    """Verified, the copy trusts the stored crc32c and the check of the output catches the damage;
+    unverified, the copy checks it itself. Either way: the source's error, no output."""
     src, _ = big_v2
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -89,8 +92,8 @@ def test_damaged_big_tensor_is_caught_while_copying(big_v2, tmp_path):
     raw[len(raw) // 2] ^= 0x10  # inside layer1/kernel, the 5 MB one
     data.write_bytes(bytes(raw))
     with pytest.raises(convert.errors.CorruptFileError, match="checksum mismatch") as e:
-        convert.convert(bad, tmp_path / "out.safetensors", to="safetensors")
-    assert e.value.tensor == "layer1/kernel"
+        convert.convert(bad, tmp_path / "out.safetensors", to="safetensors", verify=verify)
+    assert e.value.tensor == "layer1/kernel" and str(data) in str(e.value)
     assert not (tmp_path / "out.safetensors").exists()
 
 
