@@ -7,7 +7,8 @@ Usage: python benchmarks/bench.py [--size-mb 2048] [--repeat 5] [--dir DIR] [--j
 Every contender is a command run in a fresh process (import cost included); its wall time is
 measured around the process and its peak RSS is the child's ru_maxrss. ``cp`` is the floor of
 any conversion; ``cp+fsync`` is the same copy made durable, as convert's outputs are (written,
-verified, fsynced, then renamed into place). The inputs are made first,
+verified, fsynced, then renamed into place); ``--no-verify`` is convert without reading its
+output back, to show what verification costs. The inputs are made first,
 in a child process, with TensorFlow / PyTorch / the safetensors library as writers when installed
 (otherwise with convert's own writers, and the framework contenders are skipped), and read once
 so every contender starts from a warm page cache. Repetitions are interleaved: each round runs
@@ -169,6 +170,7 @@ def contenders(sc: Scenario, src: Path, dst: Path) -> dict[str, list[str] | None
     out = {"cp": ["cp", data, str(dst)] if sc.dst else None,
            "cp+fsync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', data, str(dst)] if sc.dst else None,
            "convert": [*CONVERT, *map(fill, sc.ours), *(["-q"] if sc.dst else [])],
+           "--no-verify": [*CONVERT, *map(fill, sc.ours), "-q", "--no-verify"] if sc.dst else None,
            "framework": None}
     if sc.framework and all(have(m) for m in sc.needs):
         out["framework"] = [PY, "-c", sc.framework.format(src=str(src), dst=str(dst))]

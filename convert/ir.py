@@ -151,11 +151,12 @@ class FileRegion(Source):
             self._check_size(f)
             out.flush()
             src, dst, start = f.fileno(), out.fileno(), out.tell()
-            sums: list = [Checksums(crc32c=False)] if vouched else []
+            sums: list = []
             outer = self._outer(f)
-            thread = threading.Thread(target=lambda: vouched or sums.append(
+            thread = threading.Thread(target=lambda: sums.append(
                 _guarded(mapped_checksums, src, self.offset, self.length, self.crc32 is not None, True, outer)))
-            thread.start()
+            if not vouched:
+                thread.start()
             try:
                 done = 0
                 while done < self.length:
@@ -171,8 +172,9 @@ class FileRegion(Source):
                     if progress:
                         progress(n)
             finally:
-                thread.join()
-            if isinstance(sums[0], BaseException):
+                if not vouched:
+                    thread.join()
+            if sums and isinstance(sums[0], BaseException):
                 raise sums[0]
             if n == -1:  # copy_file_range refused (another file system, a pipe): stream instead
                 return super().copy_into(out, nbytes, progress)

@@ -250,6 +250,10 @@ _STEPPER = r"""
 import builtins, contextlib, os, signal, sys
 from convert import cli, fileio
 
+# Ctrl-C as at a terminal: a shell starts background jobs (a CI runner may be one) with SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 _CHANGING = {id(f) for f in (builtins.open, os.mkdir, os.rename, os.replace, os.link, os.unlink, os.remove,
                              os.rmdir)}
 _RENAMEAT2 = fileio._renameat2.__code__
