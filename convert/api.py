@@ -131,9 +131,10 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, for
             will_verify = verify and info.reader is not None and not registry.missing(info, "read")
             recorded = [_recording(td, s, progress, will_verify) for td, s in zip(tds, seen, strict=True)]
             reported = write_with(recorded, tmp, kwargs) or {}
-            if not reported.pop("verify", True):  # the writer checked its output itself; the sources
-                for td, s in zip(tds, seen, strict=True):  # of byte copies are still to be checked
-                    for name in s if will_verify else ():
+            writer_checked = not reported.pop("verify", True)
+            if writer_checked and will_verify:  # the sources of byte copies are still to be checked
+                for td, s in zip(tds, seen, strict=True):
+                    for name in s:
                         digest(td[name])
             elif will_verify:
                 got = read_back(tmp)
@@ -397,11 +398,11 @@ def inspect(path: PathLike, format: str | None = None, *, verify: bool = False,
     report = {"path": str(path), "format": info.name, "tensors": tensors, "count": len(tensors),
               "total_bytes": sum(t["bytes"] for t in tensors), "metadata": dict(td.metadata)}
     if verify:
-        done = 0
+        done, total = 0, td.nbytes
         for t in td.values():
             digest(t)
             done += t.nbytes if t.dtype.kind != "string" else 0
             if progress:
-                progress(done, td.nbytes)
-        report["verified"] = {"tensors": len(td), "bytes": td.nbytes, "checksums": info.checksums or None}
+                progress(done, total)
+        report["verified"] = {"tensors": len(td), "bytes": total, "checksums": info.checksums or None}
     return report

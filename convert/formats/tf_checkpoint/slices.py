@@ -17,7 +17,6 @@ The same slice keys name the slice entries of V2 partitioned variables.
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 import struct
@@ -251,10 +250,10 @@ def _raw_region(table: TableReader, key: bytes, name: str, dtype: DType, shape: 
     nbytes = math.prod(shape) * dtype.itemsize
     if dtype.name not in _FIXED_FIELDS or nbytes < _RAW_FROM:
         return None
-    i = bisect.bisect_left([k for k, _ in table.index], key)
-    if i == len(table.index):
+    handle = table.block_for(key)
+    if handle is None:
         return None
-    off, size = table.index[i][1]
+    off, size = handle
     if off + size + TRAILER_SIZE > table.file_size or size < 4:
         return None
     try:

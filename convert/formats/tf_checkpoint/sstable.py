@@ -198,12 +198,17 @@ class TableReader:
             except ProtoError as e:
                 raise CorruptFileError(self.path, f"bad data block at offset {handle[0]}: {e}") from None
 
+    def block_for(self, key: bytes) -> tuple[int, int] | None:
+        """The handle (offset, size) of the only block that may hold ``key``, or None."""
+        i = bisect.bisect_left(self._index_keys, key)
+        return self.index[i][1] if i < len(self.index) else None
+
     def get(self, key: bytes, label: str | None = None) -> memoryview | None:
         """The value stored under ``key``, or None."""
-        i = bisect.bisect_left(self._index_keys, key)
-        if i == len(self.index):
+        handle = self.block_for(key)
+        if handle is None:
             return None
-        block = self.read_block(self.index[i][1], label)
+        block = self.read_block(handle, label)
         try:
             for k, v in iter_block(block):
                 if k == key:
