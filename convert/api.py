@@ -16,6 +16,7 @@ import google_crc32c
 
 from . import dtypes, fileio, registry
 from .errors import ConvertError, UsageError, VerificationError, WriteError
+from .formats.base import Format, Writer, WriteReport
 from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest
 from .lazy import np
 
@@ -31,7 +32,7 @@ def _format(path: PathLike, format: str | None) -> registry.FormatInfo:
 
 def _options(info: registry.FormatInfo, side: str, opts: Mapping[str, object]) -> dict:
     """Keep the options that are set; refuse any the format's reader/writer does not take."""
-    declared = {o.keyword: o for o in getattr(registry.load(info), "OPTIONS", ()) if o.side == side}
+    declared = {o.keyword: o for o in info.format.options if o.side == side}
     given = {k: v for k, v in opts.items() if v is not None and v is not False and v != []}
     for key in given:
         if key not in declared:
@@ -57,20 +58,30 @@ def read(path: PathLike, format: str | None = None, **opts) -> TensorDict:
         >>> td["conv1/w"].numpy().shape           # doctest: +SKIP
     """
     info = _format(path, format)
-    if info.reader is None:
-        raise UsageError(f"{info.name} is a write-only format name; read with format=None")
+    reader = info.format.read
+    if reader is None:
+        raise UsageError(f"{info.name} cannot be read")
     registry.require(info, "read")
     kwargs = _options(info, "read", opts)
-    return getattr(registry.load(info), info.reader)(Path(path), **kwargs)
+    return reader(Path(path), **kwargs)
 
 
-def check_dtypes(td: TensorDict, info: registry.FormatInfo, path: PathLike) -> None:
-    """Fail before writing anything when the format cannot hold some tensor's dtype, listing them all."""
-    bad = [t for t in td.values() if getattr(t.dtype, info.dtype_column) is None]
+def label(info: registry.FormatInfo, writer: Writer) -> str:
+    """How the summary names a destination: the format, and the writer when it is not the default
+    (by the alias that names it, if one does: ``tf-ckpt-v1``)."""
+    if writer is info.format.writers[0]:
+        return info.name
+    return next((a for a, w in info.writer_aliases.items() if w == writer.id), f"{info.name}:{writer.id}")
+
+
+def check_dtypes(td: TensorDict, info: registry.FormatInfo, writer: Writer, path: PathLike) -> None:
+    """Fail before writing anything when the writer cannot hold some tensor's dtype, listing them all."""
+    bad = [t for t in td.values() if not writer.holds(t.dtype)]
     if bad:
         kinds = ", ".join(sorted({t.dtype.name for t in bad}))
         names = ", ".join(t.name for t in bad)
-        raise WriteError(path, f"{info.name} cannot hold {kinds} tensors: {names} (leave them out with --exclude)")
+        raise WriteError(path, f"{label(info, writer)} cannot hold {kinds} tensors: {names} "
+                               "(leave them out with --exclude)")
 
 
 def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, verify: bool = True,
@@ -80,7 +91,7 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
     Args:
         td: what to write.
         path: the output file or folder; must not exist unless ``force``.
-        format: a format name from ``convert formats``.
+        format: a format name from ``convert formats``, optionally with a writer id (``tf-ckpt:v1``).
         force: replace an existing output.
         verify: re-read the output with the format's reader and compare each tensor's values.
         progress: called with the number of bytes each time a piece of tensor data is written.
@@ -89,55 +100,69 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
     Returns:
         A summary: output, format, tensor count, bytes, whether verified.
     """
-    info = registry.get(format)
-    if info.writer is None:
-        raise UsageError(f"{info.name} cannot be written")
-    module = registry.load(info)
-    return _write([td], path, info, force, verify, opts,
-                  lambda tds, tmp, kw: getattr(module, info.writer)(tds[0], tmp, **kw),
-                  lambda tmp: [getattr(module, info.reader)(tmp)], progress)
+    info, writer = registry.writer(format)
+    return _write([td], path, info, writer, force, verify, opts, progress, series=False)
 
 
 def write_steps(tds: Sequence[TensorDict], path: PathLike, format: str, *, force: bool = False,
                 verify: bool = True, progress: Callable[[int], None] | None = None, **opts) -> dict:
-    """Write several checkpoints (the steps of a training run) into one output, for a format
-    whose registry entry has a ``series_writer``; verified like :func:`write`, each one."""
-    info = registry.get(format)
-    if info.series_writer is None:
-        raise UsageError(f"{info.name} holds one checkpoint per output")
-    module = registry.load(info)
-    return _write(list(tds), path, info, force, verify, opts,
-                  lambda tds_, tmp, kw: getattr(module, info.series_writer)(tds_, tmp, **kw),
-                  lambda tmp: [getattr(module, info.reader)(p) for _, p in module.expand(tmp, all_steps=True)],
-                  progress)
+    """Write several checkpoints (the steps of a training run) into one output, for a writer
+    that has a ``series`` function; verified like :func:`write`, each one."""
+    info, writer = registry.writer(format)
+    if writer.series is None:
+        raise UsageError(f"{label(info, writer)} holds one checkpoint per output")
+    return _write(list(tds), path, info, writer, force, verify, opts, progress, series=True)
 
 
-def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, force: bool, verify: bool,
-           opts: Mapping[str, object], write_with, read_back, progress: Callable[[int], None] | None) -> dict:
+def _read_back(fmt: Format, writer: Writer, path: Path, series: bool, opts: Mapping[str, object]) -> list[TensorDict]:
+    """The output as verification sees it: the writer's own way, or the format's reader (each step
+    of a series, through ``expand``)."""
+    if writer.read_back is not None:
+        return writer.read_back(path, opts)
+    assert fmt.read is not None
+    if series and fmt.expand is not None:
+        return [fmt.read(p) for _, p in fmt.expand(path, all_steps=True)]
+    return [fmt.read(path)]
+
+
+def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, writer: Writer, force: bool,
+           verify: bool, opts: Mapping[str, object], progress: Callable[[int], None] | None, series: bool) -> dict:
+    """Write one checkpoint (``writer.write``) or, with ``series``, several into one output
+    (``writer.series``), atomically, then verify what was written."""
     registry.require(info, "write")
     kwargs = _options(info, "write", opts)
-    path = Path(path)
+    fmt, path = info.format, Path(path)
+    notes: list[str] = []
+    if writer.prepare is not None:  # before the checks: what is written and verified is what it returns
+        prepared = [writer.prepare(td, **kwargs) for td in tds]
+        tds = [td for td, _ in prepared]
+        notes += [note for _, ns in prepared for note in ns]
     for td in tds:
-        check_dtypes(td, info, path)
-    if path.is_dir() and not path.is_symlink() and not (info.detector and getattr(registry.load(info), info.detector)(path)):
+        check_dtypes(td, info, writer, path)
+    if path.is_dir() and not path.is_symlink() and not fmt.detect(path):
         # --force replaces an output, never a folder of something else (its files would go with it)
         raise WriteError(path, f"is a folder that holds no {info.name} output; remove it or name another output")
     seen: list[dict[str, int]] = [{} for _ in tds]
     verified = False
     with fileio.atomic_output(path, force) as tmp:
         try:
-            # A writer may return facts for the summary; "verify": False means its output does not
-            # hold the tensors by name (a converted graph) and it checked the output itself.
-            will_verify = verify and info.reader is not None and not registry.missing(info, "read")
+            will_verify = verify and fmt.read is not None and not registry.missing(info, "read")
             recorded = [_recording(td, s, progress, will_verify) for td, s in zip(tds, seen, strict=True)]
-            reported = write_with(recorded, tmp, kwargs) or {}
-            writer_checked = not reported.pop("verify", True)
+            reported: WriteReport
+            if series:
+                assert writer.series is not None
+                reported = writer.series(recorded, tmp, **kwargs) or {}
+            else:
+                reported = writer.write(recorded[0], tmp, **kwargs) or {}
+            # "verify": False means the output does not hold the tensors by name (a converted
+            # graph) and the writer checked the output itself
+            writer_checked = not reported.get("verify", True)
             if writer_checked and will_verify:  # the sources of byte copies are still to be checked
                 for td, s in zip(tds, seen, strict=True):
                     for name in s:
                         digest(td[name])
             elif will_verify:
-                got = read_back(tmp)
+                got = _read_back(fmt, writer, tmp, series, kwargs)
                 if len(got) != len(tds):
                     raise VerificationError(path, f"holds {len(got)} checkpoints, wrote {len(tds)}")
                 for td, s, g in zip(tds, seen, got, strict=True):
@@ -148,13 +173,17 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, for
             raise
         except OSError as e:  # disk full, permissions...: the output's problem, not a bug
             raise WriteError(path, f"cannot write: {e.strerror or e}") from None
-    notes = list(reported.pop("notes", []))
+    notes += reported.get("notes", [])
     shared = [t.name for td in tds for t in td.values() if "torch.shared_with" in t.attrs]
-    if shared and info.name != "torch":
+    if shared and not writer.keeps_shared_storage:
         notes.append(f"{len(shared)} tensors shared storage in the source; {info.name} has no shared storage, "
                      f"so each was written as its own copy: {', '.join(shared)}")
-    return {"output": str(path), "format": info.name, "tensors": sum(len(td) for td in tds),
-            "bytes": sum(td.nbytes for td in tds), "verified": verified, "notes": notes, **reported}
+    summary = {"output": str(path), "format": label(info, writer), "tensors": sum(len(td) for td in tds),
+               "bytes": sum(td.nbytes for td in tds), "verified": verified, "notes": notes,
+               **reported.get("facts", {})}
+    if "checked" in reported:
+        summary["checked"] = reported["checked"]
+    return summary
 
 
 def _rename_path(e: ConvertError, old: str, new: str) -> None:
@@ -270,17 +299,20 @@ def apply_maps(td: TensorDict, maps: Sequence):
     return mapping.apply(td, [mapping.load(m) if isinstance(m, (str, os.PathLike)) else m for m in maps])
 
 
-_STRIP = re.compile(r"(\.safetensors\.index\.json|\.index|\.data-\d+-of-\d+|\.safetensors|\.pt|\.pth|\.bin|"
-                    r"\.ckpt|\.onnx|\.pb)$")
+def _endings() -> re.Pattern:
+    """Every format's file-name endings, to be stripped from an input's name (``.index``, ``.pt``...)."""
+    parts = [re.escape(s) for info in registry.FORMATS for s in info.format.suffixes]
+    parts += [e for info in registry.FORMATS for e in info.format.name_endings]
+    return re.compile(f"({'|'.join(parts)})$")
 
 
-def default_output(src: PathLike, info: registry.FormatInfo, label: str | None = None) -> Path:
+def default_output(src: PathLike, info: registry.FormatInfo, writer: Writer, step: str | None = None) -> Path:
     """Beside the input, named after it: ``model1/`` -> ``model1.safetensors``."""
     p = Path(os.path.abspath(src))
-    stem = _STRIP.sub("", p.name) or p.name
-    if label:
-        stem = f"{stem}-{label}"
-    return p.parent / (stem + info.suffix if info.suffix else f"{stem}.{info.name}")
+    stem = _endings().sub("", p.name) or p.name
+    if step:
+        stem = f"{stem}-{step}"
+    return p.parent / (stem + writer.suffix if writer.suffix else f"{stem}.{info.name}")
 
 
 def _labelled(path: Path, label: str) -> Path:
@@ -318,7 +350,7 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
     """
     started = time.perf_counter()
     src_info = _format(src, src_format)
-    dst_info = registry.get(to)
+    dst_info, dst_writer = registry.writer(to)
     # Check the whole request before touching any file.
     read_opts = _options(src_info, "read", read_opts or {})
     write_opts = _options(dst_info, "write", write_opts or {})
@@ -329,27 +361,28 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         from . import mapping
 
         maps = [mapping.load(m) for m in maps]  # once, and a bad rule file fails before any reading
-    module = registry.load(src_info)
+    expand = src_info.format.expand
+    jobs: list[tuple[str | None, Path]]
     if read_opts.get("all_steps"):
-        if not hasattr(module, "expand"):
+        if expand is None:
             raise UsageError(f"--all-steps does not apply to {src_info.name}")
         read_opts.pop("all_steps")
-        jobs = [(label, path) for label, path in module.expand(Path(src), **read_opts)]
+        jobs = [(step, path) for step, path in expand(Path(src), **read_opts)]
     else:
         jobs = [(None, Path(src))]
-    if len(jobs) > 1 and dst_info.series_writer:  # every step into one output (a tf-ckpt folder)
-        outs = [Path(dst) if dst is not None else default_output(src, dst_info)]
+    if len(jobs) > 1 and dst_writer.series:  # every step into one output (a tf-ckpt folder)
+        outs = [Path(dst) if dst is not None else default_output(src, dst_info, dst_writer)]
     elif dst is None:
-        outs = [default_output(src, dst_info, label) for label, _ in jobs]
+        outs = [default_output(src, dst_info, dst_writer, step) for step, _ in jobs]
     else:
-        outs = [Path(dst) if label is None else _labelled(Path(dst), label) for label, _ in jobs]
+        outs = [Path(dst) if step is None else _labelled(Path(dst), step) for step, _ in jobs]
     inputs = [Path(os.path.abspath(p)) for p in (src, *(p for _, p in jobs))]
     for out in outs:
         if any(Path(os.path.abspath(out)) in (p, *p.parents) for p in inputs):
             raise UsageError(f"{out}: the output would replace the input; name another with -o")
         fileio.check_writable(out, force)
     prepared = []
-    for label, path in jobs:
+    for step, path in jobs:
         td = read(path, src_info.name, **read_opts)
         source_count = len(td)
         td = select(td, *patterns, weights_only)
@@ -359,8 +392,8 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         if dtype:
             td = cast_floating(td, dtype)
         info = {"source": str(path), "source_format": src_info.name, "source_tensors": source_count}
-        if label is not None:
-            info["label"] = label
+        if step is not None:
+            info["label"] = step
         if report is not None:
             info["mapping"] = report.to_dict()
         prepared.append((td, info))
@@ -373,11 +406,11 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
             done += n
             progress(done, total)
     if len(outs) == 1 and len(prepared) > 1:
-        result = write_steps([td for td, _ in prepared], outs[0], dst_info.name, force=force, verify=verify,
-                             progress=tick, **write_opts)
+        result = _write([td for td, _ in prepared], outs[0], dst_info, dst_writer, force, verify, write_opts, tick,
+                        series=True)
         outputs = [{**result, "sources": [info for _, info in prepared]}]
     else:
-        outputs = [{**write(td, out, dst_info.name, force=force, verify=verify, progress=tick, **write_opts), **info}
+        outputs = [{**_write([td], out, dst_info, dst_writer, force, verify, write_opts, tick, series=False), **info}
                    for (td, info), out in zip(prepared, outs, strict=True)]
     return {"outputs": outputs, "seconds": round(time.perf_counter() - started, 3)}
 
@@ -404,5 +437,5 @@ def inspect(path: PathLike, format: str | None = None, *, verify: bool = False,
             done += t.nbytes if t.dtype.kind != "string" else 0
             if progress:
                 progress(done, total)
-        report["verified"] = {"tensors": len(td), "bytes": total, "checksums": info.checksums or None}
+        report["verified"] = {"tensors": len(td), "bytes": total, "checksums": info.format.checksums or None}
     return report

@@ -144,9 +144,7 @@ def cmd_convert(argv: list[str]) -> int:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:
         for out in summary["outputs"]:
-            check = "verified" if out["verified"] else "not verified"
-            if "check_max_abs_diff" in out:
-                check = f"checked against TensorFlow (max abs diff {out['check_max_abs_diff']:.2g})"
+            check = out.get("checked") or ("verified" if out["verified"] else "not verified")
             print(f"wrote {out['output']} ({out['format']}): {out['tensors']} tensors, "
                   f"{_human(out['bytes'])}, {check}", file=sys.stderr)
             for note in out["notes"]:
@@ -204,10 +202,12 @@ def cmd_formats(argv: list[str]) -> int:
     args = p.parse_args(argv)
     rows = []
     for info in registry.FORMATS:
-        row = {"name": info.name, "aliases": list(info.aliases), "description": info.description}
-        for side, present in (("read", info.reader), ("write", info.writer)):
+        fmt = info.format
+        row = {"name": info.name, "aliases": [*info.aliases, *info.writer_aliases], "description": fmt.description,
+               "writers": [w.id or "default" for w in fmt.writers]}
+        for side, present in (("read", fmt.read is not None), ("write", bool(fmt.writers))):
             missing = registry.missing(info, side)
-            row[side] = ("no" if present is None else
+            row[side] = ("no" if not present else
                          f"needs pip install 'convert[{missing[0][1]}]'" if missing else "yes")
         rows.append(row)
     if args.json:
@@ -219,7 +219,9 @@ def cmd_formats(argv: list[str]) -> int:
     for col in ("name", "read", "write", "description"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], r["read"], r["write"], r["description"])
+        writers = r["writers"]
+        ids = f" (writers: {', '.join(writers)}; --to {r['name']}:ID)" if len(writers) > 1 else ""
+        table.add_row(r["name"], r["read"], r["write"], r["description"] + ids)
     _console().print(table)
     return EXIT_OK
 

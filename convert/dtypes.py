@@ -10,6 +10,7 @@ number (onnx/onnx.proto), the safetensors header string and the torch dtype name
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import ConvertError, UsageError
@@ -28,6 +29,7 @@ class DType:
     torch: str | None
     itemsize: int  # 0 for variable-size (string)
     kind: str  # "float", "int", "uint", "bool", "complex", "string"
+    tf_v1: bool  # TF 2.21's V1 reader (TensorSliceReader) restores it
 
     @property
     def numpy(self) -> np.dtype:
@@ -54,26 +56,27 @@ def _numpy_dtype(spec: str) -> np.dtype:
     return np.dtype(spec)
 
 
-#          name            numpy    bytes  TF  ONNX safetensors torch
-TABLE: tuple[DType, ...] = tuple(DType(name, spec, tf, onnx, st, torch, size, kind) for name, spec, size, tf, onnx, st, torch, kind in (
-    ("float64", "<f8", 8, 2, 11, "F64", "float64", "float"),
-    ("float32", "<f4", 4, 1, 1, "F32", "float32", "float"),
-    ("float16", "<f2", 2, 19, 10, "F16", "float16", "float"),
-    ("bfloat16", "bfloat16", 2, 14, 16, "BF16", "bfloat16", "float"),
-    ("float8_e4m3fn", "float8_e4m3fn", 1, 25, 17, "F8_E4M3", "float8_e4m3fn", "float"),
-    ("float8_e5m2", "float8_e5m2", 1, 24, 19, "F8_E5M2", "float8_e5m2", "float"),
-    ("int8", "<i1", 1, 6, 3, "I8", "int8", "int"),
-    ("int16", "<i2", 2, 5, 5, "I16", "int16", "int"),
-    ("int32", "<i4", 4, 3, 6, "I32", "int32", "int"),
-    ("int64", "<i8", 8, 9, 7, "I64", "int64", "int"),
-    ("uint8", "<u1", 1, 4, 2, "U8", "uint8", "uint"),
-    ("uint16", "<u2", 2, 17, 4, "U16", "uint16", "uint"),
-    ("uint32", "<u4", 4, 22, 12, "U32", "uint32", "uint"),
-    ("uint64", "<u8", 8, 23, 13, "U64", "uint64", "uint"),
-    ("bool", "?", 1, 10, 9, "BOOL", "bool", "bool"),
-    ("complex64", "<c8", 8, 8, 14, "C64", "complex64", "complex"),
-    ("complex128", "<c16", 16, 18, 15, None, "complex128", "complex"),
-    ("string", "O", 0, 7, 8, None, None, "string"),
+#          name            numpy    bytes  TF  ONNX safetensors torch   kind    TF V1
+TABLE: tuple[DType, ...] = tuple(DType(name, spec, tf, onnx, st, torch, size, kind, v1 == "V1")
+                                 for name, spec, size, tf, onnx, st, torch, kind, v1 in (
+    ("float64", "<f8", 8, 2, 11, "F64", "float64", "float", "V1"),
+    ("float32", "<f4", 4, 1, 1, "F32", "float32", "float", "V1"),
+    ("float16", "<f2", 2, 19, 10, "F16", "float16", "float", "V1"),
+    ("bfloat16", "bfloat16", 2, 14, 16, "BF16", "bfloat16", "float", ""),
+    ("float8_e4m3fn", "float8_e4m3fn", 1, 25, 17, "F8_E4M3", "float8_e4m3fn", "float", ""),
+    ("float8_e5m2", "float8_e5m2", 1, 24, 19, "F8_E5M2", "float8_e5m2", "float", ""),
+    ("int8", "<i1", 1, 6, 3, "I8", "int8", "int", "V1"),
+    ("int16", "<i2", 2, 5, 5, "I16", "int16", "int", "V1"),
+    ("int32", "<i4", 4, 3, 6, "I32", "int32", "int", "V1"),
+    ("int64", "<i8", 8, 9, 7, "I64", "int64", "int", "V1"),
+    ("uint8", "<u1", 1, 4, 2, "U8", "uint8", "uint", "V1"),
+    ("uint16", "<u2", 2, 17, 4, "U16", "uint16", "uint", "V1"),
+    ("uint32", "<u4", 4, 22, 12, "U32", "uint32", "uint", ""),
+    ("uint64", "<u8", 8, 23, 13, "U64", "uint64", "uint", ""),
+    ("bool", "?", 1, 10, 9, "BOOL", "bool", "bool", "V1"),
+    ("complex64", "<c8", 8, 8, 14, "C64", "complex64", "complex", "V1"),
+    ("complex128", "<c16", 16, 18, 15, None, "complex128", "complex", "V1"),
+    ("string", "O", 0, 7, 8, None, None, "string", "V1"),
 ))
 
 _BY_NAME = {d.name: d for d in TABLE}
@@ -89,6 +92,18 @@ _BY_TORCH = {d.torch: d for d in TABLE if d.torch is not None}
 
 FLOAT32 = _BY_NAME["float32"]
 STRING = _BY_NAME["string"]
+
+
+def held_by(column: str) -> Callable[[DType], bool]:
+    """A writer's ``holds`` predicate: the dtypes whose ``column`` of the table is set
+    (a format's code, or True)."""
+    if column not in DType.__dataclass_fields__:
+        raise ValueError(f"the dtype table has no column {column!r}")
+
+    def holds(d: DType) -> bool:
+        return getattr(d, column) not in (None, False)
+    holds.__qualname__ = f"held_by({column!r})"
+    return holds
 
 
 def by_name(name: str) -> DType:

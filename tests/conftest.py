@@ -21,8 +21,8 @@ class ForeignOutputs:
 
             from contract import samples
 
-            info = convert.registry.get(fmt)
-            out = self.root / (f"foreign-{info.name}" + info.suffix)
+            info, writer = convert.registry.writer(fmt)
+            out = self.root / (f"foreign-{info.name}" + writer.suffix)
             convert.write(samples()["names"], out, info.name)
             self._paths[fmt] = out
         return self._paths[fmt]

@@ -106,12 +106,15 @@ class FormatContract:
     def info(self) -> registry.FormatInfo:
         return registry.get(self.FORMAT)
 
+    @property
+    def writer(self):
+        return registry.writer(self.FORMAT)[1]
+
     def output(self, tmp_path: Path, stem: str = "out") -> Path:
-        return tmp_path / (stem + self.info.suffix)
+        return tmp_path / (stem + self.writer.suffix)
 
     def holdable(self, td: TensorDict) -> TensorDict:
-        return td.replace(t for t in td.values()
-                          if getattr(t.dtype, self.info.dtype_column) is not None and t.dtype.name not in self.SKIP_DTYPES)
+        return td.replace(t for t in td.values() if self.writer.holds(t.dtype) and t.dtype.name not in self.SKIP_DTYPES)
 
     def written(self, tmp_path: Path, td: TensorDict, stem: str = "out") -> Path:
         out = self.output(tmp_path, stem)
@@ -135,14 +138,14 @@ class FormatContract:
 
     def test_detect_accepts_own_output(self, tmp_path):
         out = self.written(tmp_path, self.holdable(samples()["names"]))
-        assert registry.load(self.info).detect(out)
+        assert self.info.format.detect(out)
 
     def test_detect_rejects_other_formats(self, tmp_path, foreign_outputs):
-        module = registry.load(self.info)
-        others = [f for f in registry.FORMATS if f.module != self.info.module and f.writer
+        detect = self.info.format.detect
+        others = [f for f in registry.FORMATS if f.module != self.info.module and f.format.writers
                   and not registry.missing(f, "write")]
         for other in others:
-            assert not module.detect(foreign_outputs[other.name]), f"{self.FORMAT} claims a {other.name} output"
+            assert not detect(foreign_outputs[other.name]), f"{self.FORMAT} claims a {other.name} output"
         junk = tmp_path / "junk.bin"
         junk.write_bytes(random.Random(0).randbytes(4096))
         empty = tmp_path / "empty"
@@ -150,7 +153,7 @@ class FormatContract:
         folder = tmp_path / "emptydir"
         folder.mkdir()
         for p in (junk, empty, folder):
-            assert not module.detect(p), p
+            assert not detect(p), p
 
     def test_input_not_mutated(self, tmp_path):
         arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4, np.float32)}
@@ -210,7 +213,7 @@ class FormatContract:
         assert list(tmp_path.iterdir()) == []
 
     def test_unholdable_dtypes_refused_before_writing(self, tmp_path):
-        unholdable = [dt for dt in dtypes.TABLE if getattr(dt, self.info.dtype_column) is None]
+        unholdable = [dt for dt in dtypes.TABLE if not self.writer.holds(dt)]
         if not unholdable:
             pytest.skip(f"{self.FORMAT} holds every dtype")
         td = TensorDict.from_arrays({f"t_{dt.name}": sample_array(dt) for dt in unholdable})

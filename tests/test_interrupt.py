@@ -303,7 +303,7 @@ _SERVER = _STEPPER + r"""
 import json
 from convert import registry
 for name in ("safetensors", "tf-ckpt", "torch", "onnx"):
-    registry.load(registry.get(name))
+    registry.get(name).format
 import onnx  # imported by the onnx writer
 for line in sys.stdin:
     step, signame, fallback, argv, err = json.loads(line)

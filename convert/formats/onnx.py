@@ -89,30 +89,10 @@ from .. import dtypes
 from ..errors import ConvertError, CorruptFileError, ReadError, UsageError, WriteError
 from ..ir import ArraySource, FileRegion, Tensor, TensorDict
 from ..lazy import np
-from ..registry import Option
+from .base import Format, Option, Writer, WriteReport
 from .tf_checkpoint import protowire as pw
 
 NAME = "onnx"
-
-OPTIONS = (
-    Option("--initializers-only", "read", bool,
-           "ONNX: read graph initializers only (also in subgraphs), not Constant-node values"),
-    Option("--template", "write", str,
-           "ONNX model whose main-graph initializers are replaced by the tensors "
-           "(names, dtypes and shapes must match exactly)"),
-    Option("--opset", "write", int, "default-domain opset of the ONNX model (default 21; with --graph, "
-           "tf2onnx's default)"),
-    Option("--external-data-threshold", "write", int,
-           "total tensor bytes above which ONNX data goes to an external file (default 2000000000)"),
-    Option("--external-data-name", "write", str,
-           "file name of the ONNX external data file, beside the model (default <output name>.data)"),
-    Option("--graph", "write", bool, "convert the TensorFlow graph (TF1 checkpoint with .meta, or SavedModel) "
-           "to a runnable ONNX model with tf2onnx, instead of writing weights only (needs convert[tf])"),
-    Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
-    Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
-    Option("--check", "write", bool, "with --graph: run the ONNX model (onnxruntime) and TensorFlow on the same "
-           "random inputs and fail unless they agree within 1e-5"),
-)
 
 IR_VERSION = 10
 DEFAULT_OPSET = 21
@@ -664,7 +644,7 @@ def _len_field(field: int, n: int) -> bytes:
 def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLike | None = None,
           opset: int | None = None, external_data_threshold: int | None = None,
           external_data_name: str | None = None, graph: bool = False, inputs: list[str] | None = None,
-          outputs: list[str] | None = None, check: bool = False) -> dict | None:
+          outputs: list[str] | None = None, check: bool = False) -> WriteReport | None:
     """Write tensors as an ONNX model (weights only, or into a template's graph).
 
     Args:
@@ -924,3 +904,32 @@ def _copy(t: Tensor, f, nbytes: int, where: Path) -> None:
         raise WriteError(where, f"source produced {written} bytes, expected {nbytes}", t.name)
 
 
+
+
+FORMAT = Format(
+    name=NAME,
+    description="ONNX model (weights: initializers, Constant nodes, subgraphs, external data)",
+    detect=detect,
+    read=read,
+    writers=(Writer("", write, dtypes.held_by("onnx"), suffix=".onnx"),),
+    options=(
+        Option("--initializers-only", "read", bool,
+               "ONNX: read graph initializers only (also in subgraphs), not Constant-node values"),
+        Option("--template", "write", str,
+               "ONNX model whose main-graph initializers are replaced by the tensors "
+               "(names, dtypes and shapes must match exactly)"),
+        Option("--opset", "write", int, "default-domain opset of the ONNX model (default 21; with --graph, "
+               "tf2onnx's default)"),
+        Option("--external-data-threshold", "write", int,
+               "total tensor bytes above which ONNX data goes to an external file (default 2000000000)"),
+        Option("--external-data-name", "write", str,
+               "file name of the ONNX external data file, beside the model (default <output name>.data)"),
+        Option("--graph", "write", bool, "convert the TensorFlow graph (TF1 checkpoint with .meta, or SavedModel) "
+               "to a runnable ONNX model with tf2onnx, instead of writing weights only (needs convert[tf])"),
+        Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
+        Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
+        Option("--check", "write", bool, "with --graph: run the ONNX model (onnxruntime) and TensorFlow on the same "
+               "random inputs and fail unless they agree within 1e-5"),
+    ),
+    suffixes=(".onnx",),
+)

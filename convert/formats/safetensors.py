@@ -28,13 +28,9 @@ from pathlib import Path
 from .. import dtypes
 from ..errors import CorruptFileError, ReadError, UsageError
 from ..ir import FileRegion, Tensor, TensorDict
-from ..registry import Option
+from .base import Format, Option, Writer
 
 NAME = "safetensors"
-OPTIONS = (
-    Option("--max-shard-size", "write", str,
-           "write a Hugging Face sharded folder with shards of at most this size (e.g. 5GB, 500MB)"),
-)
 
 _MAX_HEADER = 100 << 20  # the reference implementation refuses headers above 100 MB
 _INDEX_SUFFIX = ".safetensors.index.json"
@@ -244,3 +240,16 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise UsageError(f"--max-shard-size: '{text}' must be positive")
     return size
+
+
+FORMAT = Format(
+    name=NAME,
+    description="safetensors file, or a Hugging Face sharded folder / index.json",
+    detect=detect,
+    read=read,
+    writers=(Writer("", write, dtypes.held_by("safetensors"), suffix=".safetensors"),),
+    options=(Option("--max-shard-size", "write", str,
+                    "write a Hugging Face sharded folder with shards of at most this size (e.g. 5GB, 500MB)"),),
+    suffixes=(".safetensors",),
+    name_endings=(r"\.safetensors\.index\.json",),
+)

@@ -27,21 +27,17 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from .. import dtypes
 from ..errors import CorruptFileError, ReadError, UsageError
 from ..ir import TensorDict
-from ..registry import Option
 from . import tf_graph
+from .base import Format, Option, Writer
 from .tf_checkpoint import named, objects
 from .tf_checkpoint import protowire as pw
 from .tf_checkpoint.bundle import read_bundle
 from .tf_checkpoint.sstable import has_table_magic
 
 NAME = "saved-model"
-OPTIONS = (
-    objects.NAMES_OPTION,
-    Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
-    Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
-)
 
 _PB = "saved_model.pb"
 
@@ -163,3 +159,19 @@ def _fix_fingerprint_uuid(fingerprint: Path) -> None:
                     for n, w, v in pw.iter_fields(data) if n != 7)
     uuid = str(int(hashlib.sha256(kept).hexdigest()[:32], 16))
     fingerprint.write_bytes(kept + pw.field_bytes(7, uuid.encode()))
+
+
+FORMAT = Format(
+    name=NAME,
+    description="TensorFlow SavedModel directory (its variables)",
+    detect=detect,
+    read=read,
+    writers=(Writer("", write, dtypes.held_by("tf")),),
+    options=(
+        objects.NAMES_OPTION,
+        Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
+        Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
+    ),
+    name_endings=(r"\.pb",),
+    checksums="CRC-32C of every variable and of every block of the variables index",
+)

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..errors import ConvertError, MissingDependencyError, UsageError, VerificationError, WriteError
 from ..ir import TensorDict
 from ..lazy import np
+from .base import WriteReport
 
 
 def tensorflow():
@@ -238,7 +239,7 @@ def _tf2onnx():
 
 
 def write_onnx(td: TensorDict, path: Path, inputs: list[str], outputs: list[str], opset: int | None,
-               check: bool) -> dict:
+               check: bool) -> WriteReport:
     """Convert the source's TensorFlow graph, with the TensorDict's values, to an ONNX model at ``path``.
 
     The graph is frozen (variables become constants) and converted by tf2onnx. With
@@ -281,9 +282,10 @@ def write_onnx(td: TensorDict, path: Path, inputs: list[str], outputs: list[str]
     else:
         raise UsageError("--graph needs a TensorFlow source with a graph: a TF1 checkpoint with its .meta file, "
                          "or a SavedModel")
-    report = {"verify": False, "graph_inputs": inputs, "graph_outputs": outputs}
+    report: WriteReport = {"verify": False, "facts": {"graph_inputs": inputs, "graph_outputs": outputs}}
     if worst is not None:
-        report["check_max_abs_diff"] = worst
+        report["facts"]["check_max_abs_diff"] = worst
+        report["checked"] = f"checked against TensorFlow (max abs diff {worst:.2g})"
     return report
 
 

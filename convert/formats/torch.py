@@ -62,16 +62,10 @@ from .. import dtypes
 from ..errors import ConvertError, CorruptFileError, ReadError, WriteError
 from ..ir import ArraySource, FileRegion, Source, Tensor, TensorDict, mapped_checksums, zlib_crc32
 from ..lazy import np
-from ..registry import Option
 from . import torch_pickle as tp
+from .base import Format, Option, Writer
 
 NAME = "torch"
-OPTIONS = (
-    Option("--key", "read", str,
-           "dotted path of the state_dict inside a training checkpoint (e.g. model.state_dict); "
-           "'' for the top level. Default: found automatically"),
-    Option("--keep-prefix", "read", bool, "keep the 'module.' prefix DataParallel puts on every name"),
-)
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
 PROTOCOL_VERSION = 1001
@@ -569,9 +563,6 @@ def write(td: TensorDict, path: os.PathLike | str, **_opts) -> None:
         >>> write(TensorDict.from_arrays({"w": np.ones((2, 2), np.float32)}), "model.pt")  # doctest: +SKIP
     """
     path = os.fspath(path)
-    bad = [f"{t.name} ({t.dtype})" for t in td.values() if t.dtype.torch is None]
-    if bad:
-        raise WriteError(path, f"torch cannot hold these tensors: {', '.join(bad)}")
     entries = []
     storage_of: list[tuple[Tensor, tp.StorageOut, bool]] = []
     by_source: dict[int, tuple[Tensor, tp.StorageOut]] = {}
@@ -673,3 +664,21 @@ class _ZipWriter:
             f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
         f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
                             min(size, m32), min(directory, m32), 0))
+
+
+FORMAT = Format(
+    name=NAME,
+    description="PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
+    detect=detect,
+    read=read,
+    writers=(Writer("", write, dtypes.held_by("torch"), suffix=".pt", keeps_shared_storage=True),),
+    options=(
+        Option("--key", "read", str,
+               "dotted path of the state_dict inside a training checkpoint (e.g. model.state_dict); "
+               "'' for the top level. Default: found automatically"),
+        Option("--keep-prefix", "read", bool, "keep the 'module.' prefix DataParallel puts on every name"),
+    ),
+    suffixes=(".pt", ".pth"),
+    name_endings=(r"\.bin", r"\.ckpt"),
+    checksums="zip layouts: CRC-32 of every storage record (legacy pickle files have none)",
+)

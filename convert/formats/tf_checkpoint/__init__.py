@@ -34,13 +34,14 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import dtypes
 from ...errors import ConvertError, ReadError, UsageError, WriteError
 from ...ir import Tensor, TensorDict
-from ...registry import Option
+from ..base import Format, Option, Writer, WriteReport
 from . import metagraph, objects
 from .bundle import read_bundle, write_bundle
 from .slices import check_v1_dtypes, read_v1, write_v1_file
@@ -48,14 +49,6 @@ from .sstable import has_table_magic
 from .state import STATE_FILE, candidates, format_state, read_state, state_paths
 
 NAME = "tf-ckpt"
-
-OPTIONS = (
-    Option("--step", "read", int, "read the retained checkpoint of this global step "
-           "(from the directory's 'checkpoint' state file) instead of the latest"),
-    Option("--all-steps", "read", bool, "convert every checkpoint the 'checkpoint' state file retains"),
-    objects.NAMES_OPTION,
-    objects.OBJECT_GRAPH_OPTION,
-)
 
 DEFAULT_PREFIX = "model.ckpt"
 
@@ -333,9 +326,9 @@ def _prefix_for(td: TensorDict) -> str:
     return prefix
 
 
-def _write_checkpoints(tds: list[TensorDict], path: os.PathLike | str, opts: dict,
+def _write_checkpoints(tds: Sequence[TensorDict], path: os.PathLike | str, opts: dict,
                        write_files: Callable[[TensorDict, str], None], version: int,
-                       meta_graph: bool = True) -> dict:
+                       meta_graph: bool = True) -> WriteReport:
     """A new directory at ``path`` with one checkpoint per TensorDict, named after its
     ``tf.prefix``, each with its ``.meta`` graph when known, ``meta_graph`` and it fits
     (:func:`.metagraph.meta_for`), and a ``checkpoint`` state file listing them all, the last
@@ -365,7 +358,7 @@ def _write_checkpoints(tds: list[TensorDict], path: os.PathLike | str, opts: dic
     return {"notes": notes} if notes else {}
 
 
-def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, **opts) -> dict:
+def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, **opts) -> WriteReport:
     """Write a V2 checkpoint directory at ``path`` (which must not exist).
 
     It holds ``<prefix>.index``, ``<prefix>.data-00000-of-00001``, a ``checkpoint`` state
@@ -377,7 +370,8 @@ def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, *
     return write_steps([td], path, object_graph, **opts)
 
 
-def write_steps(tds: list[TensorDict], path: os.PathLike | str, object_graph: bool = False, **opts) -> dict:
+def write_steps(tds: Sequence[TensorDict], path: os.PathLike | str, object_graph: bool = False,
+                **opts) -> WriteReport:
     """Several V2 checkpoints (``--all-steps``) in one directory, as :func:`write` writes one;
     the state file lists them all, so ``tf.train.latest_checkpoint`` finds the last."""
     def write_files(td: TensorDict, prefix: str) -> None:
@@ -388,7 +382,7 @@ def write_steps(tds: list[TensorDict], path: os.PathLike | str, object_graph: bo
     return _write_checkpoints(tds, path, opts, write_files, 2, meta_graph=not object_graph)
 
 
-def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> dict:
+def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> WriteReport:
     """Write a V1 checkpoint directory at ``path``: the ``<prefix>`` table file, a
     ``checkpoint`` state file and the ``.meta`` graph when known (see :func:`write`).
 
@@ -398,12 +392,36 @@ def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> dict:
     return write_steps_v1([td], path, **opts)
 
 
-def write_steps_v1(tds: list[TensorDict], path: os.PathLike | str, **opts) -> dict:
+def write_steps_v1(tds: Sequence[TensorDict], path: os.PathLike | str, **opts) -> WriteReport:
     """Several V1 checkpoints in one directory (see :func:`write_steps`)."""
     for td in tds:
         check_v1_dtypes(list(td.values()), path)
     return _write_checkpoints(tds, path, opts, lambda td, prefix: write_v1_file(list(td.values()), prefix), 1)
 
 
-__all__ = ["NAME", "OPTIONS", "detect", "read", "named", "write", "write_v1", "write_steps", "write_steps_v1", "expand", "locate", "role_of",
-           "Located", "ConvertError"]
+FORMAT = Format(
+    name=NAME,
+    description="TensorFlow checkpoint, V1 or V2 (dir with 'checkpoint', prefix, .index, V1 file); writes V2",
+    detect=detect,
+    read=read,
+    writers=(
+        Writer("v2", write, dtypes.held_by("tf"), series=write_steps,
+               description="a folder with a V2 checkpoint, its 'checkpoint' state file and the .meta graph"),
+        Writer("v1", write_v1, dtypes.held_by("tf_v1"), series=write_steps_v1,
+               description="the V1 format (SavedTensorSlices), for legacy consumers"),
+    ),
+    options=(
+        Option("--step", "read", int, "read the retained checkpoint of this global step "
+               "(from the directory's 'checkpoint' state file) instead of the latest"),
+        Option("--all-steps", "read", bool, "convert every checkpoint the 'checkpoint' state file retains"),
+        objects.NAMES_OPTION,
+        objects.OBJECT_GRAPH_OPTION,
+    ),
+    expand=expand,
+    suffixes=(".index",),
+    name_endings=(r"\.data-\d+-of-\d+", r"\.ckpt"),
+    checksums="V2: CRC-32C of every tensor and of every index block; V1: CRC-32C of every table block",
+)
+
+__all__ = ["NAME", "FORMAT", "detect", "read", "named", "write", "write_v1", "write_steps", "write_steps_v1", "expand",
+           "locate", "role_of", "Located", "ConvertError"]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from ...errors import CorruptFileError
 from ...ir import Tensor
 from ...lazy import np
-from ...registry import Option
+from ..base import Option
 from . import protowire as pw
 
 NAMES_OPTION = Option("--names", "read", str, "TF2 object-based checkpoints: name tensors by the variables' names "

@@ -353,16 +353,12 @@ def _v1_producer(name: str, dtype: DType, shape: tuple[int, ...], slices: list) 
 
 # ------------------------------------------------------------- writing
 
-#: dtypes TF 2.21's V1 reader (TensorSliceReader) restores; others are refused on write.
-V1_DTYPES = ("float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16",
-             "bool", "complex64", "complex128", "string")
-
 _MAX_MESSAGE = (1 << 31) - 1  # protobuf cannot parse a larger message
 
 
 def check_v1_dtypes(tensors: list[Tensor], path) -> None:
     """Raise one WriteError listing every tensor whose dtype V1 cannot hold."""
-    bad = [f"{t.name} ({t.dtype})" for t in tensors if t.dtype.name not in V1_DTYPES]
+    bad = [f"{t.name} ({t.dtype})" for t in tensors if not t.dtype.tf_v1]  # TF's V1 reader restores the others
     if bad:
         raise WriteError(path, "TensorFlow V1 checkpoints cannot hold these dtypes: " + ", ".join(bad)
                          + "; write a V2 checkpoint (tf-ckpt) instead")

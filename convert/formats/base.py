@@ -1,0 +1,167 @@
+"""The adapter contract: everything a format module gives the core, typed.
+
+A format is one module (or package) under ``convert/formats/`` that defines ``FORMAT``, a
+:class:`Format`, and one row in :data:`convert.registry.FORMATS` naming that module. The core
+(api, cli, registry) reaches a format only through this record, never by its name or by looking
+attributes up on strings, so a type checker (``make lint`` runs mypy) verifies that every adapter
+provides what the core calls, with the signatures it calls it with.
+
+The callables' shapes are :class:`typing.Protocol` s (callback protocols), in the manner of
+onnx's ``ProtoSerializer`` and imageio's ``PluginV3``; the options (``*args, **options``) are
+left open, since each format declares its own as :class:`Option` s and receives only those:
+
+* :class:`Detect` -- ``detect(path) -> bool``: cheap, content-based, True only for this format's
+  files; "not mine" is False, never an exception (catch only your own parse failures and OSError).
+* :class:`Read` -- ``read(path, **read_options) -> TensorDict``: lazy (headers only).
+* :class:`Write` -- ``write(td, path, **write_options) -> WriteReport | None``; ``path`` is
+  inside a staging folder (convert.fileio) and does not exist yet.
+* :class:`WriteSeries` -- several checkpoints (``--all-steps``) into one output.
+* :class:`Expand` -- a path that names a series (a TF ``checkpoint`` state file's retained
+  steps) -> ``[(label, path of one member)]``, for ``--all-steps``.
+* :class:`Prepare` -- a writer's step before writing, e.g. resolving names against a template;
+  run before verification so that what is verified is what was meant to be written.
+* :class:`ReadBack` -- how verification reads a writer's output back, when plain ``read`` would
+  not give the names written (e.g. a writer that took raw keys).
+
+A format may have several writers (meshio's "writer ids"): ``tf-ckpt`` writes V2 by default and
+V1 as ``tf-ckpt:v1`` (also spelled ``tf-ckpt-v1``, an alias of the registry row). Each writer says
+which dtypes it holds, as a predicate over rows of the one dtype table (:mod:`convert.dtypes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+
+if TYPE_CHECKING:
+    from ..dtypes import DType
+    from ..ir import TensorDict
+
+
+@dataclass(frozen=True)
+class Option:
+    """A format-specific option, e.g. ``Option("--step", "read", int, "...")``, which the CLI turns
+    into a flag.
+
+    ``side`` is "read" or "write"; ``kind`` is ``int``, ``float``, ``str``, ``bool`` (a flag) or
+    ``list`` (repeatable string). ``dest`` is the keyword the adapter receives (from the flag name
+    unless given). Two formats may declare the same flag (``--template``); it is one flag.
+    """
+
+    flag: str
+    side: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None = None
+    default: object = None
+    dest: str | None = None
+
+    @property
+    def keyword(self) -> str:
+        return self.dest or self.flag.lstrip("-").replace("-", "_")
+
+
+class WriteReport(TypedDict, total=False):
+    """What a writer may tell the summary (every key optional)."""
+
+    notes: list[str]
+    """Lines for the user: what was left out, rewritten, filled in."""
+    verify: bool
+    """False: the output does not hold the tensors by name (a converted graph); the writer checked
+    the output itself and ``checked`` says how."""
+    checked: str
+    """How the writer checked its output, for the summary ("checked against TensorFlow ...")."""
+    facts: dict[str, Any]
+    """Machine-readable facts for ``--json`` (e.g. a max abs difference)."""
+
+
+class Detect(Protocol):
+    def __call__(self, path: Path, /) -> bool: ...
+
+
+class Read(Protocol):
+    def __call__(self, path: Path, /, *args: Any, **options: Any) -> TensorDict: ...
+
+
+class Write(Protocol):
+    def __call__(self, td: TensorDict, path: Path, /, *args: Any, **options: Any) -> WriteReport | None: ...
+
+
+class WriteSeries(Protocol):
+    def __call__(self, tds: Sequence[TensorDict], path: Path, /, *args: Any, **options: Any) -> WriteReport | None: ...
+
+
+class Expand(Protocol):
+    def __call__(self, path: Path, /, *args: Any, **read_options: Any) -> list[tuple[str, Path]]: ...
+
+
+class Prepare(Protocol):
+    def __call__(self, td: TensorDict, /, *args: Any, **write_options: Any) -> tuple[TensorDict, list[str]]: ...
+
+
+class ReadBack(Protocol):
+    def __call__(self, path: Path, write_options: Mapping[str, Any], /) -> list[TensorDict]: ...
+
+
+def holds_all(dtype: DType) -> bool:
+    """A writer that holds every dtype of the table."""
+    return True
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One way a format writes (``id`` ``""`` when a format has only one)."""
+
+    id: str
+    write: Write
+    holds: Callable[[DType], bool]
+    """Whether this writer can hold a dtype (a predicate over :data:`convert.dtypes.TABLE` rows);
+    the core refuses, before writing, every tensor it cannot, in one error."""
+    suffix: str = ""
+    """Ending of a default output file name (``.safetensors``); "" when the output is a folder."""
+    description: str = ""
+    series: WriteSeries | None = None
+    """Writes several checkpoints into one output (``--all-steps``); without it, one output each."""
+    prepare: Prepare | None = None
+    read_back: ReadBack | None = None
+    """How verification reads the output; default: the format's ``read`` (and ``expand`` for a series)."""
+    keeps_shared_storage: bool = False
+    """True when tensors that shared storage in the source stay shared (torch); otherwise the
+    summary notes that they were written as separate copies."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """Everything the core knows of a format. Defined once per adapter module, as ``FORMAT``."""
+
+    name: str
+    description: str
+    detect: Detect
+    read: Read | None
+    writers: tuple[Writer, ...] = ()
+    """The first is the default writer."""
+    options: tuple[Option, ...] = ()
+    expand: Expand | None = None
+    suffixes: tuple[str, ...] = ()
+    """File-name endings of this format's files: stripped from an input's name to name its default
+    output, and, when no format recognises a damaged file's content, the ending that picks the
+    reader whose precise error the user gets (only endings no other format uses: not ``.ckpt``)."""
+    name_endings: tuple[str, ...] = ()
+    """Regular expressions of further endings stripped from an input's name for its default output's
+    name that pick no reader (``.ckpt``, shared with torch; ``\\.data-\\d+-of-\\d+``)."""
+    checksums: str = ""
+    """What the format's own checksums cover (checked whenever the bytes they cover are read;
+    ``inspect --verify`` reads them all); "" when it has none."""
+
+    def writer(self, id: str | None = None) -> Writer:
+        """The writer ``id`` (the default one for None or "")."""
+        if not self.writers:
+            raise LookupError(f"{self.name} cannot be written")
+        if not id:
+            return self.writers[0]
+        for w in self.writers:
+            if w.id == id:
+                return w
+        raise LookupError(f"{self.name} has no writer '{id}' (writers: {', '.join(w.id for w in self.writers)})")
