@@ -22,6 +22,8 @@ from .lazy import np
 
 PathLike = os.PathLike | str
 DROPPED_BY_WEIGHTS_ONLY = ("optimizer", "step")
+READ_NOTE = "local.note."
+"""Metadata keys of this prefix hold what a reader tells the user (``local.``: never written out)."""
 
 
 def _format(path: PathLike, format: str | None) -> registry.FormatInfo:
@@ -391,7 +393,9 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         td, report = apply_maps(td, maps)
         if dtype:
             td = cast_floating(td, dtype)
-        info = {"source": str(path), "source_format": src_info.name, "source_tensors": source_count}
+        info = {"source": str(path), "source_format": src_info.name, "source_tensors": source_count,
+                # what the reader had to say (a stale state file...) comes before the writer's notes
+                "read_notes": [v for k, v in td.metadata.items() if k.startswith(READ_NOTE)]}
         if step is not None:
             info["label"] = step
         if report is not None:
@@ -408,10 +412,13 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
     if len(outs) == 1 and len(prepared) > 1:
         result = _write([td for td, _ in prepared], outs[0], dst_info, dst_writer, force, verify, write_opts, tick,
                         series=True)
-        outputs = [{**result, "sources": [info for _, info in prepared]}]
+        outputs = [{**result, "notes": [n for _, info in prepared for n in info.pop("read_notes")] + result["notes"],
+                    "sources": [info for _, info in prepared]}]
     else:
-        outputs = [{**_write([td], out, dst_info, dst_writer, force, verify, write_opts, tick, series=False), **info}
-                   for (td, info), out in zip(prepared, outs, strict=True)]
+        outputs = []
+        for (td, info), out in zip(prepared, outs, strict=True):
+            result = _write([td], out, dst_info, dst_writer, force, verify, write_opts, tick, series=False)
+            outputs.append({**result, "notes": info.pop("read_notes") + result["notes"], **info})
     return {"outputs": outputs, "seconds": round(time.perf_counter() - started, 3)}
 
 

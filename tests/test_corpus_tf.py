@@ -112,11 +112,28 @@ def test_corpus_roles_and_metadata():
 
 def test_pytorch_onnx_and_others_not_claimed():
     for p in CORPUS.rglob("*"):
-        if p.is_file() and (p.suffix in (".onnx", ".data", ".pb", ".txt", ".meta", ".md") or p.name == "checkpoint"
+        if p.is_file() and (p.suffix in (".onnx", ".data", ".pb", ".txt", ".md") or p.name == "checkpoint"
                             or "pytorch" in str(p) or "MNIST" in str(p)):
             if ".data-0" in p.name:
                 continue
             assert not tfc.detect(p), p
+
+
+def test_a_meta_graph_names_the_checkpoint_beside_it(tf):
+    """A ``.meta`` file stands for its checkpoint when there is one (TensorFlow reads its prefix)."""
+    metas = sorted(CORPUS.rglob("*.meta"))
+    assert metas
+    for meta in metas:
+        prefix = str(meta)[:-len(".meta")]
+        shards = sorted(meta.parent.glob(meta.name[:-len(".meta")] + "-?????-of-?????"))
+        pattern = prefix + "-?????-of-" + shards[0].name[-5:] if shards else prefix  # a sharded V1 Saver's
+        try:
+            expected = tf.compat.v1.train.NewCheckpointReader(pattern).get_variable_to_shape_map()
+        except Exception:  # noqa: BLE001 - TF's many errors for "no checkpoint here"
+            expected = None
+        assert tfc.detect(meta) == (expected is not None), meta
+        if expected is not None:
+            assert set(tfc.read(meta, names="keys")) == set(expected), meta
 
 
 def test_corpus_object_checkpoint_readable_names(tf):

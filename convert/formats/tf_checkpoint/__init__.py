@@ -34,7 +34,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from ...ir import Tensor, TensorDict
 from ..base import Format, Option, Writer, WriteReport
 from . import metagraph, objects
 from .bundle import read_bundle, write_bundle
-from .slices import check_v1_dtypes, read_v1, write_v1_file
+from .slices import GET_TENSOR_REFUSES_V1, check_v1_dtypes, read_v1, write_v1_file
 from .sstable import has_table_magic
 from .state import STATE_FILE, candidates, format_state, read_state, state_paths
 
@@ -66,6 +66,8 @@ class Located:
     version: int
     prefix: str
     files: tuple[str, ...] = ()
+    note: str = ""
+    """Said to the user when the checkpoint was found otherwise than asked (a stale state file)."""
 
     @property
     def concrete(self) -> Path:
@@ -79,10 +81,10 @@ def _v1_shards(prefix: str, of: str = "?????") -> list[str]:
     return sorted(glob.glob(glob.escape(prefix) + f"-?????-of-{of}"))
 
 
-def _locate_prefix(p: Path, strict: bool = False) -> Located | None:
-    """``strict`` (for detect) wants the table magic on an ``.index``; reading does not, so
-    that a damaged index gives a CorruptFileError rather than "not found"."""
-    s = str(p)
+def _locate_prefix(s: str, strict: bool = False) -> Located | None:
+    """The checkpoint of prefix ``s`` (a string: the prefix may be empty, ``dir/``, the files then
+    being ``dir/.index``...). ``strict`` (for detect) wants the table magic on an ``.index``;
+    reading does not, so that a damaged index gives a CorruptFileError rather than "not found"."""
     if os.path.isfile(s + ".index") and (not strict or has_table_magic(s + ".index")):
         return Located(2, s)
     m = _V1_PATTERN_RE.match(s)
@@ -90,7 +92,7 @@ def _locate_prefix(p: Path, strict: bool = False) -> Located | None:
         shards = [f for f in _v1_shards(m.group(1), m.group(2)) if has_table_magic(f)]
         return Located(1, m.group(1), tuple(shards)) if shards else None
     if os.path.isfile(s) and has_table_magic(s):
-        return _locate_v1_file(p)
+        return _locate_v1_file(Path(s))
     shards = [f for f in _v1_shards(s) if has_table_magic(f)]
     if shards:
         return Located(1, s, tuple(shards))
@@ -112,7 +114,9 @@ def _locate_file(p: Path, strict: bool = False) -> Located | None:
         return Located(2, s[:-len(".index")])
     m = _DATA_RE.match(s)
     if m:
-        return _locate_prefix(Path(m.group(1)), strict)
+        return _locate_prefix(m.group(1), strict)
+    if s.endswith(".meta"):  # a graph names the checkpoint beside it (if any)
+        return _locate_prefix(s[:-len(".meta")], strict)
     if has_table_magic(p):
         return _locate_v1_file(p)
     return None
@@ -133,24 +137,40 @@ def _locate_in_state(directory: Path, path: str) -> Located | None:
     return None
 
 
+def _prefixes_in(d: Path) -> list[str]:
+    """The V2 checkpoints of a folder, as prefixes (``d/`` for files named ``.index``...)."""
+    try:
+        names = sorted(x.name for x in d.iterdir() if x.name.endswith(".index") and has_table_magic(x))
+    except OSError as e:
+        raise ReadError(d, f"cannot list the directory: {e.strerror}") from None
+    return [os.path.join(str(d), n[:-len(".index")]) for n in names]
+
+
+def _shown(prefix: str) -> str:
+    return os.path.basename(prefix) or "(empty prefix: .index, .data-*)"
+
+
 def _locate_dir(d: Path) -> Located:
     st = read_state(d)
     if st is not None:
         loc = _locate_in_state(d, st.model_checkpoint_path)
-        if loc is None:
-            raise ReadError(d, f"the '{STATE_FILE}' file names checkpoint '{st.model_checkpoint_path}', "
-                            "which is not there (nor its basename in this directory)")
-        return loc
-    try:
-        found = sorted(x for x in d.iterdir() if x.name.endswith(".index") and has_table_magic(x))
-    except OSError as e:
-        raise ReadError(d, f"cannot list the directory: {e.strerror}") from None
+        if loc is not None:
+            return loc
+        found = _prefixes_in(d)
+        stale = f"the '{STATE_FILE}' file names checkpoint '{st.model_checkpoint_path}', which is not there"
+        if len(found) == 1:  # moved since it was written, renamed...: the folder's only checkpoint
+            return Located(2, found[0], note=f"{stale}; read the folder's only checkpoint, {_shown(found[0])}")
+        if found:
+            raise ReadError(d, f"{stale} (nor its basename in this directory), and the directory holds "
+                            f"{len(found)} checkpoints ({', '.join(map(_shown, found))}); name one")
+        raise ReadError(d, f"{stale} (nor its basename in this directory)")
+    found = _prefixes_in(d)
     if len(found) == 1:
-        return Located(2, str(found[0])[:-len(".index")])
+        return Located(2, found[0])
     if not found:
         raise ReadError(d, f"no '{STATE_FILE}' state file and no checkpoint in this directory")
     raise ReadError(d, f"no '{STATE_FILE}' state file and several checkpoints "
-                    f"({', '.join(x.name[:-6] for x in found)}); name one")
+                    f"({', '.join(map(_shown, found))}); name one")
 
 
 def locate(path: os.PathLike | str, step: int | None = None) -> Located:
@@ -162,12 +182,10 @@ def locate(path: os.PathLike | str, step: int | None = None) -> Located:
         return _locate_dir(p)
     if p.is_file():
         loc = _locate_file(p)
-        if loc is None and p.name.endswith(".meta"):
-            loc = _locate_prefix(Path(str(p)[:-len(".meta")]))
         if loc is None:
             raise ReadError(p, "not a TensorFlow checkpoint (no table magic at the end of the file)")
         return loc
-    loc = _locate_prefix(p)
+    loc = _locate_prefix(os.fspath(path))
     if loc is None:
         raise ReadError(p, "no such file, directory or checkpoint prefix")
     return loc
@@ -221,7 +239,7 @@ def expand(path: os.PathLike | str, step: int | None = None, all_steps: bool = F
 
 def _label(loc: Located) -> str:
     n = _step_of(loc.prefix)
-    return str(n) if n is not None else os.path.basename(loc.prefix)
+    return str(n) if n is not None else os.path.basename(loc.prefix) or "ckpt"
 
 
 # ------------------------------------------------------------------ detect / read
@@ -241,27 +259,38 @@ def detect(path: os.PathLike | str) -> bool:
             return any(x.name.endswith(".index") and has_table_magic(x) for x in p.iterdir())
         if p.is_file():
             return _locate_file(p, strict=True) is not None
-        return _locate_prefix(p, strict=True) is not None
+        return _locate_prefix(os.fspath(path), strict=True) is not None
     except (OSError, ValueError):
         return False
 
 
+# TF1 optimizers (tf.compat.v1.train.*Optimizer) name a variable's slots after the optimizer:
+# "w/Adam", "w/Adam_1", "w/Momentum", "w/RMSProp_1", "w/Ftrl_1"..., plus Adam's "beta1_power".
 _SLOT_RE = re.compile(
     r"/(Adam|Adam_1|Momentum|RMSProp|RMSProp_1|Adagrad|AdagradDA|AdagradDA_1|Adadelta|Adadelta_1"
-    r"|Ftrl|Ftrl_1|ProximalAdagrad|Nadam|Nadam_1|Adamax|Adamax_1)(_\d+)?$")
+    r"|Ftrl|Ftrl_1|ProximalAdagrad|Nadam|Nadam_1|Adamax|Adamax_1|LazyAdam|LazyAdam_1|AdamW|AdamW_1)(_\d+)?$")
 _POWER_RE = re.compile(r"(^|/)beta[12]_power(_\d+)?$")
+# Keras optimizers (tf.keras / tf_keras in TF1 graph mode, e.g. inside an Estimator) put their slots
+# and hyper-parameters in the optimizer's own scope, "training/" first when compile() made it:
+# "training/Adagrad/dense/kernel/accumulator", "training/Ftrl/dense/kernel/linear", "Adam/iter".
+_KERAS_SCOPE_RE = re.compile(
+    r"^(training(_\d+)?/)?(Adadelta|Adafactor|Adagrad|Adam|Adamax|AdamW|Ftrl|Lamb|LAMB|Lion|Nadam|RMSprop|SGD"
+    r"|LossScaleOptimizer)(_\d+)?/")
+# BERT's AdamWeightDecayOptimizer (and the LAMB of its successors): "bert/.../kernel/adam_m".
+_BERT_SLOT_RE = re.compile(r"/(adam|lamb)_[mv]$")
 _STEP_NAMES = {"global_step", "global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"}
 _OTHER_NAMES = {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
 
 
 def role_of(name: str) -> str:
-    """``step``, ``optimizer``, ``other`` or ``weight``, from the name as TF's savers write it."""
+    """``step``, ``optimizer``, ``other`` or ``weight``, from the name as TF's savers write it
+    (TF1 and Keras optimizers' slot names, TF2 object-graph keys)."""
     if name in _STEP_NAMES:
         return "step"
     if name in _OTHER_NAMES:
         return "other"
-    if (_SLOT_RE.search(name) or _POWER_RE.search(name) or ".OPTIMIZER_SLOT" in name
-            or name.startswith("optimizer/")):
+    if (_SLOT_RE.search(name) or _POWER_RE.search(name) or _KERAS_SCOPE_RE.match(name)
+            or _BERT_SLOT_RE.search(name) or ".OPTIMIZER_SLOT" in name or name.startswith("optimizer/")):
         return "optimizer"
     return "weight"
 
@@ -305,6 +334,8 @@ def read(path: os.PathLike | str, step: int | None = None, all_steps: bool = Fal
         "tf.checkpoint_version": str(loc.version),
         "tf.prefix": os.path.basename(loc.prefix),
     }
+    if loc.note:
+        metadata["local.note.tf.state_file"] = loc.note
     tensors = named(tensors, names, loc.prefix + ".index", metadata)
     for t in tensors:
         if t.name in ("global_step", "global_step/.ATTRIBUTES/VARIABLE_VALUE") and t.numel == 1 \
@@ -396,7 +427,21 @@ def write_steps_v1(tds: Sequence[TensorDict], path: os.PathLike | str, **opts) -
     """Several V1 checkpoints in one directory (see :func:`write_steps`)."""
     for td in tds:
         check_v1_dtypes(list(td.values()), path)
-    return _write_checkpoints(tds, path, opts, lambda td, prefix: write_v1_file(list(td.values()), prefix), 1)
+    report = _write_checkpoints(tds, path, opts, lambda td, prefix: write_v1_file(list(td.values()), prefix), 1)
+    unreadable = list(dict.fromkeys(t.name for td in tds for t in td.values() if t.dtype.name in GET_TENSOR_REFUSES_V1))
+    if unreadable:
+        report.setdefault("notes", []).append(
+            f"TensorFlow's Saver.restore and RestoreV2/RestoreSlice read every tensor written, but its "
+            f"tf.train.load_checkpoint(...).get_tensor refuses V1 {', '.join(GET_TENSOR_REFUSES_V1)} tensors "
+            f"('Data type not supported'): {', '.join(unreadable)}; a V2 checkpoint (tf-ckpt) has no such gap")
+    return report
+
+
+def read_back(path: Path, write_options: Mapping[str, object]) -> list[TensorDict]:
+    """What verification compares with what was written: every checkpoint of the output folder,
+    named as written (raw keys, unless the writer made the keys itself from readable names)."""
+    names = "readable" if write_options.get("object_graph") else "keys"
+    return [read(p, names=names) for _, p in expand(path, all_steps=True)]
 
 
 FORMAT = Format(
@@ -405,9 +450,9 @@ FORMAT = Format(
     detect=detect,
     read=read,
     writers=(
-        Writer("v2", write, dtypes.held_by("tf"), series=write_steps,
+        Writer("v2", write, dtypes.held_by("tf"), series=write_steps, read_back=read_back,
                description="a folder with a V2 checkpoint, its 'checkpoint' state file and the .meta graph"),
-        Writer("v1", write_v1, dtypes.held_by("tf_v1"), series=write_steps_v1,
+        Writer("v1", write_v1, dtypes.held_by("tf_v1"), series=write_steps_v1, read_back=read_back,
                description="the V1 format (SavedTensorSlices), for legacy consumers"),
     ),
     options=(

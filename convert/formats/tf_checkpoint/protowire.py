@@ -21,6 +21,7 @@ Decoding errors raise :class:`ProtoError`; callers turn it into a
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ...lazy import np
@@ -129,14 +130,25 @@ def field_fixed32(num: int, value: int) -> bytes:
 
 # ------------------------------------------------------- vectorised varints
 
+def _varint_sizes(v: np.ndarray) -> np.ndarray:
+    nbytes = np.ones(v.shape, dtype=np.int64)
+    for k in range(1, 10):
+        nbytes += (v >> np.uint64(7 * k)) > 0
+    return nbytes
+
+
+def varints_size(values: np.ndarray) -> int:
+    """The length of :func:`encode_varints` of ``values``, without encoding them."""
+    v = np.ascontiguousarray(values).reshape(-1).astype(np.int64).view(np.uint64)
+    return int(_varint_sizes(v).sum())
+
+
 def encode_varints(values: np.ndarray) -> bytes:
     """Packed varint encoding of an integer array (negatives as 64-bit two's complement)."""
     v = np.ascontiguousarray(values).reshape(-1).astype(np.int64).view(np.uint64)
     if v.size == 0:
         return b""
-    nbytes = np.ones(v.shape, dtype=np.int64)
-    for k in range(1, 10):
-        nbytes += (v >> np.uint64(7 * k)) > 0
+    nbytes = _varint_sizes(v)
     ends = np.cumsum(nbytes)
     starts = ends - nbytes
     out = np.zeros(int(ends[-1]), dtype=np.uint8)
@@ -150,13 +162,43 @@ def encode_varints(values: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def decode_varints(buf) -> np.ndarray:
-    """Decode packed varints into a uint64 array (vectorised)."""
+_WINDOW = 1 << 20  # bytes of packed varints decoded at a time: temporaries ~20x this, not the whole field's
+
+
+def decode_varints(buf, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Decode packed varints into a uint64 array (vectorised), or into ``convert`` of it, a window
+    at a time, so that the 64-bit temporaries never span the whole buffer."""
     b = np.frombuffer(buf, dtype=np.uint8)
     if b.size == 0:
-        return np.zeros(0, dtype=np.uint64)
+        out = np.zeros(0, dtype=np.uint64)
+        return convert(out) if convert else out
     if b[-1] & 0x80:
         raise ProtoError("truncated packed varints")
+    windows, start = [], 0
+    while start < b.size:
+        stop = min(start + _WINDOW, b.size)
+        if stop < b.size:  # end the window after the last complete varint in it
+            ends = np.flatnonzero(b[stop - 16:stop] < 0x80)
+            if ends.size == 0:
+                raise ProtoError("varint too long")
+            stop = stop - 16 + int(ends[-1]) + 1
+        windows.append((start, stop))
+        start = stop
+    out = None
+    pos = 0
+    for start, stop in windows:  # into one array of the final dtype: no list of parts to concatenate
+        raw = _decode_window(b[start:stop])
+        part = convert(raw) if convert else raw
+        if out is None:
+            out = part if len(windows) == 1 else np.empty(
+                sum(int(np.count_nonzero(b[a:z] < 0x80)) for a, z in windows), dtype=part.dtype)
+        if out is not part:
+            out[pos:pos + part.size] = part
+        pos += part.size
+    return out
+
+
+def _decode_window(b: np.ndarray) -> np.ndarray:
     ends = np.flatnonzero(b < 0x80)
     starts = np.empty_like(ends)
     starts[0] = 0

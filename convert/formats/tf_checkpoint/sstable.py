@@ -22,7 +22,7 @@ import bisect
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import google_crc32c
 
@@ -116,7 +116,7 @@ class TableReader:
 
     def __init__(self, path: os.PathLike | str, cache_blocks: int = 4):
         self.path = os.fspath(path)
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: OrderedDict[int, bytes | memoryview] = OrderedDict()
         self._cache_size = cache_blocks
         try:
             size = os.path.getsize(self.path)
@@ -143,7 +143,7 @@ class TableReader:
             raise CorruptFileError(self.path, f"bad table index: {e}") from None
         self._index_keys = [k for k, _ in self.index]
 
-    def read_block(self, handle: tuple[int, int], label: str | None = None) -> bytes:
+    def read_block(self, handle: tuple[int, int], label: str | None = None) -> bytes | memoryview:
         """The decoded contents of the block at ``handle``, crc-checked and decompressed."""
         offset, size = handle
         cached = self._cache.get(offset)
@@ -163,7 +163,7 @@ class TableReader:
         if stored != actual:
             raise CorruptFileError(self.path, f"block checksum mismatch at offset {offset}", label)
         if ctype == NO_COMPRESSION:
-            data = raw[:size]
+            data = memoryview(raw)[:size]  # no copy: a V1 block can hold a whole tensor
         elif ctype == SNAPPY:
             # The block starts with its decompressed length, which the decompressor allocates up
             # front (and aborts the process when it cannot): check it against snappy's best ratio.
@@ -255,6 +255,11 @@ class _BlockBuilder:
         self.last_key = b""
 
     def add(self, key: bytes, value) -> None:
+        self.add_header(key, len(value))
+        self.buf += value
+
+    def add_header(self, key: bytes, value_length: int) -> None:
+        """An entry whose value's bytes the caller appends (or streams) next."""
         shared = 0
         if self.counter < self.interval:
             n = min(len(key), len(self.last_key))
@@ -263,9 +268,8 @@ class _BlockBuilder:
         else:
             self.restarts.append(len(self.buf))
             self.counter = 0
-        self.buf += encode_varint(shared) + encode_varint(len(key) - shared) + encode_varint(len(value))
+        self.buf += encode_varint(shared) + encode_varint(len(key) - shared) + encode_varint(value_length)
         self.buf += key[shared:]
-        self.buf += value
         self.last_key = key
         self.counter += 1
 
@@ -273,10 +277,12 @@ class _BlockBuilder:
         return len(self.buf) + 4 * len(self.restarts) + 4
 
     def finish(self) -> bytearray:
-        for r in self.restarts:
-            self.buf += struct.pack("<I", r)
-        self.buf += struct.pack("<I", len(self.restarts))
+        self.buf += self.trailer()
         return self.buf
+
+    def trailer(self) -> bytes:
+        """The restart points and their count, which end the block."""
+        return struct.pack(f"<{len(self.restarts) + 1}I", *self.restarts, len(self.restarts))
 
     @property
     def empty(self) -> bool:
@@ -299,15 +305,44 @@ class TableWriter:
         self.pending: tuple[int, int] | None = None  # handle of the last flushed block, awaiting its index key
 
     def add(self, key: bytes, value) -> None:
+        self._next(key, len(value))
+        self.data.add(key, value)
+        if self.data.size_estimate() >= self.block_size:
+            self._flush()
+
+    def add_streamed(self, key: bytes, length: int, pieces: Iterable[bytes]) -> None:
+        """Like ``add(key, b"".join(pieces))``, same bytes, but a value larger than a block is
+        written as its pieces come (memory: one piece), not held whole."""
+        if length < self.block_size:
+            self.add(key, b"".join(pieces))
+            return
+        self._next(key, length)
+        self.data.add_header(key, length)  # the block with this entry is flushed right after it, as add() does
+        head, tail = bytes(self.data.buf), self.data.trailer()
+        crc, written = crc32c_extend(0, head), 0
+        self.f.write(head)
+        for piece in pieces:
+            crc = crc32c_extend(crc, piece)
+            self.f.write(piece)
+            written += len(piece)
+        if written != length:
+            raise ValueError(f"a streamed value gave {written} bytes, announced {length}")
+        crc = crc32c_extend(crc32c_extend(crc, tail), b"\x00")
+        self.f.write(tail + b"\x00" + struct.pack("<I", mask_crc(crc)))
+        size = len(head) + length + len(tail)
+        self.pending = (self.offset, size)
+        self.offset += size + TRAILER_SIZE
+        self.data.reset()
+
+    def _next(self, key: bytes, value_length: int) -> None:
         if self.last_key is not None and key <= self.last_key:
             raise ValueError(f"table keys must increase: {key!r} after {self.last_key!r}")
+        if self.last_key is not None and len(key) + value_length >= 2 * self.block_size:
+            self._flush()  # TF's TableBuilder::Add: an entry that would make its block overly large starts one
         if self.pending is not None:
             self.index.add(shortest_separator(self.last_key, key), encode_handle(*self.pending))
             self.pending = None
-        self.data.add(key, value)
         self.last_key = key
-        if self.data.size_estimate() >= self.block_size:
-            self._flush()
 
     def _flush(self) -> None:
         if self.data.empty:

@@ -138,12 +138,13 @@ def state_paths(directory: Path, st: CheckpointState) -> list[str]:
     return paths
 
 
-def candidates(directory: Path, p: str) -> list[Path]:
+def candidates(directory: Path, p: str) -> list[str]:
     """Where a path from the state file may be: as given (relative to ``directory``), then its
-    basename inside ``directory`` (for checkpoints moved since they were written)."""
-    given = Path(p) if os.path.isabs(p) else directory / p
+    basename inside ``directory`` (for checkpoints moved since they were written). Strings, not
+    Paths: a prefix may end with a separator (``run/``: the files are ``run/.index``...)."""
+    given = p if os.path.isabs(p) else os.path.join(str(directory), p)
     out = [given]
-    local = directory / re.split(r"[\\/]", p)[-1]  # also Windows paths
+    local = os.path.join(str(directory), re.split(r"[\\/]", p)[-1])  # also Windows paths
     if local != given:
         out.append(local)
     return out
