@@ -89,8 +89,8 @@ from .. import dtypes
 from ..errors import ConvertError, CorruptFileError, ReadError, UsageError, WriteError
 from ..ir import ArraySource, FileRegion, Tensor, TensorDict
 from ..lazy import np
+from ..wire import BYTES, ProtoError, check_shape, encode_varint, read_varint_from, tag
 from .base import Format, Option, Writer, WriteReport
-from .tf_checkpoint import protowire as pw
 
 NAME = "onnx"
 
@@ -122,19 +122,6 @@ _GRAPH_FIRST_TAGS = {(f << 3) | 2 for f in (1, 2, 5, 10, 11, 12, 13, 14, 15)} | 
 _MAX_TOP_FIELDS = 1_000_000
 
 
-def _read_varint(f) -> int | None:
-    result = shift = 0
-    while shift < 64:
-        b = f.read(1)
-        if not b:
-            return None
-        result |= (b[0] & 0x7F) << shift
-        if b[0] < 0x80:
-            return result
-        shift += 7
-    return None
-
-
 def detect(path: os.PathLike | str) -> bool:
     """True for an ONNX ``ModelProto`` file.
 
@@ -162,19 +149,19 @@ def detect(path: os.PathLike | str) -> bool:
             for _ in range(_MAX_TOP_FIELDS):
                 if pos == size:
                     break
-                key = _read_varint(f)
+                key = read_varint_from(f)
                 if key is None:
                     return False
                 field, wire = key >> 3, key & 7
                 if _MODEL_FIELDS.get(field) != wire:
                     return False
                 if wire == 0:
-                    value = _read_varint(f)
+                    value = read_varint_from(f)
                     if value is None or (field == 1 and not 1 <= value <= 100):
                         return False
                     pos = f.tell()
                 else:
-                    n = _read_varint(f)
+                    n = read_varint_from(f)
                     if n is None:
                         return False
                     start = f.tell()
@@ -270,7 +257,7 @@ def _strip_initializer_raw_data(p: Path) -> tuple[bytes, list[tuple[int, int] | 
     with open(p, "rb", buffering=1 << 16) as f:
 
         def varint() -> int:
-            v = _read_varint(f)
+            v = read_varint_from(f)
             if v is None:
                 raise _Malformed(f"truncated or bad varint at byte {f.tell()}")
             return v
@@ -284,7 +271,7 @@ def _strip_initializer_raw_data(p: Path) -> tuple[bytes, list[tuple[int, int] | 
 
         def copy_value(wire: int) -> bytes:
             if wire == 0:
-                return _varint(varint())
+                return encode_varint(varint())
             if wire == 1 or wire == 5:
                 n = 8 if wire == 1 else 4
                 data = f.read(n)
@@ -294,7 +281,7 @@ def _strip_initializer_raw_data(p: Path) -> tuple[bytes, list[tuple[int, int] | 
             if wire == 2:
                 end = length_end()
                 data = f.read(end - f.tell())
-                return _varint(len(data)) + data
+                return encode_varint(len(data)) + data
             raise _Malformed(f"unexpected wire type {wire} at byte {f.tell()}")
 
         def fields_until(end: int):
@@ -309,12 +296,12 @@ def _strip_initializer_raw_data(p: Path) -> tuple[bytes, list[tuple[int, int] | 
         out = bytearray()
         for key in fields_until(size):
             if key != (7 << 3 | 2):  # ModelProto.graph
-                out += _varint(key) + copy_value(key & 7)
+                out += encode_varint(key) + copy_value(key & 7)
                 continue
             graph = bytearray()
             for gkey in fields_until(length_end()):
                 if gkey != (5 << 3 | 2):  # GraphProto.initializer
-                    graph += _varint(gkey) + copy_value(gkey & 7)
+                    graph += encode_varint(gkey) + copy_value(gkey & 7)
                     continue
                 tensor = bytearray()
                 region = None
@@ -324,10 +311,10 @@ def _strip_initializer_raw_data(p: Path) -> tuple[bytes, list[tuple[int, int] | 
                         region = (f.tell(), end - f.tell())
                         f.seek(end)
                     else:
-                        tensor += _varint(tkey) + copy_value(tkey & 7)
+                        tensor += encode_varint(tkey) + copy_value(tkey & 7)
                 regions.append(region)
-                graph += _varint(gkey) + _varint(len(tensor)) + tensor
-            out += _varint(key) + _varint(len(graph)) + graph
+                graph += encode_varint(gkey) + encode_varint(len(tensor)) + tensor
+            out += encode_varint(key) + encode_varint(len(graph)) + graph
     return bytes(out), regions
 
 
@@ -501,12 +488,12 @@ class _GraphReader:
         raise CorruptFileError(self.path, "Constant node without a value attribute", name)
 
     def check_shape(self, shape: tuple[int, ...], name: str) -> None:
-        """Refuse negative dimensions and shapes no array can have (see :func:`.protowire.check_shape`)."""
+        """Refuse negative dimensions and shapes no array can have (see :func:`convert.check_shape`)."""
         if any(d < 0 for d in shape):
             raise CorruptFileError(self.path, f"negative dimension in shape {list(shape)}", name)
         try:
-            pw.check_shape(shape)
-        except pw.ProtoError as e:
+            check_shape(shape)
+        except ProtoError as e:
             raise CorruptFileError(self.path, str(e), name) from None
 
     def model_size(self) -> int:
@@ -627,18 +614,9 @@ def _onnx_type_name(code: int) -> str:
 
 # --------------------------------------------------------------------------- write
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _len_field(field: int, n: int) -> bytes:
     """Tag and length of a length-delimited field of ``n`` bytes."""
-    return _varint((field << 3) | 2) + _varint(n)
+    return tag(field, BYTES) + encode_varint(n)
 
 
 def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLike | None = None,

@@ -27,13 +27,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .. import dtypes
+from .. import dtypes, wire
 from ..errors import CorruptFileError, ReadError, UsageError
 from ..ir import TensorDict
 from . import tf_graph
 from .base import Format, Option, Writer
 from .tf_checkpoint import named, objects
-from .tf_checkpoint import protowire as pw
 from .tf_checkpoint.bundle import read_bundle
 from .tf_checkpoint.sstable import has_table_magic
 
@@ -59,15 +58,15 @@ def _signatures(pb: Path) -> dict[str, str]:
         raise ReadError(pb, f"cannot read: {e.strerror}") from None
     tags, sigs = [], []
     try:
-        for num, wt, meta_graph in pw.iter_fields(data):
-            if num != 2 or wt != pw.BYTES:  # SavedModel.meta_graphs
+        for num, wt, meta_graph in wire.iter_fields(data):
+            if num != 2 or wt != wire.BYTES:  # SavedModel.meta_graphs
                 continue
-            for n, w, v in pw.iter_fields(meta_graph):
-                if n == 1 and w == pw.BYTES:  # MetaInfoDef.tags = 4
-                    tags += [bytes(t).decode() for k, w2, t in pw.iter_fields(v) if k == 4 and w2 == pw.BYTES]
-                elif n == 5 and w == pw.BYTES:  # map<string, SignatureDef> entry: key = 1
-                    sigs += [bytes(k_).decode() for k, w2, k_ in pw.iter_fields(v) if k == 1 and w2 == pw.BYTES]
-    except (pw.ProtoError, UnicodeDecodeError) as e:
+            for n, w, v in wire.iter_fields(meta_graph):
+                if n == 1 and w == wire.BYTES:  # MetaInfoDef.tags = 4
+                    tags += [bytes(t).decode() for k, w2, t in wire.iter_fields(v) if k == 4 and w2 == wire.BYTES]
+                elif n == 5 and w == wire.BYTES:  # map<string, SignatureDef> entry: key = 1
+                    sigs += [bytes(k_).decode() for k, w2, k_ in wire.iter_fields(v) if k == 1 and w2 == wire.BYTES]
+    except (wire.ProtoError, UnicodeDecodeError) as e:
         raise CorruptFileError(pb, f"not a SavedModel protobuf ({e})") from None
     out = {}
     if tags:
@@ -155,10 +154,10 @@ def _fix_fingerprint_uuid(fingerprint: Path) -> None:
     if not fingerprint.is_file():
         return
     data = fingerprint.read_bytes()
-    kept = b"".join(pw.tag(n, w) + (pw.encode_varint(len(v)) + bytes(v) if w == pw.BYTES else pw.encode_varint(v))
-                    for n, w, v in pw.iter_fields(data) if n != 7)
+    kept = b"".join(wire.tag(n, w) + (wire.encode_varint(len(v)) + bytes(v) if w == wire.BYTES else wire.encode_varint(v))
+                    for n, w, v in wire.iter_fields(data) if n != 7)
     uuid = str(int(hashlib.sha256(kept).hexdigest()[:32], 16))
-    fingerprint.write_bytes(kept + pw.field_bytes(7, uuid.encode()))
+    fingerprint.write_bytes(kept + wire.field_bytes(7, uuid.encode()))
 
 
 FORMAT = Format(

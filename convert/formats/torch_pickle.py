@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from .. import dtypes
 from ..errors import printable
 from ..lazy import np
-from .tf_checkpoint.protowire import ProtoError, check_shape
+from ..wire import ProtoError, check_shape
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60

@@ -71,7 +71,7 @@ def _shape(buf) -> tuple[int | None, ...] | None:
         return None
     dims = []
     for dim in _messages(f, 2):
-        size = pw._signed64(_last_int(_fields(dim), 1))
+        size = pw.signed64(_last_int(_fields(dim), 1))
         dims.append(None if size < 0 else size)
     return tuple(dims)
 

@@ -26,8 +26,19 @@ from ...dtypes import DType, from_tf
 from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
 from ...ir import ArraySource, FileRegion, Source, Tensor
 from ...lazy import np
+from ...wire import (
+    BYTES,
+    FIXED32,
+    FIXED64,
+    ProtoError,
+    decode_varints,
+    encode_varint,
+    encode_varints,
+    field_bytes,
+    read_varint,
+)
 from . import protowire as pw
-from .protowire import Extent, ProtoError
+from .protowire import Extent
 from .sstable import NO_COMPRESSION, TRAILER_SIZE, TableReader, TableWriter, unmask_crc
 
 # ------------------------------------------------------------- slice keys (OrderedCode)
@@ -129,7 +140,7 @@ def tensor_proto_values(buf, dtype: DType, shape: tuple[int, ...]) -> np.ndarray
     n = math.prod(shape)
     fields = pw.decode_tensor_proto(buf)
     if dtype.kind == "string":
-        vals = [bytes(v) for wt, v in fields.get(pw.TP_STRING, []) if wt == pw.BYTES]
+        vals = [bytes(v) for wt, v in fields.get(pw.TP_STRING, []) if wt == BYTES]
         if len(vals) != n:
             raise ProtoError(f"{len(vals)} strings, expected {n}")
         arr = np.empty(n, dtype=object)
@@ -144,15 +155,15 @@ def tensor_proto_values(buf, dtype: DType, shape: tuple[int, ...]) -> np.ndarray
     if dtype.name in _FIXED_FIELDS:
         num, elem = _FIXED_FIELDS[dtype.name]
         width = 4 if elem in ("<f4", "<c8") else 8
-        wire = pw.FIXED32 if width == 4 else pw.FIXED64
-        if any(wt not in (pw.BYTES, wire) for wt, _ in fields.get(num, [])):
+        wire = FIXED32 if width == 4 else FIXED64
+        if any(wt not in (BYTES, wire) for wt, _ in fields.get(num, [])):
             raise ProtoError(f"field {num} has the wrong wire type")
-        pieces = [bytes(v) if wt == pw.BYTES else v.to_bytes(width, "little") for wt, v in fields.get(num, [])]
+        pieces = [bytes(v) if wt == BYTES else v.to_bytes(width, "little") for wt, v in fields.get(num, [])]
         arr = np.frombuffer(b"".join(pieces), dtype=dtype.numpy)
     elif dtype.name in _VARINT_FIELDS:
         num = _VARINT_FIELDS[dtype.name]
-        pieces = [bytes(v) if wt == pw.BYTES else pw.encode_varint(v) for wt, v in fields.get(num, [])]
-        raw = pw.decode_varints(b"".join(pieces))
+        pieces = [bytes(v) if wt == BYTES else encode_varint(v) for wt, v in fields.get(num, [])]
+        raw = decode_varints(b"".join(pieces))
         if dtype.name in ("float16", "bfloat16"):
             arr = raw.astype(np.uint16).view(dtype.numpy)
         elif dtype.name == "bool":
@@ -173,22 +184,22 @@ def encode_tensor_proto(arr: np.ndarray, dtype: DType) -> bytes:
     """A TensorProto holding only the typed value field, as TF's ``TensorSliceWriter`` writes it."""
     flat = arr.reshape(-1)
     if dtype.kind == "string":
-        return b"".join(pw.field_bytes(pw.TP_STRING, s) for s in flat)
+        return b"".join(field_bytes(pw.TP_STRING, s) for s in flat)
     if flat.size == 0:
         return b""  # an empty packed field is not written
     if dtype.name in _FIXED_FIELDS:
         num, elem = _FIXED_FIELDS[dtype.name]
-        return pw.field_bytes(num, np.ascontiguousarray(flat, dtype=elem).tobytes())
+        return field_bytes(num, np.ascontiguousarray(flat, dtype=elem).tobytes())
     num = _VARINT_FIELDS[dtype.name]
     if dtype.name in ("float16", "bfloat16"):
         ints = flat.view(np.uint16)
     else:
         ints = flat.astype(np.int64) if dtype.name != "uint64" else flat
     if dtype.name == "uint64":
-        packed = pw.encode_varints(ints.view(np.int64))
+        packed = encode_varints(ints.view(np.int64))
     else:
-        packed = pw.encode_varints(ints)
-    return pw.field_bytes(num, packed)
+        packed = encode_varints(ints)
+    return field_bytes(num, packed)
 
 
 # ------------------------------------------------------------- reading
@@ -269,9 +280,9 @@ def _raw_region(table: TableReader, key: bytes, name: str, dtype: DType, shape: 
                 if pos >= limit:
                     return None
                 head = os.pread(fd, 15 + len(key), off + pos)
-                shared, p = pw.read_varint(head, 0)
-                unshared, p = pw.read_varint(head, p)
-                vlen, p = pw.read_varint(head, p)
+                shared, p = read_varint(head, 0)
+                unshared, p = read_varint(head, p)
+                vlen, p = read_varint(head, p)
                 if p + unshared > len(head):
                     head = os.pread(fd, p + unshared, off + pos)
                 if shared > len(k) or p + unshared > len(head) or pos + p + unshared + vlen > limit:
@@ -301,14 +312,14 @@ def _packed_field(head: bytes, total: int, field: int) -> tuple[int, int] | None
         while True:
             if pos >= len(head):
                 return None
-            tag, pos = pw.read_varint(head, pos)
+            tag, pos = read_varint(head, pos)
             num, wire = tag >> 3, tag & 7
             if wire == 0:
-                _, pos = pw.read_varint(head, pos)
+                _, pos = read_varint(head, pos)
             elif wire in (1, 5):
                 pos += 8 if wire == 1 else 4
             elif wire == 2:
-                length, pos = pw.read_varint(head, pos)
+                length, pos = read_varint(head, pos)
                 if num == want:
                     if pos + length != end:  # not the last field: another layout
                         return None
@@ -375,15 +386,15 @@ def write_v1_file(tensors: list[Tensor], path: str) -> None:
     keyed = sorted(((slice_key(t.name, [Extent() for _ in t.shape]), t) for t in ordered), key=lambda kt: kt[0])
     with open(path, "wb") as f:
         table = TableWriter(f)
-        table.add(b"", pw.field_bytes(1, pw.encode_saved_meta(metas)))
+        table.add(b"", field_bytes(1, pw.encode_saved_meta(metas)))
         for key, t in keyed:
             values = encode_tensor_proto(t.numpy(), t.dtype)
-            saved_slice = (pw.field_bytes(1, t.name.encode("utf-8"))
-                           + pw.field_bytes(2, pw.encode_slice([Extent() for _ in t.shape]))
-                           + pw.field_bytes(3, values))
+            saved_slice = (field_bytes(1, t.name.encode("utf-8"))
+                           + field_bytes(2, pw.encode_slice([Extent() for _ in t.shape]))
+                           + field_bytes(3, values))
             if len(saved_slice) + 8 > _MAX_MESSAGE:
                 raise WriteError(path, f"a V1 checkpoint cannot hold a tensor of {t.nbytes} bytes "
                                  "(protobuf's 2 GB message limit); write a V2 checkpoint instead", t.name)
-            table.add(key, pw.field_bytes(2, saved_slice))
+            table.add(key, field_bytes(2, saved_slice))
         table.finish()
 
