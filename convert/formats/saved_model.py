@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .. import dtypes, wire
 from ..errors import CorruptFileError, ReadError, UsageError
+from ..frameworks import tensorflow
 from ..ir import TensorDict
 from . import tf_graph
 from .base import Format, Option, Writer
@@ -105,7 +106,7 @@ def read(path: Path, names: str | None = None) -> TensorDict:
 
 def write(td: TensorDict, path: Path, inputs: list[str] | None = None, outputs: list[str] | None = None) -> None:
     """Write a SavedModel directory at ``path`` (see module docstring)."""
-    tf = tf_graph.tensorflow()
+    tf = tensorflow()
     meta = tf_graph.meta_graph_of(td)
     if meta and (outputs or _has_predict_collection(tf, meta)):
         _write_graph(tf, td, Path(path), meta, inputs or [], outputs or [])

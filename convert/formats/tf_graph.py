@@ -19,30 +19,17 @@ Sources:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import ConvertError, MissingDependencyError, UsageError, VerificationError, WriteError
+from .. import frameworks
+from ..errors import ConvertError, UsageError, VerificationError, WriteError
 from ..ir import TensorDict
 from ..lazy import np
 from .base import WriteReport
-
-
-def tensorflow():
-    """TensorFlow, imported quietly: its C++ and Python logs would bury our one-line messages."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise MissingDependencyError("building a TensorFlow graph", "tensorflow", "tf") from None
-    tf.get_logger().setLevel(logging.ERROR)
-    tf.autograph.set_verbosity(0)
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    return tf
 
 
 def tensor_name(name: str) -> str:
@@ -68,7 +55,7 @@ def session(td: TensorDict, meta: str, path: os.PathLike | str) -> Iterator[tupl
     missing (optimizer slots, ``global_step`` after ``--weights-only``) start from their
     initial values, as in a freshly built graph.
     """
-    tf = tensorflow()
+    tf = frameworks.tensorflow()
     v1 = tf.compat.v1
     graph = tf.Graph()
     with graph.as_default(), v1.Session(graph=graph) as sess:
@@ -130,7 +117,7 @@ def input_shapes(graph, inputs: list[str], meta: str | None = None) -> dict[str,
     it), else is unknown (tf2onnx would take them as scalars)."""
     recorded = {}
     if meta:
-        tf = tensorflow()
+        tf = frameworks.tensorflow()
         meta_graph = tf.compat.v1.MetaGraphDef()
         with open(meta, "rb") as f:
             meta_graph.ParseFromString(f.read())
@@ -205,16 +192,9 @@ def check_onnx_against_tensorflow(model_path: Path, graph, sess, inputs: list[st
     largest absolute difference, or :class:`VerificationError` when an output differs by more
     than ``atol`` times its largest magnitude (at least 1): float32 cannot do better on large
     values, so 1e-5 is absolute for outputs up to 1 and relative beyond."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingDependencyError("--check", "onnxruntime", "onnx") from None
     feed = random_feed(graph, inputs, shapes)
     expected = sess.run(outputs, feed)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings would bury our one-line messages
-    so = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    got = so.run(outputs, feed)
+    got = frameworks.onnxruntime_session(model_path, "--check").run(outputs, feed)
     worst = 0.0
     for name, e, g in zip(outputs, expected, got, strict=True):
         if np.shape(e) != np.shape(g):
@@ -230,14 +210,6 @@ def check_onnx_against_tensorflow(model_path: Path, graph, sess, inputs: list[st
     return worst
 
 
-def _tf2onnx():
-    try:
-        import tf2onnx
-    except ImportError:
-        raise MissingDependencyError("converting a TensorFlow graph to ONNX", "tf2onnx", "tf") from None
-    return tf2onnx
-
-
 def write_onnx(td: TensorDict, path: Path, inputs: list[str], outputs: list[str], opset: int | None,
                check: bool) -> WriteReport:
     """Convert the source's TensorFlow graph, with the TensorDict's values, to an ONNX model at ``path``.
@@ -247,8 +219,8 @@ def write_onnx(td: TensorDict, path: Path, inputs: list[str], outputs: list[str]
     within 1e-5. Returns what the writer reports: the output's tensors are the frozen
     graph's constants, not the TensorDict by name, so name-by-name verification does not apply.
     """
-    tf = tensorflow()
-    tf2onnx = _tf2onnx()
+    tf = frameworks.tensorflow()
+    tf2onnx = frameworks.tf2onnx()
     meta = meta_graph_of(td)
     sm_dir = td.metadata.get("local.tf.saved_model_dir")
     if meta:

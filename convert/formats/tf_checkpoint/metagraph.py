@@ -150,7 +150,7 @@ def meta_for(td: TensorDict, version: int) -> tuple[bytes | None, str | None]:
 
 def _with_saver(meta: str, version: int) -> bytes:
     """The graph of ``meta`` exported again with a new saver writing/reading ``version``."""
-    from ..tf_graph import tensorflow
+    from ...frameworks import tensorflow
 
     v1 = tensorflow().compat.v1
     graph = v1.Graph()
