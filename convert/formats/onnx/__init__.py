@@ -85,12 +85,12 @@ import math
 import os
 from pathlib import Path
 
-from .. import dtypes
-from ..errors import ConvertError, CorruptFileError, ReadError, UsageError, WriteError
-from ..ir import ArraySource, FileRegion, Tensor, TensorDict
-from ..lazy import np
-from ..wire import BYTES, ProtoError, check_shape, encode_varint, read_varint_from, tag
-from .base import Format, Option, Writer, WriteReport
+from ... import dtypes
+from ...errors import ConvertError, CorruptFileError, ReadError, UsageError, WriteError
+from ...ir import ArraySource, FileRegion, Tensor, TensorDict
+from ...lazy import np
+from ...wire import BYTES, ProtoError, check_shape, encode_varint, read_varint_from, tag
+from ..base import Format, Option, Writer, WriteReport
 
 NAME = "onnx"
 
@@ -652,7 +652,7 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
     if graph:
         if template is not None:
             raise UsageError("--graph and --template exclude each other")
-        from . import tf_graph
+        from .. import tf_graph
 
         return tf_graph.write_onnx(td, out, inputs or [], outputs or [], opset, check)
     if inputs or outputs or check:
