@@ -24,17 +24,21 @@ TensorFlow holds every variable in memory while it saves; that is the framework'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import dtypes, wire
-from ..errors import CorruptFileError, ReadError, UsageError
+from ..errors import CorruptFileError, ReadError, UsageError, WriteError
 from ..frameworks import tensorflow
 from ..ir import TensorDict
-from . import tf_graph
-from .base import Format, Option, Writer
+from .base import Format, Writer
+from .tf_checkpoint import graph as tf_graph
 from .tf_checkpoint import named, objects
-from .tf_checkpoint.bundle import read_bundle
+from .tf_checkpoint.bundle import read_bundle, write_bundle
 from .tf_checkpoint.sstable import has_table_magic
 
 NAME = "saved-model"
@@ -161,6 +165,32 @@ def _fix_fingerprint_uuid(fingerprint: Path) -> None:
     fingerprint.write_bytes(kept + wire.field_bytes(7, uuid.encode()))
 
 
+@contextlib.contextmanager
+def saved_model_with_values(td: TensorDict, sm_dir: str) -> Iterator[Path]:
+    """A temporary copy of a SavedModel whose variables hold the TensorDict's values.
+
+    Each tensor goes back under its checkpoint key (``attrs["tf.key"]``, else its name);
+    keys the TensorDict lacks keep the SavedModel's own values.
+    """
+    original = read(Path(sm_dir), names="keys")
+    by_key = {t.attrs.get("tf.key", t.name): t for t in td.values()}
+    unknown = [t.name for k, t in by_key.items() if k not in original]
+    if unknown:
+        raise WriteError(sm_dir, f"tensors that are not variables of the SavedModel: {', '.join(unknown)}")
+    for key, t in by_key.items():
+        o = original[key]
+        if (o.dtype, o.shape) != (t.dtype, t.shape):
+            raise WriteError(sm_dir, f"{t.dtype} {list(t.shape)} does not fit the SavedModel's "
+                                     f"{o.dtype} {list(o.shape)}", t.name)
+    with tempfile.TemporaryDirectory(prefix="convert-sm-") as tmp:
+        copy = Path(tmp) / "saved_model"
+        shutil.copytree(sm_dir, copy, ignore=shutil.ignore_patterns("variables"))
+        (copy / "variables").mkdir()
+        write_bundle([by_key[k].renamed(k) if k in by_key else t for k, t in original.items()],
+                     str(copy / "variables" / "variables"))
+        yield copy
+
+
 FORMAT = Format(
     name=NAME,
     description="TensorFlow SavedModel directory (its variables)",
@@ -169,8 +199,8 @@ FORMAT = Format(
     writers=(Writer("", write, dtypes.held_by("tf")),),
     options=(
         objects.NAMES_OPTION,
-        Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
-        Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
+        tf_graph.INPUTS_OPTION,
+        tf_graph.OUTPUTS_OPTION,
     ),
     name_endings=(r"\.pb",),
     checksums="CRC-32C of every variable and of every block of the variables index",

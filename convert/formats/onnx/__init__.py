@@ -83,6 +83,7 @@ from __future__ import annotations
 
 from ... import dtypes
 from ..base import Format, Option, Writer
+from ..tf_checkpoint.graph import INPUTS_OPTION, OUTPUTS_OPTION
 from .reader import NAME, read
 from .walk import detect
 from .writer import write
@@ -107,8 +108,8 @@ FORMAT = Format(
                "file name of the ONNX external data file, beside the model (default <output name>.data)"),
         Option("--graph", "write", bool, "convert the TensorFlow graph (TF1 checkpoint with .meta, or SavedModel) "
                "to a runnable ONNX model with tf2onnx, instead of writing weights only (needs convert[tf])"),
-        Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
-        Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
+        INPUTS_OPTION,
+        OUTPUTS_OPTION,
         Option("--check", "write", bool, "with --graph: run the ONNX model (onnxruntime) and TensorFlow on the same "
                "random inputs and fail unless they agree within 1e-5"),
     ),

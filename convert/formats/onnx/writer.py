@@ -44,7 +44,7 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
             external file (default 2,000,000,000).
         external_data_name: that file's name, beside ``path`` (default ``<name>.data``).
         graph, inputs, outputs, check: convert the source's TensorFlow graph instead, see
-            :func:`convert.formats.tf_graph.write_onnx`.
+            :func:`convert.formats.onnx.from_tf.write_onnx`.
 
     Raises:
         WriteError: a template mismatch (all listed), a dtype ONNX cannot hold, an
@@ -62,9 +62,9 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
     if graph:
         if template is not None:
             raise UsageError("--graph and --template exclude each other")
-        from .. import tf_graph
+        from . import from_tf
 
-        return tf_graph.write_onnx(td, out, inputs or [], outputs or [], opset, check)
+        return from_tf.write_onnx(td, out, inputs or [], outputs or [], opset, check)
     if inputs or outputs or check:
         raise UsageError("--inputs, --outputs and --check apply to ONNX with --graph")
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else int(external_data_threshold)

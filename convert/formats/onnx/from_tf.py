@@ -1,114 +1,32 @@
-"""TensorFlow graphs with the IR's values: the part of conversion that truly needs TensorFlow.
+"""ONNX from a TensorFlow graph (``--graph``): the graph with the TensorDict's values, frozen and
+converted by tf2onnx, and with ``--check`` run by onnxruntime against TensorFlow.
 
-Weights move without TensorFlow; a *graph* (what a SavedModel signature or an ONNX model
-runs) can only be built, frozen and converted by TensorFlow and tf2onnx. This module is
-used by the SavedModel writer (graph export with a ``serving_default`` signature) and by
-the ONNX writer (``--graph``, through tf2onnx), so both take values from the TensorDict
-being written: after ``--map``, ``--dtype`` or ``--weights-only``, not from the source files.
+Weights move without TensorFlow; a *graph* (what an ONNX model runs) can only be built, frozen and
+converted by TensorFlow and tf2onnx (:mod:`convert.frameworks`). The values come from the
+TensorDict being written: after ``--map``, ``--dtype`` or ``--weights-only``, not from the source
+files.
 
 Sources:
 
-* a TF1 checkpoint with its ``.meta`` graph (``local.tf.meta_graph_path`` in the metadata):
-  inputs are ``--inputs`` or the graph's placeholders (``PlaceholderWithDefault`` ops such
-  as a dropout ``keep_prob`` keep their default); outputs are ``--outputs`` or the
-  graph's ``predict`` collection;
+* a TF1 checkpoint with its ``.meta`` graph (``local.tf.meta_graph_path`` in the metadata; see
+  :mod:`convert.formats.tf_checkpoint.graph` for its inputs and outputs);
 * a SavedModel (``local.tf.saved_model_dir``): its ``serving_default`` signature, with the
-  variables rewritten from the TensorDict into a temporary copy.
+  variables rewritten from the TensorDict into a temporary copy
+  (:func:`convert.formats.saved_model.saved_model_with_values`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from .. import frameworks
-from ..errors import ConvertError, UsageError, VerificationError, WriteError
-from ..ir import TensorDict
-from ..lazy import np
-from .base import WriteReport
-
-
-def tensor_name(name: str) -> str:
-    """``fc2/add`` -> ``fc2/add:0``; ``x:0`` unchanged."""
-    return name if ":" in name else name + ":0"
-
-
-def signature_key(name: str) -> str:
-    """``fc2/add:0`` -> ``fc2/add``."""
-    return name[:-2] if name.endswith(":0") else name
-
-
-def meta_graph_of(td: TensorDict) -> str | None:
-    meta = td.metadata.get("local.tf.meta_graph_path")
-    return meta if meta and os.path.isfile(meta) else None
-
-
-@contextlib.contextmanager
-def session(td: TensorDict, meta: str, path: os.PathLike | str) -> Iterator[tuple[object, object]]:
-    """A TF1 session holding ``meta``'s graph with the TensorDict's values in its variables.
-
-    Trainable variables must all be in ``td`` (listed in one error if not); others that are
-    missing (optimizer slots, ``global_step`` after ``--weights-only``) start from their
-    initial values, as in a freshly built graph.
-    """
-    tf = frameworks.tensorflow()
-    v1 = tf.compat.v1
-    graph = tf.Graph()
-    with graph.as_default(), v1.Session(graph=graph) as sess:
-        try:
-            v1.train.import_meta_graph(meta, clear_devices=True)
-        except Exception as e:  # TF raises many kinds here; all mean the same to the user
-            raise ConvertError(f"{meta}: TensorFlow cannot import this graph: {e}") from None
-        trainable = {v.op.name for v in v1.trainable_variables()}
-        variables = v1.global_variables()
-        missing = [v.op.name for v in variables if v.op.name not in td and v.op.name in trainable]
-        if missing:
-            raise WriteError(path, f"the graph's variables have no tensor in the source: {', '.join(missing)}")
-        sess.run(v1.variables_initializer([v for v in variables if v.op.name not in td]))
-        for var in (v for v in variables if v.op.name in td):
-            t = td[var.op.name]
-            if not var.shape.is_compatible_with(t.shape):  # old graphs leave some shapes unknown
-                raise WriteError(path, f"shape {list(t.shape)} does not fit the graph's {var.shape}", t.name)
-            var.load(t.numpy(), sess)
-        yield graph, sess
-
-
-def graph_io(graph, inputs: list[str], outputs: list[str]) -> tuple[list[str], list[str]]:
-    """Input and output tensor names: as given, else the placeholders the outputs depend on
-    and the ``predict`` collection."""
-    outputs = [tensor_name(n) for n in outputs] or [t.name for t in graph.get_collection("predict")]
-    if not outputs:
-        raise UsageError("name the graph's outputs with --outputs (it has no 'predict' collection)")
-    _check_names(graph, outputs)
-    inputs = [tensor_name(n) for n in inputs] or \
-        [op.outputs[0].name for op in _ancestors(graph, outputs) if op.type == "Placeholder"]
-    _check_names(graph, inputs)
-    return inputs, outputs
-
-
-def _check_names(graph, names: list[str]) -> None:
-    for n in names:
-        try:
-            graph.get_tensor_by_name(n)
-        except (KeyError, ValueError) as e:
-            raise UsageError(f"the graph has no tensor '{n}' ({e})") from None
-
-
-def _ancestors(graph, outputs: list[str]) -> list:
-    """The ops the outputs depend on, in graph order (a training graph's ``labels`` placeholder is not one)."""
-    seen, todo = set(), [graph.get_tensor_by_name(tensor_name(n)).op for n in outputs]
-    while todo:
-        op = todo.pop()
-        if op.name in seen:
-            continue
-        seen.add(op.name)
-        todo.extend(t.op for t in op.inputs)
-        todo.extend(op.control_inputs)
-    return [op for op in graph.get_operations() if op.name in seen]
+from ... import frameworks
+from ...errors import ConvertError, UsageError, VerificationError
+from ...ir import TensorDict
+from ...lazy import np
+from ..base import WriteReport
+from ..saved_model import saved_model_with_values
+from ..tf_checkpoint.graph import graph_io, meta_graph_of, session
 
 
 def input_shapes(graph, inputs: list[str], meta: str | None = None) -> dict[str, list[int | None]]:
@@ -155,35 +73,6 @@ def random_feed(graph, inputs: list[str], shapes: dict[str, list[int | None]], s
         else:
             raise UsageError(f"--check cannot make random values for input '{name}' of dtype {dtype}")
     return feed
-
-
-@contextlib.contextmanager
-def saved_model_with_values(td: TensorDict, sm_dir: str) -> Iterator[Path]:
-    """A temporary copy of a SavedModel whose variables hold the TensorDict's values.
-
-    Each tensor goes back under its checkpoint key (``attrs["tf.key"]``, else its name);
-    keys the TensorDict lacks keep the SavedModel's own values.
-    """
-    from . import saved_model
-    from .tf_checkpoint.bundle import write_bundle
-
-    original = saved_model.read(Path(sm_dir), names="keys")
-    by_key = {t.attrs.get("tf.key", t.name): t for t in td.values()}
-    unknown = [t.name for k, t in by_key.items() if k not in original]
-    if unknown:
-        raise WriteError(sm_dir, f"tensors that are not variables of the SavedModel: {', '.join(unknown)}")
-    for key, t in by_key.items():
-        o = original[key]
-        if (o.dtype, o.shape) != (t.dtype, t.shape):
-            raise WriteError(sm_dir, f"{t.dtype} {list(t.shape)} does not fit the SavedModel's "
-                                     f"{o.dtype} {list(o.shape)}", t.name)
-    with tempfile.TemporaryDirectory(prefix="convert-sm-") as tmp:
-        copy = Path(tmp) / "saved_model"
-        shutil.copytree(sm_dir, copy, ignore=shutil.ignore_patterns("variables"))
-        (copy / "variables").mkdir()
-        write_bundle([by_key[k].renamed(k) if k in by_key else t for k, t in original.items()],
-                     str(copy / "variables" / "variables"))
-        yield copy
 
 
 def check_onnx_against_tensorflow(model_path: Path, graph, sess, inputs: list[str], outputs: list[str],
