@@ -36,10 +36,10 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .. import dtypes
-from ..errors import printable
-from ..lazy import np
-from ..wire import ProtoError, check_shape
+from ... import dtypes
+from ...errors import printable
+from ...lazy import np
+from ...wire import ProtoError, check_shape
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60

@@ -17,7 +17,7 @@ caffe2/serialize/inline_container.h. Three layouts exist, told apart by content:
 * (the pre-0.4 tar layout is not supported.)
 
 Reading never runs code from the file and never imports torch: the pickle goes through
-:mod:`convert.formats.torch_pickle`'s restricted unpickler, which refuses every global a
+:mod:`convert.formats.torch.torch_pickle`'s restricted unpickler, which refuses every global a
 state_dict does not need, like ``torch.load(weights_only=True)`` does. We use it even when
 torch is installed, because it gives what ``torch.load`` cannot: lazy per-tensor reads
 (each tensor a :class:`~convert.ir.FileRegion` into the zip member, found from the local
@@ -58,12 +58,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import dtypes
-from ..errors import ConvertError, CorruptFileError, ReadError, WriteError
-from ..ir import ArraySource, FileRegion, Source, Tensor, TensorDict, mapped_checksums, zlib_crc32
-from ..lazy import np
+from ... import dtypes
+from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
+from ...ir import ArraySource, FileRegion, Source, Tensor, TensorDict, mapped_checksums, zlib_crc32
+from ...lazy import np
+from ..base import Format, Option, Writer
 from . import torch_pickle as tp
-from .base import Format, Option, Writer
 
 NAME = "torch"
 
