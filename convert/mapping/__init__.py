@@ -30,17 +30,17 @@ from pathlib import Path
 
 import yaml
 
-from . import dtypes
-from .dtypes import DType
-from .errors import ConvertError, MappingError
-from .ir import ArraySource, Tensor, TensorDict, derived
-from .lazy import np
+from .. import dtypes
+from ..dtypes import DType
+from ..errors import ConvertError, MappingError
+from ..ir import ArraySource, Tensor, TensorDict, derived
+from ..lazy import np
 
 SCHEMA_VERSION = 1
 # Installed from a wheel the presets are convert/mappings; in the source tree, the top-level mappings/.
-MAPPINGS_DIR = next((d for d in (Path(__file__).resolve().parent / "mappings",
-                                 Path(__file__).resolve().parent.parent / "mappings") if d.is_dir()),
-                    Path(__file__).resolve().parent.parent / "mappings")
+_PACKAGE = Path(__file__).resolve().parent.parent  # convert/
+MAPPINGS_DIR = next((d for d in (_PACKAGE / "mappings", _PACKAGE.parent / "mappings") if d.is_dir()),
+                    _PACKAGE.parent / "mappings")
 """Where presets live: ``mappings/<name>.yaml`` next to the package (the lead handles packaging)."""
 
 UNMATCHED_POLICIES = ("error", "keep", "drop")
