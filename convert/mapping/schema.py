@@ -11,7 +11,7 @@ import yaml
 
 from .. import dtypes
 from ..dtypes import DType
-from ..errors import ConvertError, MappingError
+from ..errors import MappingError, UsageError
 from .rules import UNMATCHED_POLICIES, Rule, RuleSet
 from .transforms import Cast, Concat, Reshape, Split, Squeeze, Transform, Transpose, Unsqueeze
 
@@ -189,7 +189,7 @@ class _Builder:
         name = self.string(node, what)
         try:
             return dtypes.by_name(name)
-        except ConvertError as e:
+        except UsageError as e:
             raise self.error(node, f"{what}: {e}") from None
 
     def template(self, node, what: str, pattern: re.Pattern) -> str:

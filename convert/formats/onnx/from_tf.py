@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from ... import frameworks
-from ...errors import ConvertError, UsageError, VerificationError
+from ...errors import ReadError, UsageError, VerificationError, WriteError
 from ...ir import TensorDict
 from ...lazy import np
 from ..base import WriteReport
@@ -131,7 +131,7 @@ def write_onnx(td: TensorDict, path: Path, inputs: list[str], outputs: list[str]
                 frozen, inputs, outputs = tf2onnx.tf_loader.from_saved_model(
                     str(copy), inputs or None, outputs or None, signatures=["serving_default"])
             except Exception as e:  # tf2onnx/TF raise many kinds; all mean the same to the user
-                raise ConvertError(f"{sm_dir}: TensorFlow cannot load this SavedModel's signature: {e}") from None
+                raise ReadError(sm_dir, f"TensorFlow cannot load this SavedModel's signature: {e}") from None
             _save_onnx(tf2onnx, frozen, inputs, outputs, opset, path, None)
             worst = None
             if check:
@@ -159,7 +159,7 @@ def _save_onnx(tf2onnx, graph_def, inputs: list[str], outputs: list[str], opset:
                                                   # a copy: tf2onnx rewrites it in place (None -> -1)
                                                   shape_override={k: list(v) for k, v in (shapes or {}).items()} or None)
     except Exception as e:  # tf2onnx raises many kinds for unsupported ops
-        raise ConvertError(f"tf2onnx cannot convert this graph: {e}") from None
+        raise WriteError(path, f"tf2onnx cannot convert this graph: {e}") from None
     model.producer_version = model.producer_version or ""
     if model.ByteSize() > 2_000_000_000:  # protobuf's limit: weights go to an external data file
         onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")

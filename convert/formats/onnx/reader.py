@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ... import dtypes
-from ...errors import ConvertError, CorruptFileError, ReadError
+from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError
 from ...ir import ArraySource, FileRegion, Tensor, TensorDict
 from ...lazy import np
 from ...wire import ProtoError, check_shape
@@ -275,7 +275,7 @@ class _GraphReader:
     def dtype_shape(self, proto, name: str):
         try:
             dtype = dtypes.from_onnx(proto.data_type)
-        except ConvertError:
+        except UnsupportedDTypeError:
             raise ReadError(self.path, f"unsupported ONNX data type {_onnx_type_name(proto.data_type)}", name) from None
         shape = tuple(int(d) for d in proto.dims)
         self.check_shape(shape, name)

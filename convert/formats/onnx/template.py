@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ... import dtypes
-from ...errors import ConvertError, ReadError, WriteError
+from ...errors import ReadError, UnsupportedDTypeError, WriteError
 from ...ir import Tensor, TensorDict
 from .reader import _EXTERNAL, _load_model, _onnx_type_name
 
@@ -28,7 +28,7 @@ def _template_model(td: TensorDict, template: Path, out: Path):
         want_shape = tuple(int(d) for d in init.dims)
         try:
             want_dtype = dtypes.from_onnx(init.data_type).name
-        except ConvertError:
+        except UnsupportedDTypeError:
             want_dtype = _onnx_type_name(init.data_type)
         t = td.get(init.name)
         if t is None:

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 from ... import wire
 from ...dtypes import DType, from_tf
-from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
+from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
 from ...ir import ArraySource, FileRegion, Tensor
 from ...lazy import np
 from ...wire import ProtoError
@@ -99,7 +99,7 @@ def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
         entry = decode(key, name)
         try:
             dtype = from_tf(entry.dtype)
-        except ConvertError:
+        except UnsupportedDTypeError:
             raise ReadError(index_path, f"unsupported TensorFlow dtype {entry.dtype}", name) from None
         shape = entry.shape
         if not entry.slices:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 
 from ... import frameworks
-from ...errors import ConvertError, UsageError, WriteError
+from ...errors import ReadError, UsageError, WriteError
 from ...ir import TensorDict
 from ..base import Option
 
@@ -56,7 +56,7 @@ def session(td: TensorDict, meta: str, path: os.PathLike | str) -> Iterator[tupl
         try:
             v1.train.import_meta_graph(meta, clear_devices=True)
         except Exception as e:  # TF raises many kinds here; all mean the same to the user
-            raise ConvertError(f"{meta}: TensorFlow cannot import this graph: {e}") from None
+            raise ReadError(meta, f"TensorFlow cannot import this graph: {e}") from None
         trainable = {v.op.name for v in v1.trainable_variables()}
         variables = v1.global_variables()
         missing = [v.op.name for v in variables if v.op.name not in td and v.op.name in trainable]

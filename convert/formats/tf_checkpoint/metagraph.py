@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 
 from ...dtypes import from_tf
-from ...errors import ConvertError, MissingDependencyError
+from ...errors import MissingDependencyError, UnsupportedDTypeError
 from ...ir import TensorDict
 from . import protowire as pw
 
@@ -111,7 +111,7 @@ def misfits(td: TensorDict, variables: dict[str, tuple[int | None, tuple | None]
         t = td[base]
         try:
             graph_dtype = None if dtype is None else from_tf(dtype)
-        except ConvertError:
+        except UnsupportedDTypeError:
             graph_dtype = None  # a dtype of no checkpoint (resource...): nothing to compare
         if graph_dtype is not None and graph_dtype != t.dtype:
             out.append(f"{name} ({t.dtype}, the graph has {graph_dtype})")

@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable
 
 from ...dtypes import DType, from_tf
-from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
+from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
 from ...ir import ArraySource, FileRegion, Source, Tensor
 from ...lazy import np
 from ...wire import (
@@ -223,7 +223,7 @@ def read_v1(files: list[str]) -> tuple[list[Tensor], int]:
         for m in metas:
             try:
                 dtype = from_tf(m.dtype)
-            except ConvertError:
+            except UnsupportedDTypeError:
                 raise ReadError(table.path, f"unsupported TensorFlow dtype {m.dtype}", m.name) from None
             if m.name in merged:
                 prev = merged[m.name]

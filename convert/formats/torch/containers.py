@@ -31,15 +31,25 @@ def detect(path: Path) -> bool:
             head = f.read(64)
             if head.startswith(b"PK\x03\x04"):
                 f.seek(0)
-                return _zip_prefix(zipfile.ZipFile(f)) is not None
+                return _zip_prefix(_open_zip(f)) is not None
             if head.startswith(_LEGACY_HEAD):
                 return True
             if head.startswith(b"\x80") and len(head) > 2:  # other pickle protocols: read the first object
                 f.seek(0)
                 return tp.load(io.BytesIO(f.read(4096)), allow_globals=False) == MAGIC_NUMBER
-    except Exception:  # noqa: BLE001 - detect answers "not mine" for anything it cannot parse
-        return False
+    except (OSError, zipfile.BadZipFile, tp.RefusedGlobal, tp.PickleFormatError, tp.DamagedPickle):
+        return False  # not mine: no zip, no pickle (or not torch's)
     return False
+
+
+def _open_zip(f) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(f)``, a damaged archive always being :class:`zipfile.BadZipFile` (zipfile also
+    raises NotImplementedError for a version it does not know and UnicodeDecodeError for a name
+    flagged UTF-8 that is not)."""
+    try:
+        return zipfile.ZipFile(f)
+    except (NotImplementedError, ValueError) as e:
+        raise zipfile.BadZipFile(f"{type(e).__name__}: {e}") from None
 
 
 def _zip_prefix(zf: zipfile.ZipFile) -> str | None:

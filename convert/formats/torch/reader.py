@@ -97,6 +97,10 @@ def read(path: os.PathLike | str, key: str | None = None, keep_prefix: bool = Fa
                         "If this is a whole pickled model, save model.state_dict() instead") from None
     except tp.PickleFormatError as e:
         raise CorruptFileError(path, f"not a torch state_dict pickle: {e}") from None
+    except tp.DamagedPickle as e:
+        if isinstance(e.cause, (pickle.UnpicklingError, EOFError)):
+            raise CorruptFileError(path, f"damaged pickle: {e.cause or 'unexpected end of data'}") from None
+        raise CorruptFileError(path, f"damaged checkpoint ({type(e.cause).__name__}: {e.cause})") from None
     except zipfile.BadZipFile as e:
         raise CorruptFileError(path, f"damaged zip archive: {e}") from None
     except (pickle.UnpicklingError, EOFError) as e:

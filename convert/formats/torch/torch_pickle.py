@@ -62,6 +62,15 @@ class PickleFormatError(Exception):
     """The pickle is well formed but does not describe torch objects the way torch writes them."""
 
 
+class DamagedPickle(Exception):
+    """The bytes are not a pickle the unpickler can follow: it stopped with ``cause`` (an unknown
+    opcode, a missing memo entry, an empty stack, a truncated argument...)."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 # ---- stand-ins -------------------------------------------------------------------------------
 
 # torch's legacy typed storage classes (torch/storage.py _dtype_to_storage_type_map) -> dtype name.
@@ -450,8 +459,16 @@ def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: 
     more bytes than it has left (a ``BINBYTES8``/``FRAME`` claiming terabytes would otherwise
     make the file object allocate that much up front), and the result must be a finite tree
     (see :func:`check_object_graph`).
+
+    Raises :class:`RefusedGlobal`, :class:`PickleFormatError` or :class:`DamagedPickle` (and
+    OSError from ``file``), nothing else.
     """
-    obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals).load()
+    try:
+        obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals).load()
+    except (RefusedGlobal, PickleFormatError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - pickle's machinery on malformed bytes: KeyError, IndexError, struct.error...
+        raise DamagedPickle(e) from None
     check_object_graph(obj)
     return obj
 
