@@ -194,8 +194,6 @@ def _emit(model, tensors: list[Tensor], out: Path, data_name: str | None, onnx) 
                         _copy(t, d, where[2], data_path)
     except FileExistsError as e:
         raise WriteError(e.filename, "already exists") from None
-    except OSError as e:
-        raise WriteError(out, f"cannot write: {e.strerror or e}") from None
 
 
 def _ser(message) -> bytes:

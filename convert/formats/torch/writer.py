@@ -68,8 +68,6 @@ def write(td: TensorDict, path: os.PathLike | str, **_opts) -> None:
         raise
     except FileExistsError:
         raise WriteError(path, "already exists") from None
-    except OSError as e:
-        raise WriteError(path, f"cannot write: {e.strerror or e}") from None
 
 
 class _ZipWriter:
