@@ -16,6 +16,7 @@ from .errors import (
     MissingDependencyError,
     ReadError,
     UnknownFormatError,
+    UnsupportedDTypeError,
     UsageError,
     VerificationError,
     WriteError,
@@ -27,5 +28,5 @@ __version__ = "0.1.0"
 __all__ = [
     "convert", "inspect", "read", "write", "Tensor", "TensorDict",
     "ConvertError", "CorruptFileError", "MappingError", "MissingDependencyError", "ReadError",
-    "UnknownFormatError", "UsageError", "VerificationError", "WriteError",
+    "UnknownFormatError", "UnsupportedDTypeError", "UsageError", "VerificationError", "WriteError",
 ]

@@ -283,8 +283,8 @@ def cast_floating(td: TensorDict, dtype: str) -> TensorDict:
             if lost.any():
                 bad = wide_in[lost]
                 worst = bad[np.argmax(np.where(np.isinf(bad), np.inf, np.abs(bad)))]
-                raise ConvertError(f"tensor '{t.name}': value {worst:g} cannot be held by {target}; "
-                                   f"leave it out with --exclude or pick a wider --dtype")
+                raise WriteError(None, f"value {worst:g} cannot be held by {target}; "
+                                       "leave it out with --exclude or pick a wider --dtype", t.name)
             return out
         return derived(t, fn, target, t.shape)
 

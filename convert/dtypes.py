@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import ConvertError, UsageError
+from .errors import UnsupportedDTypeError, UsageError
 from .lazy import np
 
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # NumPy has them from ml_dtypes
@@ -119,7 +119,7 @@ def _lookup(table: dict, key, what: str) -> DType:
     try:
         return table[key]
     except KeyError:
-        raise ConvertError(f"unsupported {what} dtype {key!r}") from None
+        raise UnsupportedDTypeError(f"unsupported {what} dtype {key!r}") from None
 
 
 def from_tf(enum: int) -> DType:

@@ -31,6 +31,11 @@ class UnknownFormatError(UsageError):
     """No format has that name."""
 
 
+class UnsupportedDTypeError(ConvertError):
+    """A dtype (a TensorFlow, ONNX, safetensors, torch or NumPy code) the dtype table has no row for;
+    a reader turns it into a :class:`ReadError` naming the file and tensor."""
+
+
 class MissingDependencyError(ConvertError):
     """An optional dependency is needed for this operation; the message says what to install."""
 
@@ -54,8 +59,8 @@ class _PathError(ConvertError):
             parts.append(f"tensor '{printable(tensor)}'")
         prefix = ": ".join(parts)
         # messages quote what files hold (storage keys, shard names, framework errors): one line, escaped
-        message = printable(" ".join(str(message).split()))
-        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.message = printable(" ".join(str(message).split()))
+        super().__init__(f"{prefix}: {self.message}" if prefix else self.message)
 
 
 class ReadError(_PathError):

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     from zlib import crc32 as zlib_crc32
 
 from .dtypes import DType
-from .errors import ConvertError, CorruptFileError, ReadError
+from .errors import CorruptFileError, ReadError, UsageError, WriteError
 
 CHUNK = 16 << 20  # bytes per streamed chunk: big enough for throughput, small enough for memory
 
@@ -58,7 +58,7 @@ class Source:
             if progress:
                 progress(len(piece))
         if written != nbytes:
-            raise ConvertError(f"source produced {written} bytes, expected {nbytes}")
+            raise ReadError(None, f"source produced {written} bytes, expected {nbytes}")
         return crc
 
     def digest(self, nbytes: int) -> int:
@@ -328,17 +328,17 @@ class Tensor:
         if self.dtype.kind == "string":
             arr = _as_bytes_array(arr)
         elif arr.dtype != self.dtype.numpy:
-            raise ConvertError(f"tensor '{self.name}': source produced {arr.dtype}, expected {self.dtype}")
+            raise ReadError(None, f"source produced {arr.dtype}, expected {self.dtype}", self.name)
         if tuple(arr.shape) != self.shape:
             if arr.size != self.numel:
-                raise ConvertError(f"tensor '{self.name}': source produced shape {arr.shape}, expected {self.shape}")
+                raise ReadError(None, f"source produced shape {arr.shape}, expected {self.shape}", self.name)
             arr = arr.reshape(self.shape)
         return arr if arr.flags.c_contiguous else arr.copy(order="C")  # ascontiguousarray makes 0-d 1-d
 
     def chunks(self, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
         """The raw bytes (little-endian, C order) in pieces of at most ``size`` bytes."""
         if self.dtype.kind == "string":
-            raise ConvertError(f"tensor '{self.name}': string tensors have no raw byte form")
+            raise WriteError(None, "string tensors have no raw byte form", self.name)
         return self.source.chunks(self.nbytes, size)
 
     def copy_into(self, out: BinaryIO, progress: Callable[[int], None] | None = None,
@@ -346,12 +346,12 @@ class Tensor:
         """Write the raw bytes to the file ``out`` at its position, by the fastest means the
         source allows; return their CRC-32C (see :func:`digest` and :meth:`Source.copy_into`)."""
         if self.dtype.kind == "string":
-            raise ConvertError(f"tensor '{self.name}': string tensors have no raw byte form")
+            raise WriteError(None, "string tensors have no raw byte form", self.name)
         try:
             return self.source.copy_into(out, self.nbytes, progress, verified_after)
-        except ConvertError as e:
-            if type(e) is ConvertError:  # a source's own complaint: say which tensor
-                raise ConvertError(f"tensor '{self.name}': {e}") from None
+        except ReadError as e:
+            if e.path is None and e.tensor is None:  # a source's own complaint: say which tensor
+                raise type(e)(None, e.message, self.name) from None
             raise
 
     def tobytes(self) -> bytes:
@@ -401,7 +401,7 @@ class TensorDict(Mapping[str, Tensor]):
         items: dict[str, Tensor] = {}
         for t in tensors:
             if t.name in items:
-                raise ConvertError(f"two tensors are named '{t.name}'")
+                raise UsageError(f"two tensors are named '{t.name}'")
             items[t.name] = t
         self._tensors = items
         self.metadata: Mapping[str, str] = MappingProxyType({str(k): str(v) for k, v in (metadata or {}).items()})

@@ -1,4 +1,4 @@
-"""Unit tests of the mapping engine (convert/mapping.py), the presets, diff and suggest.
+"""Unit tests of the mapping engine (convert/mapping/), the presets, diff and suggest.
 
 Values are checked against NumPy doing the same operation on the input arrays
 (np.transpose, np.reshape, np.split, np.concatenate...), never against our own output.

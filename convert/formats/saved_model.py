@@ -24,17 +24,21 @@ TensorFlow holds every variable in memory while it saves; that is the framework'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from .. import dtypes
-from ..errors import CorruptFileError, ReadError, UsageError
+from .. import dtypes, wire
+from ..errors import CorruptFileError, ReadError, UsageError, WriteError
+from ..frameworks import tensorflow
 from ..ir import TensorDict
-from . import tf_graph
-from .base import Format, Option, Writer
+from .base import Format, Writer
+from .tf_checkpoint import graph as tf_graph
 from .tf_checkpoint import named, objects
-from .tf_checkpoint import protowire as pw
-from .tf_checkpoint.bundle import read_bundle
+from .tf_checkpoint.bundle import read_bundle, write_bundle
 from .tf_checkpoint.sstable import has_table_magic
 
 NAME = "saved-model"
@@ -59,15 +63,15 @@ def _signatures(pb: Path) -> dict[str, str]:
         raise ReadError(pb, f"cannot read: {e.strerror}") from None
     tags, sigs = [], []
     try:
-        for num, wt, meta_graph in pw.iter_fields(data):
-            if num != 2 or wt != pw.BYTES:  # SavedModel.meta_graphs
+        for num, wt, meta_graph in wire.iter_fields(data):
+            if num != 2 or wt != wire.BYTES:  # SavedModel.meta_graphs
                 continue
-            for n, w, v in pw.iter_fields(meta_graph):
-                if n == 1 and w == pw.BYTES:  # MetaInfoDef.tags = 4
-                    tags += [bytes(t).decode() for k, w2, t in pw.iter_fields(v) if k == 4 and w2 == pw.BYTES]
-                elif n == 5 and w == pw.BYTES:  # map<string, SignatureDef> entry: key = 1
-                    sigs += [bytes(k_).decode() for k, w2, k_ in pw.iter_fields(v) if k == 1 and w2 == pw.BYTES]
-    except (pw.ProtoError, UnicodeDecodeError) as e:
+            for n, w, v in wire.iter_fields(meta_graph):
+                if n == 1 and w == wire.BYTES:  # MetaInfoDef.tags = 4
+                    tags += [bytes(t).decode() for k, w2, t in wire.iter_fields(v) if k == 4 and w2 == wire.BYTES]
+                elif n == 5 and w == wire.BYTES:  # map<string, SignatureDef> entry: key = 1
+                    sigs += [bytes(k_).decode() for k, w2, k_ in wire.iter_fields(v) if k == 1 and w2 == wire.BYTES]
+    except (wire.ProtoError, UnicodeDecodeError) as e:
         raise CorruptFileError(pb, f"not a SavedModel protobuf ({e})") from None
     out = {}
     if tags:
@@ -106,7 +110,7 @@ def read(path: Path, names: str | None = None) -> TensorDict:
 
 def write(td: TensorDict, path: Path, inputs: list[str] | None = None, outputs: list[str] | None = None) -> None:
     """Write a SavedModel directory at ``path`` (see module docstring)."""
-    tf = tf_graph.tensorflow()
+    tf = tensorflow()
     meta = tf_graph.meta_graph_of(td)
     if meta and (outputs or _has_predict_collection(tf, meta)):
         _write_graph(tf, td, Path(path), meta, inputs or [], outputs or [])
@@ -155,10 +159,36 @@ def _fix_fingerprint_uuid(fingerprint: Path) -> None:
     if not fingerprint.is_file():
         return
     data = fingerprint.read_bytes()
-    kept = b"".join(pw.tag(n, w) + (pw.encode_varint(len(v)) + bytes(v) if w == pw.BYTES else pw.encode_varint(v))
-                    for n, w, v in pw.iter_fields(data) if n != 7)
+    kept = b"".join(wire.tag(n, w) + (wire.encode_varint(len(v)) + bytes(v) if w == wire.BYTES else wire.encode_varint(v))
+                    for n, w, v in wire.iter_fields(data) if n != 7)
     uuid = str(int(hashlib.sha256(kept).hexdigest()[:32], 16))
-    fingerprint.write_bytes(kept + pw.field_bytes(7, uuid.encode()))
+    fingerprint.write_bytes(kept + wire.field_bytes(7, uuid.encode()))
+
+
+@contextlib.contextmanager
+def saved_model_with_values(td: TensorDict, sm_dir: str) -> Iterator[Path]:
+    """A temporary copy of a SavedModel whose variables hold the TensorDict's values.
+
+    Each tensor goes back under its checkpoint key (``attrs["tf.key"]``, else its name);
+    keys the TensorDict lacks keep the SavedModel's own values.
+    """
+    original = read(Path(sm_dir), names="keys")
+    by_key = {t.attrs.get("tf.key", t.name): t for t in td.values()}
+    unknown = [t.name for k, t in by_key.items() if k not in original]
+    if unknown:
+        raise WriteError(sm_dir, f"tensors that are not variables of the SavedModel: {', '.join(unknown)}")
+    for key, t in by_key.items():
+        o = original[key]
+        if (o.dtype, o.shape) != (t.dtype, t.shape):
+            raise WriteError(sm_dir, f"{t.dtype} {list(t.shape)} does not fit the SavedModel's "
+                                     f"{o.dtype} {list(o.shape)}", t.name)
+    with tempfile.TemporaryDirectory(prefix="convert-sm-") as tmp:
+        copy = Path(tmp) / "saved_model"
+        shutil.copytree(sm_dir, copy, ignore=shutil.ignore_patterns("variables"))
+        (copy / "variables").mkdir()
+        write_bundle([by_key[k].renamed(k) if k in by_key else t for k, t in original.items()],
+                     str(copy / "variables" / "variables"))
+        yield copy
 
 
 FORMAT = Format(
@@ -169,8 +199,8 @@ FORMAT = Format(
     writers=(Writer("", write, dtypes.held_by("tf")),),
     options=(
         objects.NAMES_OPTION,
-        Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
-        Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
+        tf_graph.INPUTS_OPTION,
+        tf_graph.OUTPUTS_OPTION,
     ),
     name_endings=(r"\.pb",),
     checksums="CRC-32C of every variable and of every block of the variables index",

@@ -375,16 +375,11 @@ def _write_checkpoints(tds: Sequence[TensorDict], path: os.PathLike | str, opts:
         out.mkdir()
     except FileExistsError:
         raise WriteError(out, "already exists") from None
-    except OSError as e:
-        raise WriteError(out, f"cannot create the directory: {e.strerror}") from None
-    try:
-        for td, prefix, (meta, _) in zip(tds, prefixes, metas, strict=True):
-            write_files(td, str(out / prefix))
-            if meta is not None:
-                (out / (prefix + ".meta")).write_bytes(meta)
-        (out / STATE_FILE).write_text(format_state(prefixes[-1], prefixes))
-    except OSError as e:
-        raise WriteError(out, f"cannot write: {e.strerror}") from None
+    for td, prefix, (meta, _) in zip(tds, prefixes, metas, strict=True):
+        write_files(td, str(out / prefix))
+        if meta is not None:
+            (out / (prefix + ".meta")).write_bytes(meta)
+    (out / STATE_FILE).write_text(format_state(prefixes[-1], prefixes))
     notes = list(dict.fromkeys(note for _, note in metas if note))
     return {"notes": notes} if notes else {}
 

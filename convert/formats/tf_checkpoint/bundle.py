@@ -22,12 +22,13 @@ import os
 import struct
 from collections.abc import Iterable
 
+from ... import wire
 from ...dtypes import DType, from_tf
-from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
+from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
 from ...ir import ArraySource, FileRegion, Tensor
 from ...lazy import np
-from . import protowire as pw
-from .protowire import BundleEntry, BundleHeader, ProtoError
+from ...wire import ProtoError
+from .protowire import BundleEntry, BundleHeader
 from .slices import assemble, slice_bounds, slice_key
 from .sstable import TableReader, TableWriter, crc32c_extend, mask_crc, unmask_crc
 
@@ -98,7 +99,7 @@ def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
         entry = decode(key, name)
         try:
             dtype = from_tf(entry.dtype)
-        except ConvertError:
+        except UnsupportedDTypeError:
             raise ReadError(index_path, f"unsupported TensorFlow dtype {entry.dtype}", name) from None
         shape = entry.shape
         if not entry.slices:
@@ -141,7 +142,7 @@ def read_string_tensor(path: str, entry: BundleEntry, shape: tuple[int, ...], na
         if len(ends) != n:
             raise ProtoError("lengths are truncated")
         lengths_end = int(ends[-1]) + 1 if n else 0
-        lengths = pw.decode_varints(data[:lengths_end])
+        lengths = wire.decode_varints(data[:lengths_end])
         if len(lengths) != n:
             raise ProtoError("lengths are malformed")
     except ProtoError as e:
@@ -181,7 +182,7 @@ def encode_string_tensor(arr: np.ndarray) -> tuple[list[bytes], int]:
     lengths = np.array([len(s) for s in flat], dtype=np.uint64)
     crc = _lengths_crc(lengths)
     checksum = struct.pack("<I", mask_crc(crc))
-    pieces = [pw.encode_varints(lengths.view(np.int64)), checksum, *flat]
+    pieces = [wire.encode_varints(lengths.view(np.int64)), checksum, *flat]
     for p in pieces[1:]:
         crc = crc32c_extend(crc, p)
     return pieces, crc

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 
 from ...dtypes import from_tf
-from ...errors import ConvertError, MissingDependencyError
+from ...errors import MissingDependencyError, UnsupportedDTypeError
 from ...ir import TensorDict
 from . import protowire as pw
 
@@ -71,7 +71,7 @@ def _shape(buf) -> tuple[int | None, ...] | None:
         return None
     dims = []
     for dim in _messages(f, 2):
-        size = pw._signed64(_last_int(_fields(dim), 1))
+        size = pw.signed64(_last_int(_fields(dim), 1))
         dims.append(None if size < 0 else size)
     return tuple(dims)
 
@@ -111,7 +111,7 @@ def misfits(td: TensorDict, variables: dict[str, tuple[int | None, tuple | None]
         t = td[base]
         try:
             graph_dtype = None if dtype is None else from_tf(dtype)
-        except ConvertError:
+        except UnsupportedDTypeError:
             graph_dtype = None  # a dtype of no checkpoint (resource...): nothing to compare
         if graph_dtype is not None and graph_dtype != t.dtype:
             out.append(f"{name} ({t.dtype}, the graph has {graph_dtype})")
@@ -150,7 +150,7 @@ def meta_for(td: TensorDict, version: int) -> tuple[bytes | None, str | None]:
 
 def _with_saver(meta: str, version: int) -> bytes:
     """The graph of ``meta`` exported again with a new saver writing/reading ``version``."""
-    from ..tf_graph import tensorflow
+    from ...frameworks import tensorflow
 
     v1 = tensorflow().compat.v1
     graph = v1.Graph()

@@ -35,11 +35,12 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
+from ... import wire
 from ...errors import CorruptFileError
 from ...ir import Tensor
 from ...lazy import np
+from ...wire import ProtoError
 from ..base import Option
-from . import protowire as pw
 
 NAMES_OPTION = Option("--names", "read", str, "TF2 object-based checkpoints: name tensors by the variables' names "
                       "(readable, the default) or by the raw checkpoint keys (keys)", choices=("readable", "keys"))
@@ -65,10 +66,10 @@ def _sub_fields(buf) -> tuple[dict[int, int], dict[int, str]]:
     protobuf); a field of the wrong wire type is ignored, as protobuf does with unknown fields."""
     ints: dict[int, int] = {}
     texts: dict[int, str] = {}
-    for k, w, x in pw.iter_fields(buf):
-        if w == pw.VARINT:
-            ints[k] = pw._signed64(x)
-        elif w == pw.BYTES:
+    for k, w, x in wire.iter_fields(buf):
+        if w == wire.VARINT:
+            ints[k] = wire.signed64(x)
+        elif w == wire.BYTES:
             texts[k] = _text(x)
     return ints, texts
 
@@ -76,12 +77,12 @@ def _sub_fields(buf) -> tuple[dict[int, int], dict[int, str]]:
 def parse_object_graph(data: bytes) -> list[_Node]:
     """Decode a serialized ``TrackableObjectGraph``."""
     nodes = []
-    for num, wt, val in pw.iter_fields(data):
-        if num != 1 or wt != pw.BYTES:
+    for num, wt, val in wire.iter_fields(data):
+        if num != 1 or wt != wire.BYTES:
             continue
         node = _Node()
-        for n, w, v in pw.iter_fields(val):
-            if w != pw.BYTES:
+        for n, w, v in wire.iter_fields(val):
+            if w != wire.BYTES:
                 continue
             ints, texts = _sub_fields(v)
             if n == 1:
@@ -127,7 +128,7 @@ def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]
         return tensors, []
     try:
         nodes = parse_object_graph(graph.numpy().reshape(-1)[0])
-    except (pw.ProtoError, IndexError, ValueError) as e:
+    except (ProtoError, IndexError, ValueError) as e:
         raise CorruptFileError(path, f"object graph cannot be decoded ({e})", GRAPH_KEY) from None
     model = _model_nodes(nodes)
     local_names: dict[int, set[str]] = {}
@@ -237,14 +238,14 @@ def object_based(tensors: list[Tensor], path: str) -> list[Tensor]:
     graph = bytearray()
     out = []
     for node, kids in enumerate(children):
-        body = b"".join(pw.field_bytes(1, pw.field_varint(1, child) + pw.field_bytes(2, local.encode()))
+        body = b"".join(wire.field_bytes(1, wire.field_varint(1, child) + wire.field_bytes(2, local.encode()))
                         for local, child in kids.items())
         if node in variable_of:
             t = variable_of[node]
             key = f"{keys[node]}/.ATTRIBUTES/VARIABLE_VALUE"
-            body += pw.field_bytes(2, pw.field_bytes(1, b"VARIABLE_VALUE") + pw.field_bytes(2, t.name.encode())
-                                   + pw.field_bytes(3, key.encode()))
+            body += wire.field_bytes(2, wire.field_bytes(1, b"VARIABLE_VALUE") + wire.field_bytes(2, t.name.encode())
+                                   + wire.field_bytes(3, key.encode()))
             out.append(Tensor(key, t.dtype, t.shape, t.source, t.attrs))
-        graph += pw.field_bytes(1, body)
+        graph += wire.field_bytes(1, body)
     out.append(Tensor.from_array(GRAPH_KEY, np.array(bytes(graph), dtype=object), {"role": "other"}))
     return sorted(out, key=lambda t: t.name.encode())

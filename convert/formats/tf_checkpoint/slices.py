@@ -24,11 +24,24 @@ import struct
 from collections.abc import Callable, Iterator
 
 from ...dtypes import DType, from_tf
-from ...errors import ConvertError, CorruptFileError, ReadError, WriteError
+from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
 from ...ir import ArraySource, FileRegion, Source, Tensor
 from ...lazy import np
+from ...wire import (
+    BYTES,
+    FIXED32,
+    FIXED64,
+    ProtoError,
+    decode_varints,
+    encode_varint,
+    encode_varints,
+    field_bytes,
+    read_varint,
+    tag,
+    varints_size,
+)
 from . import protowire as pw
-from .protowire import Extent, ProtoError
+from .protowire import Extent
 from .sstable import NO_COMPRESSION, TRAILER_SIZE, TableReader, TableWriter, unmask_crc
 
 # ------------------------------------------------------------- slice keys (OrderedCode)
@@ -130,7 +143,7 @@ def tensor_proto_values(buf, dtype: DType, shape: tuple[int, ...]) -> np.ndarray
     n = math.prod(shape)
     fields = pw.decode_tensor_proto(buf)
     if dtype.kind == "string":
-        vals = [bytes(v) for wt, v in fields.get(pw.TP_STRING, []) if wt == pw.BYTES]
+        vals = [bytes(v) for wt, v in fields.get(pw.TP_STRING, []) if wt == BYTES]
         if len(vals) != n:
             raise ProtoError(f"{len(vals)} strings, expected {n}")
         arr = np.empty(n, dtype=object)
@@ -145,21 +158,21 @@ def tensor_proto_values(buf, dtype: DType, shape: tuple[int, ...]) -> np.ndarray
     if dtype.name in _FIXED_FIELDS:
         num, elem = _FIXED_FIELDS[dtype.name]
         width = 4 if elem in ("<f4", "<c8") else 8
-        wire = pw.FIXED32 if width == 4 else pw.FIXED64
-        if any(wt not in (pw.BYTES, wire) for wt, _ in fields.get(num, [])):
+        wire = FIXED32 if width == 4 else FIXED64
+        if any(wt not in (BYTES, wire) for wt, _ in fields.get(num, [])):
             raise ProtoError(f"field {num} has the wrong wire type")
-        pieces = [bytes(v) if wt == pw.BYTES else v.to_bytes(width, "little") for wt, v in fields.get(num, [])]
+        pieces = [bytes(v) if wt == BYTES else v.to_bytes(width, "little") for wt, v in fields.get(num, [])]
         arr = np.frombuffer(b"".join(pieces), dtype=dtype.numpy)
     elif dtype.name in _VARINT_FIELDS:
         num = _VARINT_FIELDS[dtype.name]
-        pieces = [v if wt == pw.BYTES else pw.encode_varint(v) for wt, v in fields.get(num, [])]
+        pieces = [v if wt == BYTES else encode_varint(v) for wt, v in fields.get(num, [])]
         packed = pieces[0] if len(pieces) == 1 else b"".join(bytes(v) for v in pieces)
         if dtype.name in ("float16", "bfloat16"):
-            arr = pw.decode_varints(packed, lambda raw: raw.astype(np.uint16)).view(dtype.numpy)
+            arr = decode_varints(packed, lambda raw: raw.astype(np.uint16)).view(dtype.numpy)
         elif dtype.name == "bool":
-            arr = pw.decode_varints(packed, lambda raw: raw != 0)
+            arr = decode_varints(packed, lambda raw: raw != 0)
         else:  # int_val holds sign-extended int32 values: truncate like C++ does
-            arr = pw.decode_varints(packed, lambda raw: raw.astype(dtype.numpy))
+            arr = decode_varints(packed, lambda raw: raw.astype(dtype.numpy))
     elif dtype.name.startswith("float8"):
         raw = b"".join(bytes(v) for _, v in fields.get(pw.TP_FLOAT8, []))
         arr = np.frombuffer(raw, dtype=dtype.numpy)
@@ -174,13 +187,13 @@ def encode_tensor_proto(arr: np.ndarray, dtype: DType) -> bytes:
     """A TensorProto holding only the typed value field, as TF's ``TensorSliceWriter`` writes it."""
     flat = arr.reshape(-1)
     if dtype.kind == "string":
-        return b"".join(pw.field_bytes(pw.TP_STRING, s) for s in flat)
+        return b"".join(field_bytes(pw.TP_STRING, s) for s in flat)
     if flat.size == 0:
         return b""  # an empty packed field is not written
     if dtype.name in _FIXED_FIELDS:
         num, elem = _FIXED_FIELDS[dtype.name]
-        return pw.field_bytes(num, np.ascontiguousarray(flat, dtype=elem).tobytes())
-    return pw.field_bytes(_VARINT_FIELDS[dtype.name], pw.encode_varints(_stored_ints(flat, dtype)))
+        return field_bytes(num, np.ascontiguousarray(flat, dtype=elem).tobytes())
+    return field_bytes(_VARINT_FIELDS[dtype.name], encode_varints(_stored_ints(flat, dtype)))
 
 
 _PIECE = 1 << 20  # elements per piece of a streamed V1 value: a few MB of temporaries, not the tensor's
@@ -196,7 +209,7 @@ def _element_pieces(t: Tensor) -> Iterator[np.ndarray]:
         if whole:
             yield np.frombuffer(raw[:whole], dtype=t.dtype.numpy)
     if carry:
-        raise ConvertError(f"tensor '{t.name}': source ended inside an element")
+        raise ReadError(None, "source ended inside an element", t.name)
 
 
 def _stored_ints(values: np.ndarray, dtype: DType) -> np.ndarray:
@@ -214,16 +227,16 @@ def tensor_proto_stream(t: Tensor) -> tuple[int, Callable[[], Iterator[bytes]]]:
         data = encode_tensor_proto(t.numpy(), t.dtype)
         return len(data), lambda: iter([data])
     if t.dtype.name in _FIXED_FIELDS:  # the little-endian bytes themselves
-        head = pw.tag(_FIXED_FIELDS[t.dtype.name][0], pw.BYTES) + pw.encode_varint(t.nbytes)
+        head = tag(_FIXED_FIELDS[t.dtype.name][0], BYTES) + encode_varint(t.nbytes)
         return len(head) + t.nbytes, lambda: itertools.chain([head], (bytes(c) for c in t.chunks()))
     num = _VARINT_FIELDS[t.dtype.name]
-    packed = sum(pw.varints_size(_stored_ints(v, t.dtype)) for v in _element_pieces(t))
-    head = pw.tag(num, pw.BYTES) + pw.encode_varint(packed)
+    packed = sum(varints_size(_stored_ints(v, t.dtype)) for v in _element_pieces(t))
+    head = tag(num, BYTES) + encode_varint(packed)
 
     def pieces() -> Iterator[bytes]:
         yield head
         for v in _element_pieces(t):
-            yield pw.encode_varints(_stored_ints(v, t.dtype))
+            yield encode_varints(_stored_ints(v, t.dtype))
     return len(head) + packed, pieces
 
 
@@ -248,7 +261,7 @@ def read_v1(files: list[str]) -> tuple[list[Tensor], int]:
         for m in metas:
             try:
                 dtype = from_tf(m.dtype)
-            except ConvertError:
+            except UnsupportedDTypeError:
                 raise ReadError(table.path, f"unsupported TensorFlow dtype {m.dtype}", m.name) from None
             if m.name in merged:
                 prev = merged[m.name]
@@ -305,9 +318,9 @@ def _raw_region(table: TableReader, key: bytes, name: str, dtype: DType, shape: 
                 if pos >= limit:
                     return None
                 head = os.pread(fd, 15 + len(key), off + pos)
-                shared, p = pw.read_varint(head, 0)
-                unshared, p = pw.read_varint(head, p)
-                vlen, p = pw.read_varint(head, p)
+                shared, p = read_varint(head, 0)
+                unshared, p = read_varint(head, p)
+                vlen, p = read_varint(head, p)
                 if p + unshared > len(head):
                     head = os.pread(fd, p + unshared, off + pos)
                 if shared > len(k) or p + unshared > len(head) or pos + p + unshared + vlen > limit:
@@ -337,14 +350,14 @@ def _packed_field(head: bytes, total: int, field: int) -> tuple[int, int] | None
         while True:
             if pos >= len(head):
                 return None
-            tag, pos = pw.read_varint(head, pos)
-            num, wire = tag >> 3, tag & 7
+            key, pos = read_varint(head, pos)
+            num, wire = key >> 3, key & 7
             if wire == 0:
-                _, pos = pw.read_varint(head, pos)
+                _, pos = read_varint(head, pos)
             elif wire in (1, 5):
                 pos += 8 if wire == 1 else 4
             elif wire == 2:
-                length, pos = pw.read_varint(head, pos)
+                length, pos = read_varint(head, pos)
                 if num == want:
                     if pos + length != end:  # not the last field: another layout
                         return None
@@ -414,17 +427,17 @@ def write_v1_file(tensors: list[Tensor], path: str) -> None:
     keyed = sorted(((slice_key(t.name, [Extent() for _ in t.shape]), t) for t in ordered), key=lambda kt: kt[0])
     with open(path, "wb") as f:
         table = TableWriter(f)
-        table.add(b"", pw.field_bytes(1, pw.encode_saved_meta(metas)))
+        table.add(b"", field_bytes(1, pw.encode_saved_meta(metas)))
         for key, t in keyed:
             length, values = tensor_proto_stream(t)
-            head = (pw.field_bytes(1, t.name.encode("utf-8"))
-                    + pw.field_bytes(2, pw.encode_slice([Extent() for _ in t.shape]))
-                    + pw.tag(3, pw.BYTES) + pw.encode_varint(length))
+            head = (field_bytes(1, t.name.encode("utf-8"))
+                    + field_bytes(2, pw.encode_slice([Extent() for _ in t.shape]))
+                    + tag(3, BYTES) + encode_varint(length))
             saved_slice = len(head) + length
             if saved_slice + 8 > _MAX_MESSAGE:
                 raise WriteError(path, f"a V1 checkpoint cannot hold a tensor of {t.nbytes} bytes "
                                  "(protobuf's 2 GB message limit); write a V2 checkpoint instead", t.name)
-            head = pw.tag(2, pw.BYTES) + pw.encode_varint(saved_slice) + head
+            head = tag(2, BYTES) + encode_varint(saved_slice) + head
             table.add_streamed(key, len(head) + length, itertools.chain([head], values()))
         table.finish()
 

@@ -28,7 +28,7 @@ import google_crc32c
 
 from ...errors import CorruptFileError, ReadError
 from ...lazy import np
-from .protowire import ProtoError, encode_varint, read_varint
+from ...wire import ProtoError, encode_varint, read_varint
 
 MAGIC = 0xDB4775248B80FB57
 MAGIC_BYTES = struct.pack("<Q", MAGIC)

@@ -1,4 +1,4 @@
-"""A restricted unpickler for PyTorch checkpoints, and the pickle writer for ``.pt`` files.
+"""A restricted unpickler for PyTorch checkpoints.
 
 No code from a checkpoint ever runs. :class:`RestrictedUnpickler` is the pure-Python
 ``pickle._Unpickler`` with three changes:
@@ -31,15 +31,13 @@ import _compat_pickle
 import io
 import pickle
 import reprlib
-import struct
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .. import dtypes
-from ..errors import printable
-from ..lazy import np
-from .tf_checkpoint.protowire import ProtoError, check_shape
+from ... import dtypes
+from ...errors import printable
+from ...lazy import np
+from ...wire import ProtoError, check_shape
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
@@ -62,6 +60,15 @@ class RefusedGlobal(Exception):
 
 class PickleFormatError(Exception):
     """The pickle is well formed but does not describe torch objects the way torch writes them."""
+
+
+class DamagedPickle(Exception):
+    """The bytes are not a pickle the unpickler can follow: it stopped with ``cause`` (an unknown
+    opcode, a missing memo entry, an empty stack, a truncated argument...)."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 # ---- stand-ins -------------------------------------------------------------------------------
@@ -452,8 +459,16 @@ def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: 
     more bytes than it has left (a ``BINBYTES8``/``FRAME`` claiming terabytes would otherwise
     make the file object allocate that much up front), and the result must be a finite tree
     (see :func:`check_object_graph`).
+
+    Raises :class:`RefusedGlobal`, :class:`PickleFormatError` or :class:`DamagedPickle` (and
+    OSError from ``file``), nothing else.
     """
-    obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals).load()
+    try:
+        obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals).load()
+    except (RefusedGlobal, PickleFormatError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - pickle's machinery on malformed bytes: KeyError, IndexError, struct.error...
+        raise DamagedPickle(e) from None
     check_object_graph(obj)
     return obj
 
@@ -536,130 +551,10 @@ def _children(obj) -> list | None:
     return None
 
 
-# ---- the writer ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StorageOut:
-    key: str
-    dtype: dtypes.DType
-    numel: int  # elements for typed storages, bytes for untyped ones (torch's convention)
-
-
-class _Emitter:
-    """Just the protocol-2 opcodes torch.save uses, with a memo for repeated globals."""
-
-    def __init__(self):
-        self.out = io.BytesIO()
-        self.memo: dict[object, int] = {}
-        self.out.write(pickle.PROTO + b"\x02")
-
-    def _put(self, key):
-        idx = len(self.memo)
-        self.memo[key] = idx
-        self.out.write(pickle.BINPUT + bytes([idx]) if idx < 256 else pickle.LONG_BINPUT + struct.pack("<I", idx))
-
-    def _get(self, key) -> bool:
-        idx = self.memo.get(key)
-        if idx is None:
-            return False
-        self.out.write(pickle.BINGET + bytes([idx]) if idx < 256 else pickle.LONG_BINGET + struct.pack("<I", idx))
-        return True
-
-    def glob(self, module: str, name: str):
-        if not self._get(("g", module, name)):
-            self.out.write(pickle.GLOBAL + f"{module}\n{name}\n".encode("ascii"))
-            self._put(("g", module, name))
-
-    def string(self, s: str, memo: bool = False):
-        if memo and self._get(("s", s)):
-            return
-        data = s.encode("utf-8")
-        self.out.write(pickle.BINUNICODE + struct.pack("<I", len(data)) + data)
-        if memo:
-            self._put(("s", s))
-
-    def int(self, v: int):
-        if 0 <= v < 256:
-            self.out.write(pickle.BININT1 + bytes([v]))
-        elif 0 <= v < 65536:
-            self.out.write(pickle.BININT2 + struct.pack("<H", v))
-        elif -(2 ** 31) <= v < 2 ** 31:
-            self.out.write(pickle.BININT + struct.pack("<i", v))
-        else:
-            data = pickle.encode_long(v)
-            self.out.write(pickle.LONG1 + bytes([len(data)]) + data)
-
-    def int_tuple(self, values: Iterable[int]):
-        values = tuple(values)
-        if not values:
-            self.out.write(pickle.EMPTY_TUPLE)
-            return
-        if len(values) > 3:
-            self.out.write(pickle.MARK)
-        for v in values:
-            self.int(v)
-        self.out.write({1: pickle.TUPLE1, 2: pickle.TUPLE2, 3: pickle.TUPLE3}.get(len(values), pickle.TUPLE))
-
-    def op(self, code: bytes):
-        self.out.write(code)
-
-
-def state_dict_pickle(entries: Iterable[tuple[str, StorageOut, tuple[int, ...]]]) -> bytes:
-    """The ``data.pkl`` torch.save writes for an ``OrderedDict`` name -> contiguous tensor.
-
-    ``entries``: (name, storage, shape); several names may share one storage (tied weights).
-    Typed storages use ``_rebuild_tensor_v2`` with ``torch.<X>Storage``; dtypes without a
-    legacy storage class (float8, uint16/32/64) use ``_rebuild_tensor_v3`` with
-    ``torch.storage.UntypedStorage`` and the dtype, as torch 2.x does.
-    """
-    legacy = {v: k for k, v in STORAGE_DTYPES.items()}
-    e = _Emitter()
-    e.glob("collections", "OrderedDict")
-    e.op(pickle.EMPTY_TUPLE + pickle.REDUCE)
-    batch = 0
-    for name, storage, shape in entries:
-        if batch == 0:
-            e.op(pickle.MARK)
-        e.string(name)
-        storage_class = legacy.get(storage.dtype.name)
-        e.glob("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
-        e.op(pickle.MARK)
-        # persistent id ('storage', storage_type, key, location, numel)
-        e.op(pickle.MARK)
-        e.string("storage", memo=True)
-        if storage_class:
-            e.glob("torch", storage_class)
-        else:
-            e.glob("torch.storage", "UntypedStorage")
-        e.string(storage.key)
-        e.string("cpu", memo=True)
-        e.int(storage.numel)
-        e.op(pickle.TUPLE + pickle.BINPERSID)
-        e.int(0)
-        e.int_tuple(shape)
-        e.int_tuple(_contiguous_strides(shape))
-        e.op(pickle.NEWFALSE)
-        e.glob("collections", "OrderedDict")
-        e.op(pickle.EMPTY_TUPLE + pickle.REDUCE)
-        if not storage_class:
-            e.glob("torch", storage.dtype.torch)
-        e.op(pickle.TUPLE + pickle.REDUCE)
-        batch += 1
-        if batch == 1000:  # pickle's own batch size for SETITEMS
-            e.op(pickle.SETITEMS)
-            batch = 0
-    if batch:
-        e.op(pickle.SETITEMS)
-    e.op(pickle.STOP)
-    return e.out.getvalue()
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, acc = [], 1
     for d in reversed(shape):
         strides.append(acc)
         acc *= max(d, 1)
     return tuple(reversed(strides))
 
-
-contiguous_strides = _contiguous_strides

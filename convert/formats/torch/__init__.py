@@ -1,0 +1,73 @@
+"""PyTorch checkpoints: ``torch.save`` files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``).
+
+Spec: there is no written spec; the reference is torch/serialization.py
+(https://github.com/pytorch/pytorch/blob/main/torch/serialization.py) and
+caffe2/serialize/inline_container.h. Three layouts exist, told apart by content:
+
+* zip (torch >= 1.6): ``<stem>/data.pkl`` (protocol-2 pickle of the object, storages as
+  persistent ids ``('storage', torch.FloatStorage, key, location, numel)``),
+  ``<stem>/data/<key>`` (raw little-endian storage bytes, stored uncompressed with the
+  data aligned to 64 bytes), ``<stem>/byteorder``, ``<stem>/version``,
+  ``<stem>/.data/serialization_id``. Files from torch 1.6-1.12 lack ``byteorder`` and
+  often use ``archive/`` as the top folder.
+* legacy (torch < 1.6, or ``_use_new_zipfile_serialization=False``): a bare stream of
+  pickles: the magic number 0x1950a86a20f9469cfc6c, the protocol version 1001, a sys-info
+  dict, the object, the list of storage keys; then each storage as an int64 element
+  count followed by its bytes.
+* (the pre-0.4 tar layout is not supported.)
+
+Reading never runs code from the file and never imports torch: the pickle goes through
+:mod:`convert.formats.torch.torch_pickle`'s restricted unpickler, which refuses every global a
+state_dict does not need, like ``torch.load(weights_only=True)`` does. We use it even when
+torch is installed, because it gives what ``torch.load`` cannot: lazy per-tensor reads
+(each tensor a :class:`~convert.ir.FileRegion` into the zip member, found from the local
+file header, so a conversion reads one storage at a time and a rename-only conversion
+copies bytes without NumPy), no 1.6 s torch import, and the same result with and without
+torch. The tests check that it equals ``torch.load(weights_only=True)`` on every corpus
+file and every generated file.
+
+Views are resolved here: a tensor is (storage, offset, shape, stride); a contiguous one is
+a FileRegion, any other (transposed, sliced, conj/neg bit, big-endian) an ArraySource
+built with ``as_strided`` over the bytes it spans. Names sharing one storage (tied
+weights) get ``attrs["torch.shared_with"]`` (a JSON list of the other names).
+
+Training checkpoints: the weights are looked up under ``state_dict``,
+``model_state_dict``, ``model_state``, ``model``, ``net``, ``network``, ``module``
+(metadata ``torch.key`` says which; ``--key a.b`` picks another); a ``module.`` prefix on
+every name (DataParallel) is removed (``torch.stripped_prefix``). Non-tensor entries that
+JSON can hold go to ``torch.extra.<path>``; everything else not read (optimizer tensors,
+unsupported objects) is listed in ``torch.skipped``.
+
+Writing produces what ``torch.save(OrderedDict)`` produces (zip layout, no torch needed):
+deterministic bytes (fixed timestamps, a serialization id derived from the content),
+storages streamed one at a time with 64-byte alignment, tied tensors (the same source
+object) sharing one storage. The TensorDict's metadata rides along in an extra record
+``<stem>/convert/metadata.json`` that torch ignores.
+"""
+
+from __future__ import annotations
+
+from ... import dtypes
+from ..base import Format, Option, Writer
+from .containers import MAGIC_NUMBER, PROTOCOL_VERSION, detect
+from .reader import NAME, read
+from .writer import write
+
+FORMAT = Format(
+    name=NAME,
+    description="PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
+    detect=detect,
+    read=read,
+    writers=(Writer("", write, dtypes.held_by("torch"), suffix=".pt", keeps_shared_storage=True),),
+    options=(
+        Option("--key", "read", str,
+               "dotted path of the state_dict inside a training checkpoint (e.g. model.state_dict); "
+               "'' for the top level. Default: found automatically"),
+        Option("--keep-prefix", "read", bool, "keep the 'module.' prefix DataParallel puts on every name"),
+    ),
+    suffixes=(".pt", ".pth"),
+    name_endings=(r"\.bin", r"\.ckpt"),
+    checksums="zip layouts: CRC-32 of every storage record (legacy pickle files have none)",
+)
+
+__all__ = ["NAME", "FORMAT", "MAGIC_NUMBER", "PROTOCOL_VERSION", "detect", "read", "write"]

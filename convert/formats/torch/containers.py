@@ -1,0 +1,207 @@
+"""Where a torch checkpoint's pickle and storages are: the zip layout's records, or the legacy
+layout's stream of pickles and storage blocks (see :mod:`convert.formats.torch`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import CorruptFileError, ReadError
+from . import torch_pickle as tp
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
+PROTOCOL_VERSION = 1001
+_METADATA_RECORD = "convert/metadata.json"
+_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
+
+
+# ---- detect ------------------------------------------------------------------------------------
+
+def detect(path: Path) -> bool:
+    """A torch zip archive (``*/data.pkl``) or a legacy pickle stream starting with torch's magic number."""
+    try:
+        if not Path(path).is_file():
+            return False
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head.startswith(b"PK\x03\x04"):
+                f.seek(0)
+                return _zip_prefix(_open_zip(f)) is not None
+            if head.startswith(_LEGACY_HEAD):
+                return True
+            if head.startswith(b"\x80") and len(head) > 2:  # other pickle protocols: read the first object
+                f.seek(0)
+                return tp.load(io.BytesIO(f.read(4096)), allow_globals=False) == MAGIC_NUMBER
+    except (OSError, zipfile.BadZipFile, tp.RefusedGlobal, tp.PickleFormatError, tp.DamagedPickle):
+        return False  # not mine: no zip, no pickle (or not torch's)
+    return False
+
+
+def _open_zip(f) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(f)``, a damaged archive always being :class:`zipfile.BadZipFile` (zipfile also
+    raises NotImplementedError for a version it does not know and UnicodeDecodeError for a name
+    flagged UTF-8 that is not)."""
+    try:
+        return zipfile.ZipFile(f)
+    except (NotImplementedError, ValueError) as e:
+        raise zipfile.BadZipFile(f"{type(e).__name__}: {e}") from None
+
+
+def _zip_prefix(zf: zipfile.ZipFile) -> str | None:
+    for name in zf.namelist():
+        head, sep, tail = name.partition("/")
+        if sep and tail == "data.pkl":
+            return head + "/"
+    return None
+
+
+# ---- read: containers ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Blob:
+    """Where a storage's bytes are: ``nbytes`` at ``offset`` of the file, or inside a compressed member."""
+
+    path: str
+    offset: int
+    nbytes: int
+    member: str | None = None  # set when the zip member is compressed (then offset is unused)
+    big_endian: bool = False
+    crc32: int | None = None  # the zip member's CRC-32 (zip files)
+
+    def read(self, start: int, length: int, label: str) -> bytes:
+        if self.member is not None:
+            try:
+                with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+                    f.seek(start)
+                    data = f.read(length)
+            except OSError as e:
+                raise ReadError(self.path, f"cannot read: {e}", label) from None
+            except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, NotImplementedError (method), EOFError
+                raise CorruptFileError(self.path, f"damaged zip record {self.member} ({type(e).__name__}: {e})",
+                                       label) from None
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset + start)
+                data = f.read(length)
+        if len(data) != length:
+            raise CorruptFileError(self.path, "file is truncated", label)
+        return data
+
+
+@dataclass
+class _Loaded:
+    root: object
+    blobs: dict[str, _Blob]  # root storage key -> bytes
+    layout: str
+    metadata: dict[str, str]
+
+
+_MAX_RECORD = 1 << 30  # data.pkl and the small records: more is not a state_dict
+_MAX_RATIO = 1100  # deflate's best ratio is 1032:1; a record claiming more is lying about its size
+
+
+def _check_record(info: zipfile.ZipInfo, size: int, path: str, limit: int | None = None) -> None:
+    """Refuse a zip record whose sizes cannot be true, before anything is allocated for it
+    (zipfile would ask the file for all ``compress_size`` bytes in one read)."""
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if (info.compress_size > size or (stored and info.file_size != info.compress_size)
+            or info.file_size > _MAX_RATIO * info.compress_size + 64 or (limit is not None and info.file_size > limit)):
+        raise CorruptFileError(path, f"zip record {info.filename} claims {info.file_size} bytes "
+                               f"({info.compress_size} compressed) in a file of {size} bytes")
+
+
+def _read_record(zf: zipfile.ZipFile, name: str, size: int, path: str) -> bytes:
+    _check_record(zf.getinfo(name), size, path, _MAX_RECORD)
+    return zf.read(name)
+
+
+def _load_zip(path: str) -> _Loaded:
+    with open(path, "rb") as f:
+        zf = zipfile.ZipFile(f)
+        size = os.fstat(f.fileno()).st_size
+        prefix = _zip_prefix(zf)
+        if prefix is None:
+            raise ReadError(path, "zip file without a data.pkl: not a torch checkpoint")
+        names = set(zf.namelist())
+        if f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names):
+            raise ReadError(path, "this is a TorchScript archive (torch.jit.save), not a state_dict; "
+                            "save model.state_dict() with torch.save instead")
+        byteorder = "little"
+        if f"{prefix}byteorder" in names:
+            byteorder = _read_record(zf, f"{prefix}byteorder", size, path).decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise CorruptFileError(path, f"unknown byte order {byteorder!r}")
+        storages: dict[str, tp.StorageRef] = {}
+        root = tp.load(io.BytesIO(_read_record(zf, f"{prefix}data.pkl", size, path)), storages=storages)
+        metadata = {}
+        if f"{prefix}{_METADATA_RECORD}" in names:
+            stored = json.loads(_read_record(zf, f"{prefix}{_METADATA_RECORD}", size, path).decode("utf-8"))
+            if isinstance(stored, dict):
+                metadata = {str(k): str(v) for k, v in stored.items()}
+        blobs = {}
+        for key, ref in storages.items():
+            member = f"{prefix}data/{key}"
+            if member not in names:
+                raise CorruptFileError(path, f"storage '{key}' is missing (no record {member})")
+            info = zf.getinfo(member)
+            _check_record(info, size, path)
+            if info.file_size < ref.nbytes:
+                raise CorruptFileError(path, f"storage '{key}' holds {info.file_size} bytes, expected {ref.nbytes}")
+            if info.compress_type == zipfile.ZIP_STORED:
+                f.seek(info.header_offset)
+                header = f.read(30)
+                if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                    raise CorruptFileError(path, f"bad local header for {member}")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                offset = info.header_offset + 30 + name_len + extra_len
+                if offset + info.file_size > size:
+                    raise CorruptFileError(path, f"file is truncated (storage '{key}' ends past the end)")
+                blobs[key] = _Blob(path, offset, info.file_size, big_endian=byteorder == "big", crc32=info.CRC)
+            else:
+                blobs[key] = _Blob(path, 0, info.file_size, member=member, big_endian=byteorder == "big")
+    layout = "zip" if f"{prefix}byteorder" in names else "zip (no byteorder record)"
+    return _Loaded(root, blobs, layout, metadata)
+
+
+def _load_legacy(path: str) -> _Loaded:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if tp.load(f, allow_globals=False) != MAGIC_NUMBER:
+            raise CorruptFileError(path, "not a torch legacy file (bad magic number)")
+        if (version := tp.load(f, allow_globals=False)) != PROTOCOL_VERSION:
+            raise ReadError(path, f"unsupported torch legacy protocol version {version!r}")
+        sys_info = tp.load(f, allow_globals=False)
+        big = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
+        storages: dict[str, tp.StorageRef] = {}
+        root = tp.load(f, storages=storages)
+        keys = tp.load(f, allow_globals=False)
+        if not isinstance(keys, list):
+            raise CorruptFileError(path, "storage key list is missing")
+        pos = f.tell()
+        blobs = {}
+        for key in keys:
+            key = str(key)
+            ref = storages.get(key)
+            if ref is None:
+                raise CorruptFileError(path, f"storage '{key}' is listed but no tensor uses it")
+            f.seek(pos)
+            head = f.read(8)
+            if len(head) != 8:
+                raise CorruptFileError(path, f"file is truncated (storage '{key}')")
+            count = struct.unpack(">q" if big else "<q", head)[0]
+            nbytes = count * ref.dtype.itemsize
+            if count < 0 or pos + 8 + nbytes > size:
+                raise CorruptFileError(path, f"file is truncated (storage '{key}' ends past the end)")
+            if nbytes < ref.nbytes:
+                raise CorruptFileError(path, f"storage '{key}' holds {nbytes} bytes, expected {ref.nbytes}")
+            blobs[key] = _Blob(path, pos + 8, nbytes, big_endian=big)
+            pos += 8 + nbytes
+        missing = [k for k in storages if k not in blobs]
+        if missing:
+            raise CorruptFileError(path, f"storage(s) {', '.join(missing[:5])} have no data")
+    return _Loaded(root, blobs, "legacy", {})

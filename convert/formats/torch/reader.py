@@ -1,0 +1,178 @@
+"""Reading a torch checkpoint: its tensors as views of its storages, lazily (see
+:mod:`convert.formats.torch`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import zipfile
+
+from ... import dtypes
+from ...errors import ConvertError, CorruptFileError, ReadError
+from ...ir import ArraySource, FileRegion, Source, Tensor, TensorDict
+from ...lazy import np
+from . import torch_pickle as tp
+from .containers import _MAX_RECORD, _Blob, _load_legacy, _load_zip, _Loaded
+from .weights import ROOT, _find_weights, _flatten, _follow, _jsonable, _record_rest, _record_siblings
+
+NAME = "torch"
+
+_MAX_BROADCAST = 1024  # an expanded (stride 0) view may be this much larger than the bytes it spans
+
+
+def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: str, path: str) -> Source:
+    itemsize = dtype.itemsize
+    storage = ref.storage
+    base = ref.offset * itemsize
+    if storage.view_of is not None:
+        base += storage.view_offset * storage.dtype.itemsize
+    numel = math.prod(ref.shape)
+    if numel == 0:
+        return ArraySource(lambda: np.zeros(ref.shape, dtype.numpy))
+    span = (sum((d - 1) * s for d, s in zip(ref.shape, ref.stride, strict=True)) + 1) * itemsize
+    if base + span > blob.nbytes:
+        raise CorruptFileError(path, f"tensor needs {base + span} bytes of storage '{storage.key}', "
+                               f"which holds {blob.nbytes}", name)
+    if numel * itemsize > max(_MAX_BROADCAST * span, _MAX_RECORD):
+        raise CorruptFileError(path, f"a view of {span} bytes of storage '{storage.key}' that would expand to "
+                               f"{numel * itemsize} bytes (strides {list(ref.stride)})", name)
+    contiguous = all(s == c for d, s, c in zip(ref.shape, ref.stride, tp.contiguous_strides(ref.shape), strict=True) if d != 1)
+    if contiguous and blob.member is None and not blob.big_endian and not (ref.conj or ref.neg):
+        whole = base == 0 and numel * itemsize == blob.nbytes  # the zip CRC covers the whole storage
+        return FileRegion(path, blob.offset + base, numel * itemsize, label=name, crc32=blob.crc32 if whole else None)
+
+    def produce() -> np.ndarray:
+        raw = np.frombuffer(blob.read(base, span, name), dtype=np.uint8)
+        if blob.big_endian and itemsize > 1:
+            raw = _byteswap(raw, dtype)
+        flat = raw.view(dtype.numpy)
+        arr = np.lib.stride_tricks.as_strided(flat, ref.shape, tuple(s * itemsize for s in ref.stride), writeable=False)
+        arr = np.ascontiguousarray(arr)
+        if ref.conj:
+            arr = np.conj(arr)
+        if ref.neg:
+            arr = np.negative(arr)
+        return arr
+
+    return ArraySource(produce)
+
+
+def _byteswap(raw: np.ndarray, dtype: dtypes.DType) -> np.ndarray:
+    unit = dtype.itemsize // 2 if dtype.kind == "complex" else dtype.itemsize
+    return raw.view(f"<u{unit}").byteswap().view(np.uint8)
+
+
+def read(path: os.PathLike | str, key: str | None = None, keep_prefix: bool = False, **_opts) -> TensorDict:
+    """Read the tensors of a torch checkpoint, lazily.
+
+    Args:
+        path: a ``torch.save`` file (zip or legacy layout).
+        key: dotted path of the state_dict inside a training checkpoint; None finds it.
+        keep_prefix: keep a DataParallel ``module.`` prefix.
+
+    Returns:
+        A TensorDict; nothing but the pickle is read until a tensor is asked for.
+
+    Example:
+        >>> td = read("model.ckpt")  # doctest: +SKIP
+        >>> td.metadata["torch.key"]  # doctest: +SKIP
+        'state_dict'
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ReadError(path, f"cannot open: {e.strerror}") from None
+    try:
+        loaded = _load_zip(path) if head == b"PK\x03\x04" else _load_legacy(path)
+        return _to_tensordict(path, loaded, key, keep_prefix)
+    except ConvertError:
+        raise
+    except tp.RefusedGlobal as e:
+        raise ReadError(path, f"refused to load global '{e.what}': the pickle asks for more than tensors "
+                        "(a state_dict needs no such thing, and loading it could run code from the file). "
+                        "If this is a whole pickled model, save model.state_dict() instead") from None
+    except tp.PickleFormatError as e:
+        raise CorruptFileError(path, f"not a torch state_dict pickle: {e}") from None
+    except tp.DamagedPickle as e:
+        if isinstance(e.cause, (pickle.UnpicklingError, EOFError)):
+            raise CorruptFileError(path, f"damaged pickle: {e.cause or 'unexpected end of data'}") from None
+        raise CorruptFileError(path, f"damaged checkpoint ({type(e.cause).__name__}: {e.cause})") from None
+    except zipfile.BadZipFile as e:
+        raise CorruptFileError(path, f"damaged zip archive: {e}") from None
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise CorruptFileError(path, f"damaged pickle: {e or 'unexpected end of data'}") from None
+    except OSError as e:
+        raise ReadError(path, f"cannot read: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged pickle can raise anything; never leak a traceback
+        raise CorruptFileError(path, f"damaged checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: bool) -> TensorDict:
+    root = loaded.root
+    if key is not None:
+        chosen, where = _follow(root, key, path)
+    else:
+        chosen, where = _find_weights(root)
+    leaves: list = []
+    if isinstance(chosen, tp.TensorRef):
+        leaves.append(("tensor" if where == ROOT else where.rsplit(".", 1)[-1], chosen))
+    else:
+        _flatten(chosen, "", leaves)
+    extras: dict[str, object] = {}
+    skipped: dict[str, str] = {}
+    tensors = [(n, v) for n, v in leaves if isinstance(v, tp.TensorRef)]
+    inner = "" if where == ROOT else where
+    for n, v in leaves:
+        if not isinstance(v, tp.TensorRef):
+            _record_rest(v, f"{inner}.{n}" if inner else n, extras, skipped)
+    if where != ROOT:  # siblings along the path to the weights
+        _record_siblings(root, where.split("."), extras, skipped)
+
+    metadata: dict[str, str] = {**loaded.metadata, "source.format": NAME}
+    metadata["torch.layout"] = loaded.layout
+    metadata["torch.key"] = where
+    names = [n for n, _ in tensors]
+    if not keep_prefix and names and all(n.startswith("module.") for n in names):
+        tensors = [(n[len("module."):], v) for n, v in tensors]
+        metadata["torch.stripped_prefix"] = "module."
+    state_meta = getattr(chosen, "__dict__", {}).get("_metadata") if isinstance(chosen, dict) else None
+    if state_meta is not None and _jsonable(state_meta):
+        metadata["torch.module_versions"] = json.dumps(state_meta, sort_keys=True)
+    for k, v in extras.items():
+        metadata[f"torch.extra.{k}"] = v if isinstance(v, str) else json.dumps(v)
+
+    groups: dict[str, list[str]] = {}
+    for n, ref in tensors:
+        groups.setdefault(ref.storage.view_of or ref.storage.key, []).append(n)
+    role = "optimizer" if "optim" in where else "weight"
+    sources: dict[tuple, Source] = {}
+    out: list[Tensor] = []
+    seen: set[str] = set()
+    for n, ref in tensors:
+        if n in seen:
+            raise ReadError(path, "two entries flatten to the same name; pick one with --key", n)
+        seen.add(n)
+        dtype = ref.dtype.ir
+        if dtype is None:
+            skipped[f"{inner}.{n}" if inner else n] = f"tensor of torch.{ref.dtype.name}, which convert cannot hold"
+            continue
+        root_key = ref.storage.view_of or ref.storage.key
+        blob = loaded.blobs.get(root_key)
+        if blob is None:
+            raise CorruptFileError(path, f"storage '{root_key}' has no data", n)
+        ident = (root_key, ref.storage.view_offset, ref.offset, ref.shape, ref.stride, dtype.name, ref.conj, ref.neg)
+        source = sources.get(ident)
+        if source is None:
+            source = sources[ident] = _tensor_source(blob, ref, dtype, n, path)
+        attrs = {"role": role}
+        others = [m for m in groups[root_key] if m != n]
+        if others:
+            attrs["torch.shared_with"] = json.dumps(others)
+        out.append(Tensor(n, dtype, ref.shape, source, attrs))
+    if skipped:
+        metadata["torch.skipped"] = json.dumps(skipped, sort_keys=True)
+    return TensorDict(out, metadata)

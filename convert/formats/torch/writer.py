@@ -1,0 +1,129 @@
+"""Writing what ``torch.save(OrderedDict)`` writes, without torch: the pickle
+(:mod:`.pickle_writer`) and the storages in a stored zip, streamed (see :mod:`convert.formats.torch`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+from ...errors import ConvertError, WriteError
+from ...ir import Tensor, TensorDict, mapped_checksums, zlib_crc32
+from . import torch_pickle as tp
+from .containers import _METADATA_RECORD
+from .pickle_writer import StorageOut, state_dict_pickle
+
+_ALIGN = 64
+
+
+def write(td: TensorDict, path: os.PathLike | str, **_opts) -> None:
+    """Write ``td`` as a ``torch.save`` zip file of an ``OrderedDict`` name -> tensor.
+
+    Args:
+        td: the tensors (every dtype but string).
+        path: the output file (must not exist).
+
+    Example:
+        >>> write(TensorDict.from_arrays({"w": np.ones((2, 2), np.float32)}), "model.pt")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    entries = []
+    storage_of: list[tuple[Tensor, StorageOut, bool]] = []
+    by_source: dict[int, tuple[Tensor, StorageOut]] = {}
+    for t in td.values():
+        prior = by_source.get(id(t.source))
+        if prior is not None and prior[0].dtype == t.dtype and prior[0].shape == t.shape:
+            storage = prior[1]
+            fresh = False
+        else:
+            untyped = t.dtype.name not in tp.STORAGE_DTYPES.values()
+            numel = t.numel * (t.dtype.itemsize if untyped else 1)
+            storage = StorageOut(str(len(by_source)), t.dtype, numel)
+            by_source[id(t.source)] = (t, storage)
+            fresh = True
+        entries.append((t.name, storage, t.shape))
+        storage_of.append((t, storage, fresh))
+    pkl = state_dict_pickle(entries)
+    digest = hashlib.sha256(pkl).digest()
+    serialization_id = str(int.from_bytes(digest[:16], "little")).zfill(40)
+    prefix = "archive/"
+    try:
+        with open(path, "xb+") as f:  # read too: CRCs are taken from a map of what was written
+            zf = _ZipWriter(f, path)
+            zf.add(prefix + "data.pkl", pkl)
+            zf.add(prefix + ".format_version", b"1")
+            zf.add(prefix + ".storage_alignment", b"64")
+            zf.add(prefix + "byteorder", b"little")
+            for t, storage, fresh in storage_of:
+                if fresh:
+                    zf.add(f"{prefix}data/{storage.key}", t)
+            zf.add(prefix + "version", b"3\n")
+            zf.add(prefix + ".data/serialization_id", serialization_id.encode())
+            if td.portable_metadata:
+                zf.add(prefix + _METADATA_RECORD,
+                       json.dumps(td.portable_metadata, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+            zf.finish()
+    except ConvertError:
+        raise
+    except FileExistsError:
+        raise WriteError(path, "already exists") from None
+
+
+class _ZipWriter:
+    """The stored (uncompressed) zip ``torch.save`` writes: each member's data starts at a multiple
+    of 64 bytes (torch maps storages in place), with zip64 fields where a size or offset passes
+    4 GiB. Tensor data is copied by :meth:`Tensor.copy_into` (in the kernel when it sits in a file);
+    its CRC-32 is then taken from the page cache and patched into the member's header."""
+
+    _DOS_DATE, _DOS_TIME = (1 << 5) | 1, 0  # 1980-01-01 00:00, as zipfile writes for torch's fixed date
+    _MAX32 = 0xFFFFFFFF
+
+    def __init__(self, f, path: str):
+        self.f, self.path, self.members = f, path, []
+
+    def add(self, name: str, data: bytes | Tensor) -> None:
+        f, raw = self.f, name.encode("utf-8")
+        nbytes = len(data) if isinstance(data, bytes) else data.nbytes
+        start = f.tell()
+        big = nbytes >= self._MAX32
+        extra = struct.pack("<HHQQ", 1, 16, nbytes, nbytes) if big else b""
+        pad = (-(start + 30 + len(raw) + len(extra) + 4)) % _ALIGN
+        extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # the 'FB' padding field, as torch's miniz writes
+        size32 = self._MAX32 if big else nbytes
+        f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if big else 20, 0, 0, self._DOS_TIME, self._DOS_DATE,
+                            0, size32, size32, len(raw), len(extra)) + raw + extra)
+        begin = f.tell()
+        if begin % _ALIGN:  # pragma: no cover - guards the arithmetic above
+            raise WriteError(self.path, f"internal error: record {name} is not aligned")
+        if isinstance(data, bytes):
+            f.write(data)
+            crc = zlib_crc32(data, 0)
+        else:
+            data.copy_into(f)
+            f.flush()
+            crc = mapped_checksums(f.fileno(), begin, nbytes, crc32=True, crc32c=False).crc32
+        end = f.tell()
+        f.seek(start + 14)
+        f.write(struct.pack("<I", crc))
+        f.seek(end)
+        self.members.append((raw, start, nbytes, crc))
+
+    def finish(self) -> None:
+        f, m32 = self.f, self._MAX32
+        directory = f.tell()
+        for raw, offset, size, crc in self.members:
+            wide = [size, size] if size >= m32 else []
+            wide += [offset] if offset >= m32 else []
+            extra = struct.pack(f"<HH{len(wide)}Q", 1, 8 * len(wide), *wide) if wide else b""
+            version = 45 if wide else 20
+            f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, 0, 0, self._DOS_TIME,
+                                self._DOS_DATE, crc, min(size, m32), min(size, m32), len(raw), len(extra),
+                                0, 0, 0, 0, min(offset, m32)) + raw + extra)
+        end, count = f.tell(), len(self.members)
+        size = end - directory
+        if count >= 0xFFFF or directory >= m32 or size >= m32:
+            f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, directory))
+            f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
+        f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                            min(size, m32), min(directory, m32), 0))
