@@ -925,7 +925,7 @@ FORMAT = Format(
         Option("--external-data-name", "write", str,
                "file name of the ONNX external data file, beside the model (default <output name>.data)"),
         Option("--graph", "write", bool, "convert the TensorFlow graph (TF1 checkpoint with .meta, or SavedModel) "
-               "to a runnable ONNX model with tf2onnx, instead of writing weights only (needs convert[tf])"),
+               "to a runnable ONNX model with tf2onnx, instead of writing weights only (needs ckpt-convert[tf])"),
         Option("--inputs", "write", list, "graph input (placeholder name) of the exported signature; repeatable"),
         Option("--outputs", "write", list, "graph output (op or tensor name) of the exported signature; repeatable"),
         Option("--check", "write", bool, "with --graph: run the ONNX model (onnxruntime) and TensorFlow on the same "

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..errors import ConvertError, MissingDependencyError, UsageError, VerificationError, WriteError
 from ..ir import TensorDict
 from ..lazy import np
+from ..quiet import import_quietly
 from .base import WriteReport
 
 
@@ -36,7 +37,7 @@ def tensorflow():
     """TensorFlow, imported quietly: its C++ and Python logs would bury our one-line messages."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        import tensorflow as tf
+        tf = import_quietly("tensorflow")  # its C++ prints at import time, whatever the level says
     except ImportError:
         raise MissingDependencyError("building a TensorFlow graph", "tensorflow", "tf") from None
     tf.get_logger().setLevel(logging.ERROR)
@@ -206,7 +207,7 @@ def check_onnx_against_tensorflow(model_path: Path, graph, sess, inputs: list[st
     than ``atol`` times its largest magnitude (at least 1): float32 cannot do better on large
     values, so 1e-5 is absolute for outputs up to 1 and relative beyond."""
     try:
-        import onnxruntime as ort
+        ort = import_quietly("onnxruntime")
     except ImportError:
         raise MissingDependencyError("--check", "onnxruntime", "onnx") from None
     feed = random_feed(graph, inputs, shapes)
@@ -232,7 +233,7 @@ def check_onnx_against_tensorflow(model_path: Path, graph, sess, inputs: list[st
 
 def _tf2onnx():
     try:
-        import tf2onnx
+        tf2onnx = import_quietly("tf2onnx")
     except ImportError:
         raise MissingDependencyError("converting a TensorFlow graph to ONNX", "tf2onnx", "tf") from None
     return tf2onnx
