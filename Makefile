@@ -83,10 +83,10 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check convert tests benchmarks
 
-# The Python API reference (docs/, from the docstrings: mkdocs + mkdocstrings) into site/; --strict
-# fails on a broken reference (tests/test_docs.py runs the same build in `make test`).
+# The Python API reference (docs/, from the docstrings, by Sphinx) into site/: -W -n fails on any
+# warning, a broken reference among them (tests/test_docs.py runs the same build in `make test`).
 docs: install
-	$(BIN)/mkdocs build --strict --quiet -d site
+	$(BIN)/python -m sphinx -W -n --keep-going -q -b html docs site
 
 bench: install
 	$(BIN)/python benchmarks/bench.py
