@@ -317,12 +317,11 @@ def cmd_diff(argv: list[str]) -> int:
         from . import report as html_report
 
         html_report.check(args.report, args.force)
-    a = _read_for(args.a, args.format_a, args)
+    a, _ = api.apply_maps(_read_for(args.a, args.format_a, args), args.map)
     b = _read_for(args.b, args.format_b, args)
-    result = api.diff(a, b, maps=args.map, atol=args.atol, rtol=args.rtol)
+    result = api.diff(a, b, atol=args.atol, rtol=args.rtol)
     if args.report:
-        a_mapped, _ = api.apply_maps(a, args.map)
-        html_report.write(args.report, html_report.diff_page(result, a_mapped, b, args.a, args.b), args.force)
+        html_report.write(args.report, html_report.diff_page(result, a, b, args.a, args.b), args.force)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif not args.quiet:

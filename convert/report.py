@@ -98,8 +98,9 @@ def diff_page(report: DiffReport, a: TensorDict, b: TensorDict, label_a: str = "
 
 
 def layers(names: Iterable[str]) -> dict[str, list[str]]:
-    """Names grouped by :func:`layer_of`, in order of first appearance; a tensor named after another
-    one (an optimizer slot: ``conv1/w/Adam`` beside ``conv1/w``) joins that tensor's layer."""
+    """Names grouped by :func:`layer_of`, layers in natural order (``layer.2`` before ``layer.10``);
+    a tensor named after another one (an optimizer slot: ``conv1/w/Adam`` beside ``conv1/w``)
+    joins that tensor's layer."""
     names = list(names)
     known = set(names)
     out: dict[str, list[str]] = {}
@@ -109,7 +110,25 @@ def layers(names: Iterable[str]) -> dict[str, list[str]]:
             if n[:m.start()] in known:
                 owner = n[:m.start()]
         out.setdefault(layer_of(owner), []).append(n)
-    return out
+    return dict(sorted(out.items(), key=lambda item: _natural(item[0])))
+
+
+def _natural(text: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", text) if p]
+
+
+def _axis(labels: Sequence[str], what: str) -> tuple[list[str], str]:
+    """Tick labels without the prefix they all share (``bert.encoder.``), and an axis title naming it."""
+    if len(labels) < 2:
+        return list(labels), what
+    prefix = os.path.commonprefix(list(labels))
+    cut = max(prefix.rfind("/"), prefix.rfind(".")) + 1
+    if cut == 0:
+        return list(labels), what
+    return [label[cut:] or label for label in labels], f"{what}, after {labels[0][:cut]}"
+
+
+_LEGEND = {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0}  # above the plot: clear of long tick labels
 
 
 def _layer_figure(tensors: Sequence[TensorDiff]) -> str:
@@ -119,7 +138,7 @@ def _layer_figure(tensors: Sequence[TensorDiff]) -> str:
     if not by_name:
         return "<p>No tensor could be compared by value.</p>"
     groups = layers(by_name)
-    labels = list(groups)
+    labels, x_title = _axis(list(groups), "layer (tensor names without their last part)")
     series = {}
     for key, title in (("max_abs", "max |a − b|"), ("mean_abs", "mean |a − b|"),
                        ("max_rel", "max |a − b| / |b|"), ("mean_rel", "mean |a − b| / |b|")):
@@ -144,7 +163,7 @@ def _layer_figure(tensors: Sequence[TensorDiff]) -> str:
                              visible=True if i < 2 else "legendonly"))
     fig.update_layout(barmode="group", yaxis_type="log" if positive else "linear",
                       yaxis_title="error (log scale)" if positive else "error (every value equal)",
-                      xaxis_title="layer (tensor names without their last part)", legend_orientation="h")
+                      xaxis_title=x_title, legend=_LEGEND)
     return _figure(fig, "layers", height=460)
 
 
@@ -190,7 +209,7 @@ def _histogram_figure(report: DiffReport, a: TensorDict, b: TensorDict) -> str:
                 customdata=counts[lo:hi].tolist(),
                 hovertemplate="|a − b| ≈ %{x:.2g}: %{y:.2f}% (%{customdata} elements)<extra>%{fullData.name}</extra>"))
         fig.update_layout(xaxis_type="log", xaxis_title="|a − b| (log scale, 8 bins per decade)",
-                          yaxis_title="share of the tensor's elements (%)", legend_orientation="h")
+                          yaxis_title="share of the tensor's elements (%)", legend=_LEGEND)
         figure = _figure(fig, "histogram", height=420)
     else:
         figure = ""
@@ -274,14 +293,15 @@ def _bytes_figure(tensors: Sequence[dict]) -> str:
     import plotly.graph_objects as go
 
     groups = layers(t["name"] for t in tensors)
+    labels, x_title = _axis(list(groups), "layer")
     by_name = {t["name"]: t for t in tensors}
     roles = list(dict.fromkeys(t.get("role", "tensor") for t in tensors))
     fig = go.Figure()
     for role in roles:
-        fig.add_trace(go.Bar(name=role, x=list(groups), y=[
+        fig.add_trace(go.Bar(name=role, x=labels, y=[
             sum(by_name[n]["bytes"] for n in names if by_name[n].get("role", "tensor") == role)
             for names in groups.values()], hovertemplate="%{x}: %{y:,} bytes<extra>" + role + "</extra>"))
-    fig.update_layout(barmode="stack", yaxis_title="bytes", xaxis_title="layer", legend_orientation="h")
+    fig.update_layout(barmode="stack", yaxis_title="bytes", xaxis_title=x_title, legend=_LEGEND)
     return _figure(fig, "bytes", height=420)
 
 
@@ -293,7 +313,7 @@ def _values_figure(tensors: Sequence[dict], stats: dict) -> str:
             and t.get("role") not in ("optimizer", "step")]
     if not rows:
         return "<p>No floating tensor.</p>"
-    names = [n for n, _ in rows]
+    names, x_title = _axis([n for n, _ in rows], "tensor")
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=names, y=[s["mean"] for _, s in rows], mode="markers", name="mean ± std",
                              error_y={"type": "data", "array": [s["std"] for _, s in rows]}))
@@ -301,7 +321,7 @@ def _values_figure(tensors: Sequence[dict], stats: dict) -> str:
                              marker={"symbol": "triangle-down", "size": 6}))
     fig.add_trace(go.Scatter(x=names, y=[s["max"] for _, s in rows], mode="markers", name="max",
                              marker={"symbol": "triangle-up", "size": 6}))
-    fig.update_layout(yaxis_title="value", xaxis_title="tensor", legend_orientation="h")
+    fig.update_layout(yaxis_title="value", xaxis_title=x_title, legend=_LEGEND)
     return _figure(fig, "values", height=460)
 
 
@@ -354,7 +374,7 @@ def _dl(items: Iterable[tuple[str, str]]) -> str:
 def _figure(fig, name: str, height: int) -> str:
     import plotly.io as pio
 
-    fig.update_layout(template="plotly_white", height=height, margin={"l": 60, "r": 20, "t": 30, "b": 60})
+    fig.update_layout(template="plotly_white", height=height, margin={"l": 60, "r": 20, "t": 50, "b": 60})
     return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"figure-{name}",
                        config={"displaylogo": False, "responsive": True})
 
