@@ -302,3 +302,11 @@ def test_report_of_the_bundled_example_roundtrip_says_agree(tmp_path):
     page = out.read_text(encoding="utf-8")
     assert "verdict agree" in page and "there is no error to show" in page
     assert os.path.getsize(out) < 8_000_000
+
+
+def test_layers_group_slots_with_their_variable_in_natural_order():
+    from convert.report import layers
+
+    names = ["layer.10.w", "conv1/w/Adam", "layer.2.w", "conv1/w", "conv1/b", "global_step", "layer.2.b"]
+    assert layers(names) == {"conv1": ["conv1/w/Adam", "conv1/w", "conv1/b"], "global_step": ["global_step"],
+                             "layer.2": ["layer.2.w", "layer.2.b"], "layer.10": ["layer.10.w"]}
