@@ -11,7 +11,7 @@ opens offline, from a CI artifact or a mail attachment, and asks nothing of the 
   which means reading every value, one tensor at a time.
 
 The plots are plotly's (the ``report`` extra), a well-kept library whose figures zoom and show
-each bar's tensor names on hover. The table sorting is a dozen lines of JavaScript written here:
+each bar's tensor names on hover. The table sorting is a few lines of JavaScript written here:
 plotly has no sortable table, and a table library would be one more script to vendor for one
 click handler. Output bytes are deterministic (fixed element ids, no timestamps). Names come from
 files, so every one is escaped (HTML here, JSON by plotly).
