@@ -14,7 +14,7 @@ from pathlib import Path
 
 import google_crc32c
 
-from . import dtypes, fileio, registry
+from . import compare, dtypes, fileio, registry
 from .errors import ConvertError, UsageError, VerificationError, WriteError
 from .formats.base import Format, Writer, WriteReport
 from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest
@@ -53,11 +53,18 @@ def read(path: PathLike, format: str | None = None, **opts) -> TensorDict:
         **opts: format-specific reading options (e.g. ``step=190`` for tf-ckpt).
 
     Returns:
-        The :class:`~convert.ir.TensorDict`.
+        The :class:`~convert.TensorDict`.
 
     Example:
-        >>> td = convert.read("model1/")          # doctest: +SKIP
-        >>> td["conv1/w"].numpy().shape           # doctest: +SKIP
+        A TensorFlow checkpoint folder (the bundled ``examples/model1``); only its index is read here:
+
+        >>> td = convert.read("model1/")
+        >>> td["conv1/w"]
+        Tensor('conv1/w', float32, [5, 5, 1, 8])
+        >>> td["conv1/w"].attrs["role"], td.metadata["tf.global_step"]
+        ('weight', '190')
+        >>> float(td["conv1/w"].numpy().std()) > 0   # the values, read now
+        True
     """
     info = _format(path, format)
     reader = info.format.read
@@ -100,7 +107,15 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
         **opts: format-specific writing options.
 
     Returns:
-        A summary: output, format, tensor count, bytes, whether verified.
+        The summary of what was written (``output``, ``format``, ``tensors``, ``bytes``, ``verified``, ``notes``).
+
+    Example:
+        >>> td = convert.read("model1/")
+        >>> summary = convert.write(td, "model1.safetensors", "safetensors")
+        >>> summary["tensors"], summary["verified"]
+        (27, True)
+        >>> convert.write(td, "model1-v1", "tf-ckpt:v1")["format"]      # a writer id: the V1 format
+        'tf-ckpt-v1'
     """
     info, writer = registry.writer(format)
     return _write([td], path, info, writer, force, verify, opts, progress, series=False)
@@ -348,7 +363,16 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         A JSON-able summary of what was done (one entry per output under ``outputs``).
 
     Example:
-        >>> convert.convert("model1/", to="safetensors")   # doctest: +SKIP
+        A TF1 checkpoint to a PyTorch ``state_dict``, renamed and transposed by the presets
+        (``convert mappings`` lists them), without the optimizer's slots:
+
+        >>> summary = convert.convert("model1/", "model1.pt", to="torch",
+        ...                           maps=["tf1-to-torch", "drop-optimizer"])
+        >>> out = summary["outputs"][0]
+        >>> out["output"], out["tensors"], out["verified"]
+        ('model1.pt', 8, True)
+        >>> convert.read("model1.pt")["conv1.weight"]
+        Tensor('conv1.weight', float32, [8, 1, 5, 5])
     """
     started = time.perf_counter()
     src_info = _format(src, src_format)
@@ -430,6 +454,26 @@ def inspect(path: PathLike, format: str | None = None, *, verify: bool = False,
     With ``verify``, every tensor's bytes are read too, checking every checksum the format has
     (a damaged file raises :class:`~convert.errors.CorruptFileError`); ``progress(done, total)``
     is told the bytes read.
+
+    Args:
+        path: a file or folder.
+        format: a format name; None or "auto" detects it from content.
+        verify: read every byte and check every checksum.
+        progress: called as ``progress(done, total)`` with byte counts when verifying.
+        **opts: format-specific reading options.
+
+    Returns:
+        A JSON-able dict with ``path``, ``format``, ``count``, ``total_bytes``, ``metadata`` and
+        ``tensors`` (each with ``name``, ``dtype``, ``shape``, ``bytes`` and its attributes).
+
+    Example:
+        >>> info = convert.inspect("model1/", verify=True)
+        >>> info["format"], info["count"], info["total_bytes"]
+        ('tf-ckpt', 27, 651784)
+        >>> info["tensors"][0]
+        {'name': 'beta1_power', 'dtype': 'float32', 'shape': [], 'bytes': 4, 'role': 'optimizer'}
+        >>> info["verified"]["bytes"]                       # every byte read, every checksum checked
+        651784
     """
     info = _format(path, format)
     td = read(path, info.name, **opts)
@@ -446,3 +490,41 @@ def inspect(path: PathLike, format: str | None = None, *, verify: bool = False,
                 progress(done, total)
         report["verified"] = {"tensors": len(td), "bytes": total, "checksums": info.format.checksums or None}
     return report
+
+
+def diff(a: PathLike | TensorDict, b: PathLike | TensorDict, *, maps: Sequence = (), atol: float = 0.0,
+         rtol: float = 0.0, format_a: str | None = None, format_b: str | None = None,
+         **read_opts) -> compare.DiffReport:
+    """Compare two checkpoints tensor by tensor: names, dtypes, shapes and values.
+
+    Values are read one tensor at a time. Two values agree when ``|a - b| <= atol + rtol * |b|``
+    (NumPy's ``isclose``; NaN agrees with NaN in the same place); with the defaults only equal
+    values agree.
+
+    Args:
+        a, b: paths (any format :func:`read` takes) or TensorDicts.
+        maps: rule files or preset names applied to ``a`` first, to compare across naming schemes.
+        atol, rtol: absolute and relative tolerance.
+        format_a, format_b: format names; None or "auto" detects them from content.
+        **read_opts: format-specific reading options, given to both reads.
+
+    Returns:
+        A :class:`~convert.compare.DiffReport`: ``ok`` is True when the two agree; ``tensors``
+        holds each common name's errors, ``only_in_a`` / ``only_in_b`` the names one side lacks.
+
+    Example:
+        >>> td = convert.read("model1/")
+        >>> _ = convert.write(td, "model1.safetensors", "safetensors")
+        >>> report = convert.diff("model1/", "model1.safetensors")
+        >>> report.ok, len(report.tensors), report.only_in_a
+        (True, 27, ())
+        >>> renamed = convert.diff("model1/", "model1.safetensors", maps=["tf1-to-torch"])
+        >>> renamed.ok, renamed.only_in_a[:2], renamed.only_in_b[:2]   # A has torch's names now
+        (False, ('conv1.bias', 'conv1.weight'), ('conv1/b', 'conv1/w'))
+    """
+    if atol < 0 or rtol < 0:
+        raise UsageError("atol and rtol must be >= 0")
+    ta = a if isinstance(a, TensorDict) else read(a, format_a, **read_opts)
+    tb = b if isinstance(b, TensorDict) else read(b, format_b, **read_opts)
+    ta, _ = apply_maps(ta, maps)
+    return compare.diff(ta, tb, atol=atol, rtol=rtol)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from . import api, registry
-from .errors import ConvertError, UsageError, printable
+from .errors import ConvertError, UsageError, pip_install, printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SHOW_PROGRESS_AFTER = 1.0  # seconds of work before a progress bar appears
@@ -84,6 +84,8 @@ def _conversion_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", metavar="DTYPE", help="cast floating tensors to DTYPE (refuses overflow)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-verify", action="store_true", help="do not read the output back to compare")
+    p.add_argument("--version", action="store_true",
+                   help="print the version and which optional dependencies are installed, then exit")
     _common(p)
     _add_format_options(p, ("read", "write"))
     return p
@@ -160,10 +162,20 @@ def cmd_inspect(argv: list[str]) -> int:
                    help="read every tensor's bytes and check every checksum the format has (exit 1 if damaged)")
     _common(p)
     _add_format_options(p, ("read",))
+    _report_options(p, "sortable tables, sizes by layer and every tensor's value statistics (reads every value)")
     args = p.parse_args(argv)
+    if args.report:
+        from . import report as html_report
+
+        html_report.check(args.report, args.force)
     with _progress_bar(args.verify and sys.stderr.isatty() and not (args.quiet or args.json), "checking") as progress:
         report = api.inspect(args.path, args.format, verify=args.verify, progress=progress,
                              **_side_options(args, "read"))
+    if args.report:
+        page = html_report.inspect_page(report, api.read(args.path, report["format"], **_side_options(args, "read")))
+        html_report.write(args.report, page, args.force)
+        if not args.quiet and not args.json:
+            print(f"wrote {args.report}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
@@ -208,7 +220,7 @@ def cmd_formats(argv: list[str]) -> int:
         for side, present in (("read", fmt.read is not None), ("write", bool(fmt.writers))):
             missing = registry.missing(info, side)
             row[side] = ("no" if not present else
-                         f"needs pip install 'convert[{missing[0][1]}]'" if missing else "yes")
+                         f"needs {pip_install(missing[0][1])}" if missing else "yes")
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -295,20 +307,34 @@ def cmd_diff(argv: list[str]) -> int:
     p.add_argument("--all", action="store_true", help="list every tensor, not only those that differ")
     p.add_argument("--format-a", default="auto", help="format of A (default: detect)")
     p.add_argument("--format-b", default="auto", help="format of B (default: detect)")
+    _report_options(p, "errors per tensor and by layer, histograms of the worst, names one side lacks")
     _common(p)
     _add_format_options(p, ("read",))
     args = p.parse_args(argv)
     if args.atol < 0 or args.rtol < 0:
         raise UsageError("--atol and --rtol must be >= 0")
-    from . import diff
+    if args.report:
+        from . import report as html_report
 
+        html_report.check(args.report, args.force)
     a, _ = api.apply_maps(_read_for(args.a, args.format_a, args), args.map)
-    report = diff.diff(a, _read_for(args.b, args.format_b, args), atol=args.atol, rtol=args.rtol)
+    b = _read_for(args.b, args.format_b, args)
+    result = api.diff(a, b, atol=args.atol, rtol=args.rtol)
+    if args.report:
+        html_report.write(args.report, html_report.diff_page(result, a, b, args.a, args.b), args.force)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
     elif not args.quiet:
-        sys.stdout.write(report.to_text(all_tensors=args.all))
-    return EXIT_OK if report.ok else EXIT_FAILED
+        sys.stdout.write(result.to_text(all_tensors=args.all))
+    if args.report and not args.quiet and not args.json:
+        print(f"wrote {args.report}", file=sys.stderr)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _report_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--report", metavar="FILE.html",
+                   help=f"also write a self-contained HTML page: {what} (needs {pip_install('report')})")
+    p.add_argument("--force", action="store_true", help="with --report: replace an existing FILE.html")
 
 
 def cmd_mappings(argv: list[str]) -> int:
@@ -330,6 +356,43 @@ def cmd_mappings(argv: list[str]) -> int:
         for n, d in rows:
             print(f"{n.ljust(width)}  {d}")
         print("\nShow one with 'convert mappings NAME'; use one with '--map NAME'.")
+    return EXIT_OK
+
+
+def cmd_version(argv: list[str]) -> int:
+    """``convert --version``: the version, and each optional dependency the formats (and
+    ``--report``) name, with its installed version or the extra that installs it."""
+    import importlib.metadata
+    import importlib.util
+
+    from . import __version__, report
+    from .errors import DISTRIBUTION
+
+    p = _Parser(prog="convert --version", description="The version and the optional dependencies found.")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    args = p.parse_args(argv)
+    needs = registry.dependencies()
+    needs.setdefault(report.NEEDS, []).append("--report")
+    dists = importlib.metadata.packages_distributions()
+    rows = []
+    for (module, extra), uses in needs.items():
+        version = None
+        if importlib.util.find_spec(module) is not None:
+            version = "installed"
+            for dist in dists.get(module, []):
+                with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                    version = importlib.metadata.version(dist)
+                    break
+        rows.append({"module": module, "extra": extra, "version": version, "for": uses})
+    if args.json:
+        print(json.dumps({"version": __version__, "distribution": DISTRIBUTION, "optional": rows}, indent=2))
+        return EXIT_OK
+    print(f"convert {__version__} (pip install {DISTRIBUTION}; also runs as '{DISTRIBUTION}' and 'python -m convert')")
+    print("optional dependencies:")
+    width = max((len(r["module"]) + len(r["extra"]) for r in rows), default=0) + 3
+    for r in rows:
+        state = r["version"] or f"not installed: {pip_install(r['extra'])}"
+        print(f"  {(r['module'] + ' [' + r['extra'] + ']').ljust(width)}  {', '.join(r['for'])}: {state}")
     return EXIT_OK
 
 
@@ -362,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
+        if argv and (argv[0] == "-V" or "--version" in argv):
+            return cmd_version([a for a in argv if a == "--json"])
         return cmd_convert(argv)
     except SystemExit as e:  # --help and --version exit through argparse
         return e.code if isinstance(e.code, int) else EXIT_OK

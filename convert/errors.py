@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import os
 
+DISTRIBUTION = "ckpt-convert"
+"""The name to ``pip install`` (the import package and the command are ``convert``)."""
+
+
+def pip_install(extra: str) -> str:
+    """The command that installs an extra: ``pip install 'ckpt-convert[tf]'``."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
 
 def printable(text: str) -> str:
     """``text`` with its control and other non-printable characters escaped (``\\n``, ``\\x1b``): names
@@ -41,8 +49,7 @@ class MissingDependencyError(ConvertError):
 
     def __init__(self, what: str, module: str, extra: str):
         super().__init__(
-            f"{what} needs the Python package '{module}', which is not installed: "
-            f"pip install 'convert[{extra}]'"
+            f"{what} needs the Python package '{module}', which is not installed: {pip_install(extra)}"
         )
         self.module = module
         self.extra = extra

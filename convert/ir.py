@@ -284,7 +284,21 @@ class ArraySource(Source):
 
 @dataclass(frozen=True, eq=False)
 class Tensor:
-    """One named tensor of the IR. Its data is read only when asked for."""
+    """One named tensor of the IR. Its data is read only when asked for.
+
+    Readers make tensors whose ``source`` is a region of the file (copied byte for byte when
+    only renamed) or a function producing the array; :meth:`from_array` wraps an array.
+
+    Example:
+        >>> import numpy as np
+        >>> t = convert.Tensor.from_array("dense/kernel", np.arange(6, dtype=np.float32).reshape(2, 3))
+        >>> t, t.nbytes
+        (Tensor('dense/kernel', float32, [2, 3]), 24)
+        >>> t.numpy()[1]
+        array([3., 4., 5.], dtype=float32)
+        >>> t.renamed("dense.weight").with_attrs(role="weight").attrs["role"]
+        'weight'
+    """
 
     name: str
     dtype: DType
@@ -391,7 +405,21 @@ def _as_bytes_array(arr: np.ndarray) -> np.ndarray:
 class TensorDict(Mapping[str, Tensor]):
     """An ordered, read-only mapping name -> :class:`Tensor`, plus string metadata.
 
-    Metadata keys are namespaced (``source.format``, ``tf.global_step``...).
+    Metadata keys are namespaced (``source.format``, ``tf.global_step``...). What
+    :func:`convert.read` returns and :func:`convert.write` takes; nothing changes one in place
+    (:meth:`replace` makes a new one).
+
+    Example:
+        >>> import numpy as np
+        >>> td = convert.TensorDict.from_arrays({"w": np.ones((2, 2), np.float16), "step": np.int64(7)},
+        ...                                     metadata={"note": "made by hand"})
+        >>> td
+        TensorDict(2 tensors, metadata={'note': 'made by hand'})
+        >>> list(td), td["step"].numpy(), td.nbytes
+        (['w', 'step'], array(7), 16)
+        >>> td.replace([td["w"]]).to_numpy()
+        {'w': array([[1., 1.],
+               [1., 1.]], dtype=float16)}
     """
 
     def __init__(self, tensors: Iterable[Tensor] | Mapping[str, Tensor] = (),

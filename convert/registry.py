@@ -39,6 +39,8 @@ class FormatInfo:
     needs_to_read: tuple[tuple[str, str], ...] = ()
     needs_to_write: tuple[tuple[str, str], ...] = ()
     """(Python module, pip extra) pairs without which the reader/writers cannot work."""
+    optional: tuple[tuple[str, str, str], ...] = ()
+    """(Python module, pip extra, the option it serves) for optional features: ``("onnxruntime", "onnx", "--check")``."""
     writer_aliases: Mapping[str, str] = field(default_factory=dict)
     """Other names of this format that pick a writer: ``{"tf-ckpt-v1": "v1"}``."""
 
@@ -55,7 +57,8 @@ FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("tf-ckpt", "convert.formats.tf_checkpoint", aliases=("tf", "tf-checkpoint", "tensorflow"),
                writer_aliases={"tf-ckpt-v1": "v1", "tf-v1": "v1"}),
     FormatInfo("torch", "convert.formats.torch", aliases=("pt", "pytorch", "pth")),
-    FormatInfo("onnx", "convert.formats.onnx"),
+    FormatInfo("onnx", "convert.formats.onnx",
+               optional=(("tensorflow", "tf", "--graph"), ("tf2onnx", "tf", "--graph"), ("onnxruntime", "onnx", "--check"))),
 )
 
 
@@ -103,6 +106,19 @@ def missing(info: FormatInfo, side: str) -> list[tuple[str, str]]:
     """The (module, extra) pairs this format needs for ``side`` ("read"/"write") that are not installed."""
     needs = info.needs_to_read if side == "read" else info.needs_to_write
     return [(m, e) for m, e in needs if importlib.util.find_spec(m) is None]
+
+
+def dependencies() -> dict[tuple[str, str], list[str]]:
+    """Every optional dependency the formats name, (Python module, pip extra) -> what needs it
+    (``["writing saved-model", "onnx --graph"]``), in table order (``convert --version``)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for info in FORMATS:
+        for side, needs in (("reading", info.needs_to_read), ("writing", info.needs_to_write)):
+            for module, extra in needs:
+                out.setdefault((module, extra), []).append(f"{side} {info.name}")
+        for module, extra, option in info.optional:
+            out.setdefault((module, extra), []).append(f"{info.name} {option}")
+    return out
 
 
 def require(info: FormatInfo, side: str) -> None:

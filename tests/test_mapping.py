@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convert import diff as diffmod
+from convert import compare as diffmod
 from convert import mapping, suggest
 from convert.dtypes import by_name
 from convert.errors import MappingError

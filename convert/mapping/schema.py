@@ -82,6 +82,14 @@ def load(spec: str | os.PathLike) -> RuleSet:
 
     Raises:
         MappingError: ``file:line: message`` for the first problem found.
+
+    Example:
+        >>> import convert.mapping
+        >>> rules = convert.mapping.load("tf1-to-torch")      # a preset (convert mappings), or a YAML path
+        >>> td, report = convert.mapping.apply(convert.read("model1/"),
+        ...                                    [rules, convert.mapping.load("drop-optimizer")])
+        >>> td["conv1.weight"], len(report.dropped)
+        (Tensor('conv1.weight', float32, [8, 1, 5, 5]), 19)
     """
     path = Path(spec)
     if not path.is_file():

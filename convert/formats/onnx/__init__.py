@@ -107,7 +107,7 @@ FORMAT = Format(
         Option("--external-data-name", "write", str,
                "file name of the ONNX external data file, beside the model (default <output name>.data)"),
         Option("--graph", "write", bool, "convert the TensorFlow graph (TF1 checkpoint with .meta, or SavedModel) "
-               "to a runnable ONNX model with tf2onnx, instead of writing weights only (needs convert[tf])"),
+               "to a runnable ONNX model with tf2onnx, instead of writing weights only (needs ckpt-convert[tf])"),
         INPUTS_OPTION,
         OUTPUTS_OPTION,
         Option("--check", "write", bool, "with --graph: run the ONNX model (onnxruntime) and TensorFlow on the same "

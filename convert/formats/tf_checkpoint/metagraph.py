@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 
 from ...dtypes import from_tf
-from ...errors import MissingDependencyError, UnsupportedDTypeError
+from ...errors import MissingDependencyError, UnsupportedDTypeError, pip_install
 from ...ir import TensorDict
 from . import protowire as pw
 
@@ -141,8 +141,8 @@ def meta_for(td: TensorDict, version: int) -> tuple[bytes | None, str | None]:
         try:
             return _with_saver(path, version), "rewrote the .meta graph's saver for V2 (it read V1 files only)"
         except MissingDependencyError:
-            return None, ("left out the .meta graph: its saver reads V1 checkpoints only; install convert[tf] "
-                          "to have it rewritten for V2, or write tf-ckpt-v1")
+            return None, ("left out the .meta graph: its saver reads V1 checkpoints only; "
+                          f"{pip_install('tf')} to have it rewritten for V2, or write tf-ckpt-v1")
         except Exception as e:  # TensorFlow cannot import the graph: say so, keep the checkpoint
             return None, f"left out the .meta graph: its V1 saver could not be rewritten ({' '.join(str(e).split())})"
     return data, None

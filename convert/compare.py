@@ -1,19 +1,20 @@
 """Compare two TensorDicts tensor by tensor: names, dtypes, shapes and values.
 
-Used by ``convert diff A B [--map X] [--atol --rtol]``. Values are read one tensor
+Used by ``convert diff A B [--map X] [--atol --rtol]`` and :func:`convert.diff`. Values are read one tensor
 at a time and compared in slices, so memory stays of the order of the largest tensor.
 Two values agree when ``|a - b| <= atol + rtol * |b|`` (NumPy's ``isclose``; NaN
 agrees with NaN in the same place). With the defaults (0, 0) only equal values agree.
 
 Example::
 
-    report = diff(convert.read("a.ckpt"), convert.read("b.safetensors"), atol=1e-6)
+    report = compare.diff(convert.read("a.ckpt"), convert.read("b.safetensors"), atol=1e-6)
     if not report.ok:
         print(report.to_text())
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .ir import Tensor, TensorDict
@@ -35,6 +36,8 @@ class TensorDiff:
     max_rel: float | None = None
     mismatched: int = 0  # elements outside the tolerance
     note: str = ""
+    mean_abs: float | None = None  # mean over the elements of |a - b|
+    mean_rel: float | None = None  # mean of |a - b| / |b| (inf where b is 0 and a is not)
 
     @property
     def ok(self) -> bool:
@@ -57,13 +60,14 @@ class TensorDiff:
         return {"name": self.name, "status": self.status, "ok": self.ok,
                 "dtype_a": self.dtype_a, "dtype_b": self.dtype_b,
                 "shape_a": list(self.shape_a), "shape_b": list(self.shape_b),
-                "max_abs": self.max_abs, "max_rel": self.max_rel, "mismatched": self.mismatched,
+                "max_abs": self.max_abs, "max_rel": self.max_rel, "mean_abs": self.mean_abs, "mean_rel": self.mean_rel,
+                "mismatched": self.mismatched,
                 **({"note": self.note} if self.note else {})}
 
 
 @dataclass(frozen=True)
 class DiffReport:
-    """Everything :func:`diff` found. ``ok`` is True when the inputs agree."""
+    """Everything :func:`convert.diff` found. ``ok`` is True when the inputs agree."""
 
     tensors: tuple[TensorDiff, ...]
     only_in_a: tuple[str, ...]
@@ -144,12 +148,30 @@ def compare(ta: Tensor, tb: Tensor, atol: float = 0.0, rtol: float = 0.0) -> Ten
             return TensorDiff(**base, note="string and numeric tensors cannot be compared")
         va, vb = ta.numpy().reshape(-1), tb.numpy().reshape(-1)
         bad = int(sum(x != y for x, y in zip(va, vb, strict=False)))
-        return TensorDiff(**base, max_abs=0.0 if not bad else float("inf"), max_rel=0.0 if not bad else float("inf"),
-                          mismatched=bad)
+        worst = 0.0 if not bad else float("inf")
+        return TensorDiff(**base, max_abs=worst, max_rel=worst, mismatched=bad, mean_abs=worst, mean_rel=worst)
+    max_abs = max_rel = sum_abs = sum_rel = 0.0
+    bad = size = 0
+    for err, rel, y in errors(ta, tb):
+        if err.size:
+            max_abs = max(max_abs, float(err.max()))
+            max_rel = max(max_rel, float(rel.max()))
+            sum_abs += float(err.sum())
+            sum_rel += float(rel.sum())
+        size += err.size
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad += int(np.count_nonzero(~((err == 0) | (err <= atol + rtol * np.abs(y)))))
+    n = max(size, 1)
+    return TensorDiff(**base, max_abs=max_abs, max_rel=max_rel, mismatched=bad, mean_abs=sum_abs / n,
+                      mean_rel=sum_rel / n)
+
+
+def errors(ta: Tensor, tb: Tensor) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The element-wise errors of two numeric tensors of one shape, in slices of at most ``_SLICE``
+    elements: ``(|a - b|, |a - b| / |b|, b)`` as float64 (complex: the modulus). Equal values
+    (NaN beside NaN, equal infinities included) have error 0; any other NaN or infinity, inf."""
     va, vb = ta.numpy().reshape(-1), tb.numpy().reshape(-1)
-    wide = np.complex128 if "complex" in kinds else np.float64
-    max_abs = max_rel = 0.0
-    bad = 0
+    wide = np.complex128 if "complex" in {ta.dtype.kind, tb.dtype.kind} else np.float64
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for start in range(0, va.size, _SLICE):
             x = va[start:start + _SLICE].astype(wide)
@@ -161,8 +183,4 @@ def compare(ta: Tensor, tb: Tensor, atol: float = 0.0, rtol: float = 0.0) -> Ten
             err = np.where(np.isnan(err), np.inf, err)
             rel = np.where(same, 0.0, err / np.abs(y))
             rel = np.where(np.isnan(rel), np.inf, rel)
-            if err.size:
-                max_abs = max(max_abs, float(err.max()))
-                max_rel = max(max_rel, float(rel.max()))
-            bad += int(np.count_nonzero(~(same | (err <= atol + rtol * np.abs(y)))))
-    return TensorDiff(**base, max_abs=max_abs, max_rel=max_rel, mismatched=bad)
+            yield err, rel, y
