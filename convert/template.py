@@ -158,8 +158,9 @@ def resolve(td: TensorDict, template: TensorDict, *, path: os.PathLike | str | N
         problems: cases the caller found in the template itself, listed in the same error.
 
     Returns:
-        The TensorDict to write: in template order, each tensor under its template name (data
-        untouched: a byte copy stays a byte copy), ``td``'s metadata; and the :class:`Resolution`.
+        The TensorDict to write (in template order, each tensor under its template name, its data
+        untouched so that a byte copy stays a byte copy, with ``td``'s metadata) and the
+        :class:`Resolution`.
 
     Raises:
         WriteError: listing every ambiguous, mismatched, missing and left-over tensor.
