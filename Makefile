@@ -51,15 +51,10 @@ demo: demo-install
 	    --map tf1-to-torch --map drop-optimizer --map mappings/examples/mnist-cnn-tf1-to-torch.yaml
 	$(DEMO)/convert inspect $(OUT)/model1.pt
 	@echo; echo "== 5. The torch weights back into the TF graph: names resolved against it, optimizer slots filled from it"
-	@# PLACEHOLDER (issue 13): --template / --template-fill are being built; this step runs once
-	@# `convert --help` offers them, and prints this placeholder until then.
-	@if $(DEMO)/convert --help | grep -q -- '--template-fill'; then \
-	  set -x; \
-	  $(DEMO)/convert torch $(OUT)/model1.pt --to tf-ckpt -o $(OUT)/model1-from-torch \
-	      --map torch-to-tf1 --map mappings/examples/mnist-cnn-torch-to-tf1.yaml \
-	      --template examples/model1 --template-fill && \
-	  $(DEMO)/convert diff $(OUT)/model1-from-torch examples/model1; \
-	else echo "PLACEHOLDER: 'convert torch $(OUT)/model1.pt --to tf-ckpt --template examples/model1 --template-fill' is not built yet (issue 13)"; fi
+	$(DEMO)/convert torch $(OUT)/model1.pt --to tf-ckpt -o $(OUT)/model1-from-torch \
+	    --map torch-to-tf1 --map mappings/examples/mnist-cnn-torch-to-tf1.yaml \
+	    --template examples/model1 --template-fill
+	$(DEMO)/convert diff $(OUT)/model1-from-torch examples/model1
 	@echo; echo "Done: the outputs are in $(OUT)/. 'make test' installs the frameworks and runs the suite."
 
 # Headless Chromium for the HTML report's browser test (tests/test_report.py): Debian's package,

@@ -150,10 +150,12 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
     kwargs = _options(info, "write", opts)
     fmt, path = info.format, Path(path)
     notes: list[str] = []
+    reports = []
     if writer.prepare is not None:  # before the checks: what is written and verified is what it returns
         prepared = [writer.prepare(td, **kwargs) for td in tds]
         tds = [td for td, _ in prepared]
-        notes += [note for _, ns in prepared for note in ns]
+        reports = [r for _, r in prepared if r is not None]
+        notes += list(dict.fromkeys(n for r in reports for n in r.notes))
     for td in tds:
         check_dtypes(td, info, writer, path)
     if path.is_dir() and not path.is_symlink() and not fmt.detect(path):
@@ -197,10 +199,38 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
                      f"so each was written as its own copy: {', '.join(shared)}")
     summary = {"output": str(path), "format": label(info, writer), "tensors": sum(len(td) for td in tds),
                "bytes": sum(td.nbytes for td in tds), "verified": verified, "notes": notes,
-               **reported.get("facts", {})}
+               **(_prepared_facts(reports) if reports else {}), **reported.get("facts", {})}
     if "checked" in reported:
         summary["checked"] = reported["checked"]
     return summary
+
+
+def _prepared_facts(reports: list) -> dict:
+    """The prepare reports' facts for the summary (one list per key for a series of several)."""
+    if len(reports) == 1:
+        return reports[0].facts()
+    facts: dict[str, list] = {}
+    for r in reports:
+        for key, value in r.facts().items():
+            facts.setdefault(key, []).append(value)
+    return facts
+
+
+def resolve_template(td: TensorDict, template: PathLike, to: str | None = None, fill: bool = False):
+    """``td`` resolved against ``template`` by the ``prepare`` step of the writer of ``to``
+    (default: the first writer that ``takes_template(template)``), as writing with ``--template``
+    would; returns (TensorDict, report). Nothing is written (``convert map --template``)."""
+    if to is not None:
+        info, writer = registry.writer(to)
+    else:
+        found = [(i, w) for i in registry.FORMATS for w in i.format.writers
+                 if w.takes_template is not None and w.takes_template(Path(template))]
+        if not found:
+            raise UsageError(f"{template}: no format takes this as a template (name the output format with --to)")
+        info, writer = found[0]
+    if writer.prepare is None:
+        raise UsageError(f"{label(info, writer)} output takes no --template")
+    return writer.prepare(td, **_options(info, "write", {"template": str(template), "template_fill": fill}))
 
 
 def _rename_path(e: ConvertError, old: str, new: str) -> None:

@@ -3,7 +3,7 @@
     convert SRC_FORMAT SRC_PATH --to DST_FORMAT [-o OUT] [options]
     convert inspect PATH [--json]
     convert formats [--json]
-    convert map SRC --map RULES [--plan]        convert map suggest A B [-o RULES.yaml]
+    convert map SRC --map RULES [--template PATH] [--plan]   convert map suggest A B [-o RULES.yaml]
     convert diff A B [--map RULES] [--atol X --rtol Y]
     convert mappings [NAME]
 
@@ -248,18 +248,33 @@ def cmd_map(argv: list[str]) -> int:
     p = _Parser(prog="convert map", description="Show how rule files map a checkpoint's names and layouts, "
                 "without writing anything. 'convert map suggest A B' proposes a rule file.")
     p.add_argument("src", metavar="SRC_PATH")
-    p.add_argument("--map", action="append", default=[], required=True, metavar="FILE_OR_PRESET",
+    p.add_argument("--map", action="append", default=[], metavar="FILE_OR_PRESET",
                    help="rule file or preset (repeatable, applied in order)")
+    p.add_argument("--template", metavar="PATH", help="then resolve the names against this template's variables, "
+                   "as writing with --template would (a TF checkpoint folder, prefix, .meta, SavedModel, or ONNX model)")
+    p.add_argument("--template-fill", action="store_true", help="with --template: show the template variables "
+                   "--template-fill would write")
+    p.add_argument("--to", metavar="DST_FORMAT", help="with --template: the output format (default: the one that "
+                   "takes the template)")
     p.add_argument("--plan", action="store_true", help="print the plan (the default: nothing is written)")
     p.add_argument("--format", default="auto", help="format of SRC_PATH (default: detect from content)")
     _common(p)
     _add_format_options(p, ("read",))
     args = p.parse_args(argv)
-    _, report = api.apply_maps(_read_for(args.src, args.format, args), args.map)
+    if not args.map and not args.template:
+        raise UsageError("convert map needs --map RULES, --template PATH, or both")
+    if (args.template_fill or args.to) and not args.template:
+        raise UsageError("--template-fill and --to apply with --template")
+    td, report = api.apply_maps(_read_for(args.src, args.format, args), args.map)
+    resolution = None
+    if args.template:
+        _, resolution = api.resolve_template(td, args.template, args.to, args.template_fill)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        out = report.to_dict() if report is not None else {}
+        print(json.dumps({**out, "template": resolution.to_dict()} if resolution else out, indent=2))
     elif not args.quiet:
-        sys.stdout.write(report.to_text())
+        texts = [r.to_text() for r in (report, resolution) if r is not None]
+        sys.stdout.write("\n".join(texts))
     return EXIT_OK
 
 

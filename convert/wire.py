@@ -25,7 +25,7 @@ from .lazy import np
 __all__ = [
     "varints_size",
     "VARINT", "FIXED64", "BYTES", "FIXED32", "ProtoError", "read_varint", "read_varint_from", "encode_varint",
-    "iter_fields", "signed64", "tag", "field_varint", "field_bytes", "field_fixed32", "encode_varints",
+    "iter_fields", "iter_raw_fields", "signed64", "tag", "field_varint", "field_bytes", "field_fixed32", "encode_varints",
     "decode_varints", "MAX_RANK", "check_shape",
 ]
 
@@ -92,9 +92,17 @@ def iter_fields(buf):
     ``value`` is an int for varint/fixed fields and a memoryview for
     length-delimited ones (no copy).
     """
+    for num, wt, val, _ in iter_raw_fields(buf):
+        yield num, wt, val
+
+
+def iter_raw_fields(buf):
+    """As :func:`iter_fields`, plus each field's own bytes (tag included) as a memoryview: a
+    message is edited by copying the fields it keeps byte for byte and re-encoding the others."""
     mv = memoryview(buf)
     pos, n = 0, len(mv)
     while pos < n:
+        start = pos
         key, pos = read_varint(mv, pos)
         num, wt = key >> 3, key & 7
         if num == 0:
@@ -119,7 +127,7 @@ def iter_fields(buf):
             pos += length
         else:
             raise ProtoError(f"unsupported wire type {wt}")
-        yield num, wt, val
+        yield num, wt, val, mv[start:pos]
 
 
 def signed64(v: int) -> int:

@@ -162,14 +162,16 @@ def test_corpus_object_checkpoint_readable_names(tf):
     "tensorflow+serving@27a9c3581077/tensorflow_serving/servables/tensorflow/testdata/half_plus_two/00000123"])
 def test_corpus_v1_migration_restores_with_its_graph(tf, folder, tmp_path):
     """The issue's migration on real old checkpoints, whose .meta savers read V1 only
-    (RestoreSlice): the saver is rewritten, and the classic loading code restores V2."""
+    (RestoreSlice): the graph is rewritten for RestoreV2 (by editing the GraphDef, no TensorFlow;
+    tests/test_tf1_roundtrip.py runs it where TensorFlow cannot be imported), and the classic
+    loading code restores V2."""
     import convert
 
     src = CORPUS / folder
     meta = next(src.glob("*.meta"))
     out = tmp_path / "v2"
     summary = convert.convert(src if (src / "checkpoint").exists() else meta.with_suffix(""), out, to="tf-ckpt")
-    assert any("rewrote the .meta graph's saver" in n for n in summary["outputs"][0]["notes"])
+    assert any("rewrote the pre-1.0 .meta graph for V2" in n for n in summary["outputs"][0]["notes"])
     latest = tf.train.latest_checkpoint(str(out))
     assert tfc.read(out).metadata["tf.checkpoint_version"] == "2"
     g = tf.Graph()

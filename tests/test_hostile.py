@@ -601,12 +601,14 @@ def test_hostile_saved_model_pb(tmp_path):
 ], ids=["garbage", "graph_as_varint", "node_as_varint", "name_as_varint", "shape_as_varint"])
 def test_hostile_meta_graph_is_skipped_not_trusted(meta):
     """A ``.meta`` file is read only to decide whether it fits the converted checkpoint: whatever
-    its fields hold, :func:`metagraph.read_meta` returns or raises ProtoError, allocating nothing."""
+    its fields hold, :func:`metagraph.read_meta` and the V2 decision (:func:`metagraph.for_version`)
+    return or raise ProtoError (or say the graph cannot be rewritten), allocating nothing."""
     def read():
-        try:
-            metagraph.read_meta(meta)
-        except metagraph.pw.ProtoError:
-            pass
+        for decide in (metagraph.read_meta, lambda m: metagraph.for_version(m, 2)):
+            try:
+                decide(meta)
+            except (metagraph.pw.ProtoError, metagraph._NotExact):
+                pass
     assert run_guarded(read, max_bytes=SMALL) is None
 
 

@@ -781,22 +781,40 @@ def test_examples_match_tf(tf, folder):
 
 @pytest.mark.slow
 def test_make_cnn_reproduces_the_committed_example(tf, tmp_path):
-    """The PROVENANCE command, run as a fresh process, gives the committed checkpoint: the same
-    tensors, and values equal up to float rounding (on the machine that made it, the same bytes;
-    another CPU may pick other kernels, whose rounding 190 Adam steps carry along)."""
+    """The PROVENANCE command, run twice as fresh processes on this machine, and the committed example.
+
+    How it holds on any x86-64/arm64 CPU: the expectation for the trained *values* is regenerated
+    on the machine (a second run must give the same bytes as the first: the script is
+    deterministic), not compared with the committed files under a tolerance. Reason: TF picks
+    kernels by instruction set (AVX2, AVX-512, NEON), and 190 Adam steps through ReLU and max-pool
+    turn their last-bit differences into another training run (measured: a run on an AVX-512 CPU
+    and the committed example differ in fc1/w by up to 0.07, where training moved it by 0.17, and
+    in the Adam slots by 50% of their norm), so no tolerance would be both safe and meaningful. What does not
+    depend on float kernels must equal the committed files exactly: the graphs (``.meta`` bytes),
+    the ``checkpoint`` state files, the tensors' names, dtypes and shapes, ``global_step`` and the
+    Adam ``beta*_power`` (products of constants, exact in IEEE arithmetic)."""
+    import filecmp
     import subprocess
     import sys
-    res = subprocess.run([sys.executable, os.path.join(EXAMPLES, "make_cnn.py"), str(tmp_path)],
-                         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert (tmp_path / "model1/checkpoint").read_bytes() == open(os.path.join(EXAMPLES, "model1/checkpoint"), "rb").read()
-    for rel in ("model1/my-model-190", "model1_v1/my-model-190"):
-        ours = tf.train.load_checkpoint(str(tmp_path / rel))
-        committed = tf.train.load_checkpoint(os.path.join(EXAMPLES, rel))
+    runs = []
+    for run in ("a", "b"):
+        res = subprocess.run([sys.executable, os.path.join(EXAMPLES, "make_cnn.py"), str(tmp_path / run)],
+                             capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs.append(tmp_path / run)
+    for folder in ("model1", "model1_v1"):
+        names = sorted(os.listdir(runs[0] / folder))
+        assert names == sorted(os.listdir(runs[1] / folder)) == sorted(os.listdir(os.path.join(EXAMPLES, folder)))
+        for name in names:
+            assert filecmp.cmp(runs[0] / folder / name, runs[1] / folder / name, shallow=False), f"{folder}/{name}"
+        for name in ("checkpoint", "my-model-190.meta"):
+            assert filecmp.cmp(runs[0] / folder / name, os.path.join(EXAMPLES, folder, name), shallow=False), name
+        ours = tf.train.load_checkpoint(str(runs[0] / folder / "my-model-190"))
+        committed = tf.train.load_checkpoint(os.path.join(EXAMPLES, folder, "my-model-190"))
         assert ours.get_variable_to_shape_map() == committed.get_variable_to_shape_map()
-        for name in committed.get_variable_to_shape_map():
-            np.testing.assert_allclose(ours.get_tensor(name), committed.get_tensor(name), rtol=1e-3, atol=1e-4,
-                                       err_msg=f"{rel}: {name}")
+        assert ours.get_variable_to_dtype_map() == committed.get_variable_to_dtype_map()
+        for name in ("global_step", "beta1_power", "beta2_power"):
+            assert_same(ours.get_tensor(name), committed.get_tensor(name), f"{folder}: {name}")
 
 
 def test_examples_v1_migrated_restores_with_meta_graph(tf, tmp_path):

@@ -79,3 +79,45 @@ def sample_arrays(ml_dtypes) -> dict[str, np.ndarray]:
 V1_KEYS = ("f64", "f32", "f16", "i8", "i16", "i32", "i64", "u8", "u16", "bool", "c64", "c128", "str",
            "scope/scalar_f32", "scope/scalar_i64", "scalar_str", "empty_f32", "empty_str",
            "name.with.dots/and-dash_0")
+
+
+BLOCKED = ("tensorflow", "tf_keras", "keras", "tf2onnx")
+
+_SITECUSTOMIZE = '''\
+"""Installed by the tests: this interpreter cannot import TensorFlow; attempts are logged."""
+import os, sys
+
+class _NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            with open(os.environ["CONVERT_TEST_BLOCKED_LOG"], "a") as log:
+                log.write(name + "\\n")
+            raise ImportError(f"{{name}} cannot be imported here (blocked by the test)")
+
+sys.meta_path.insert(0, _NoTensorFlow())
+'''
+
+
+def run_without_tensorflow(args: list[str], workdir, cwd=None):
+    """``python -m convert ARGS`` in a process whose environment cannot import TensorFlow (nor
+    Keras, tf2onnx): a ``sitecustomize`` on ``PYTHONPATH`` refuses them and logs every attempt.
+    Returns the CompletedProcess; asserts that nothing tried to import them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    site = Path(workdir) / "no-tensorflow-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(blocked=BLOCKED))
+    log = site / "blocked.log"
+    log.write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "CONVERT_TEST_BLOCKED_LOG": str(log)}
+    probe = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked by the test" in probe.stderr, "the block does not work"
+    log.write_text("")
+    res = subprocess.run([sys.executable, "-m", "convert", *map(str, args)], env=env, capture_output=True,
+                         text=True, cwd=cwd)
+    assert log.read_text() == "", f"the conversion tried to import: {log.read_text().split()}"
+    return res

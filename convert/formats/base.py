@@ -19,7 +19,10 @@ left open, since each format declares its own as :class:`Option` s and receives 
 * :class:`Expand` -- a path that names a series (a TF ``checkpoint`` state file's retained
   steps) -> ``[(label, path of one member)]``, for ``--all-steps``.
 * :class:`Prepare` -- a writer's step before writing, e.g. resolving names against a template;
-  run before verification so that what is verified is what was meant to be written.
+  run before verification so that what is verified is what was meant to be written. It returns
+  the TensorDict to write and a :class:`PrepareReport` (or None): its ``notes`` go into the
+  summary, its ``facts()`` into ``--json``, its ``to_text()`` is what ``convert map --template``
+  prints (the same step, nothing written; the writer is found by its ``takes_template``).
 * :class:`ReadBack` -- how verification reads a writer's output back, when plain ``read`` would
   not give the names written (e.g. a writer that took raw keys).
 
@@ -97,8 +100,20 @@ class Expand(Protocol):
     def __call__(self, path: Path, /, *args: Any, **read_options: Any) -> list[tuple[str, Path]]: ...
 
 
+class PrepareReport(Protocol):
+    """What a prepare step decided (e.g. :class:`convert.template.Resolution`)."""
+
+    @property
+    def notes(self) -> list[str]: ...
+
+    def facts(self) -> dict[str, Any]: ...
+
+    def to_text(self) -> str: ...
+
+
 class Prepare(Protocol):
-    def __call__(self, td: TensorDict, /, *args: Any, **write_options: Any) -> tuple[TensorDict, list[str]]: ...
+    def __call__(self, td: TensorDict, /, *args: Any,
+                 **write_options: Any) -> tuple[TensorDict, PrepareReport | None]: ...
 
 
 class ReadBack(Protocol):
@@ -125,6 +140,9 @@ class Writer:
     series: WriteSeries | None = None
     """Writes several checkpoints into one output (``--all-steps``); without it, one output each."""
     prepare: Prepare | None = None
+    takes_template: Detect | None = None
+    """Whether a path can be this writer's ``--template`` (cheap, never raises): ``convert map
+    --template PATH`` runs the ``prepare`` of the first writer that takes PATH."""
     read_back: ReadBack | None = None
     """How verification reads the output; default: the format's ``read`` (and ``expand`` for a series)."""
     keeps_shared_storage: bool = False

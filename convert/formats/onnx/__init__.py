@@ -69,9 +69,11 @@ Writing without a template
 
 Writing with a template (``--template graph.onnx``)
     The template's model is copied, and the initializers of its main graph (and only
-    those) are replaced by the source tensors of the same names. Every template
-    initializer must be present with the same dtype and shape, and every source
-    tensor must be a template initializer: missing, mismatched *and extra* tensors
+    those) are replaced by the source tensors, resolved onto the initializers' names by
+    :func:`convert.template.resolve` (the same engine as tf-ckpt's ``--template``: exact
+    name, then naming conventions, then a unique dtype and shape within a scope). Every
+    template initializer must be present with the same dtype and shape, and every source
+    tensor must be a template initializer: missing, mismatched, ambiguous *and extra* tensors
     are all listed in one :class:`~convert.errors.WriteError` (extra ones are an
     error because silently dropping a weight hides mapping mistakes; drop them with
     a mapping rule). Constant nodes, subgraphs, opsets, producer and metadata of the
@@ -85,6 +87,7 @@ from ... import dtypes
 from ..base import Format, Option, Writer
 from ..tf_checkpoint.graph import INPUTS_OPTION, OUTPUTS_OPTION
 from .reader import NAME, read
+from .template import accepts_template, prepare
 from .walk import detect
 from .writer import write
 
@@ -93,13 +96,14 @@ FORMAT = Format(
     description="ONNX model (weights: initializers, Constant nodes, subgraphs, external data)",
     detect=detect,
     read=read,
-    writers=(Writer("", write, dtypes.held_by("onnx"), suffix=".onnx"),),
+    writers=(Writer("", write, dtypes.held_by("onnx"), suffix=".onnx", prepare=prepare,
+                    takes_template=accepts_template),),
     options=(
         Option("--initializers-only", "read", bool,
                "ONNX: read graph initializers only (also in subgraphs), not Constant-node values"),
         Option("--template", "write", str,
-               "ONNX model whose main-graph initializers are replaced by the tensors "
-               "(names, dtypes and shapes must match exactly)"),
+               "ONNX model whose main-graph initializers are replaced by the tensors (names resolved "
+               "by the same rules as tf-ckpt's --template; dtypes and shapes must match)"),
         Option("--opset", "write", int, "default-domain opset of the ONNX model (default 21; with --graph, "
                "tf2onnx's default)"),
         Option("--external-data-threshold", "write", int,

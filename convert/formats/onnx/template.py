@@ -1,55 +1,73 @@
 """Writing into a template: the template's model with its main-graph initializers replaced by the
-tensors of the same names (see :mod:`convert.formats.onnx`)."""
+tensors, resolved onto the initializers' names by :mod:`convert.template` (see :mod:`convert.formats.onnx`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ... import dtypes
-from ...errors import ReadError, UnsupportedDTypeError, WriteError
-from ...ir import Tensor, TensorDict
+from ...errors import ConvertError, ReadError, UnsupportedDTypeError, UsageError, WriteError
+from ...ir import Source, Tensor, TensorDict
+from ...template import resolve
 from .reader import _EXTERNAL, _load_model, _onnx_type_name
+from .walk import detect
+
+
+def accepts_template(path: os.PathLike | str) -> bool:
+    """An ONNX model can be a ``--template``."""
+    return detect(path)
+
+
+class _TemplateInitializer(Source):
+    """A template initializer: only its name, dtype and shape take part (its value is replaced)."""
+
+    def array(self, dtype, shape):
+        raise ConvertError("an ONNX template's initializers are replaced, never copied")
+
+
+def _resolved(td: TensorDict, template: Path, out: Path | None):
+    """The template model (parsed without its initializers' raw bytes, which are about to be
+    replaced) and ``td`` resolved against its main-graph initializers by
+    :func:`convert.template.resolve` (every one is a weight: none may be missing)."""
+    try:
+        tmpl, _ = _load_model(template)
+    except ReadError as e:
+        raise WriteError(out, f"template: {e}") from None
+    variables, problems = [], []
+    for init in tmpl.graph.initializer:
+        shape = tuple(int(d) for d in init.dims)
+        try:
+            variables.append(Tensor(init.name, dtypes.from_onnx(init.data_type), shape, _TemplateInitializer(),
+                                    {"role": "weight"}))
+        except UnsupportedDTypeError:
+            problems.append(f"missing '{init.name}' ({_onnx_type_name(init.data_type)} {list(shape)}, a dtype "
+                            "convert cannot write)")
+    resolved, resolution = resolve(td, TensorDict(variables), path=out, template_name=os.fspath(template),
+                                   optional=lambda t: False, problems=problems)
+    return tmpl, resolved, resolution
+
+
+def prepare(td: TensorDict, template: str | os.PathLike | None = None, graph: bool = False, **_: object):
+    """``td`` resolved against ``template``'s initializers, as :func:`.writer.write` will write it,
+    and the resolution; ``(td, None)`` without a template."""
+    if template is None:
+        return td, None
+    if graph:
+        raise UsageError("--graph and --template exclude each other")
+    _, resolved, resolution = _resolved(td, Path(template), None)
+    return resolved, resolution
 
 
 def _template_model(td: TensorDict, template: Path, out: Path):
     import onnx
 
-    try:
-        # Parsed without its initializers' raw bytes, which are about to be replaced anyway.
-        tmpl, _ = _load_model(template)
-    except ReadError as e:
-        raise WriteError(out, f"template: {e}") from None
-
-    problems: list[str] = []
-    tensors: list[Tensor] = []
-    wanted = set()
-    for init in tmpl.graph.initializer:
-        wanted.add(init.name)
-        want_shape = tuple(int(d) for d in init.dims)
-        try:
-            want_dtype = dtypes.from_onnx(init.data_type).name
-        except UnsupportedDTypeError:
-            want_dtype = _onnx_type_name(init.data_type)
-        t = td.get(init.name)
-        if t is None:
-            problems.append(f"missing '{init.name}' ({want_dtype} {list(want_shape)})")
-            continue
-        if t.dtype.name != want_dtype or t.shape != want_shape:
-            problems.append(f"'{init.name}' is {t.dtype} {list(t.shape)}, the template wants {want_dtype} {list(want_shape)}")
-            continue
-        tensors.append(t)
-    for name, t in td.items():
-        if name not in wanted:
-            problems.append(f"extra '{name}' ({t.dtype} {list(t.shape)}) is not an initializer of the template")
-    if problems:
-        raise WriteError(out, f"tensors do not fit template {template} ({len(problems)} problem{'s' if len(problems) > 1 else ''}; drop or rename "
-                         f"with a mapping): " + "; ".join(problems))
-
+    tmpl, resolved, _ = _resolved(td, template, out)
     model = onnx.ModelProto()
     model.CopyFrom(tmpl)
     del model.graph.initializer[:]
     _inline_external(model, template)
-    return model, tensors
+    return model, list(resolved.values())
 
 
 def _inline_external(model, template: Path) -> None:

@@ -42,7 +42,7 @@ from ... import dtypes
 from ...errors import ConvertError, ReadError, UsageError, WriteError
 from ...ir import Tensor, TensorDict
 from ..base import Format, Option, Writer, WriteReport
-from . import metagraph, objects
+from . import metagraph, objects, templates
 from .bundle import read_bundle, write_bundle
 from .slices import GET_TENSOR_REFUSES_V1, check_v1_dtypes, read_v1, write_v1_file
 from .sstable import has_table_magic
@@ -370,7 +370,8 @@ def _write_checkpoints(tds: Sequence[TensorDict], path: os.PathLike | str, opts:
     prefixes = [_prefix_for(td) for td in tds]
     if len(set(prefixes)) != len(prefixes):
         raise WriteError(out, f"two checkpoints would have the same prefix: {', '.join(prefixes)}")
-    metas = [metagraph.meta_for(td, version) if meta_graph else (None, None) for td in tds]
+    metas = [metagraph.meta_for(td, version, partial=templates.TEMPLATE_KEY in td.metadata) if meta_graph
+             else (None, None) for td in tds]
     try:
         out.mkdir()
     except FileExistsError:
@@ -388,18 +389,29 @@ def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, *
     """Write a V2 checkpoint directory at ``path`` (which must not exist).
 
     It holds ``<prefix>.index``, ``<prefix>.data-00000-of-00001``, a ``checkpoint`` state
-    file and, when ``td.metadata["local.tf.meta_graph_path"]`` names an existing file, a copy of
-    it as ``<prefix>.meta``. ``prefix`` is ``td.metadata["tf.prefix"]`` or ``model.ckpt``.
-    Tensors are streamed one by one; the bytes depend only on ``td``. With ``object_graph``,
-    a TF2 object-based checkpoint instead (see :func:`.objects.object_based`).
+    file and, when ``td.metadata["local.tf.meta_graph_path"]`` names an existing file, that
+    graph as ``<prefix>.meta`` when it can restore the checkpoint (:mod:`.metagraph`: carried
+    over, or its saver rewritten for V2). ``prefix`` is ``td.metadata["tf.prefix"]`` or
+    ``model.ckpt``. Tensors are streamed one by one; the bytes depend only on ``td``. With
+    ``object_graph``, a TF2 object-based checkpoint instead (see :func:`.objects.object_based`).
+    With ``template`` (and ``template_fill``), the names are resolved against a template's
+    variables and its graph is written (:mod:`.templates`).
     """
     return write_steps([td], path, object_graph, **opts)
+
+
+def _prepared(tds: Sequence[TensorDict], opts: dict, object_graph: bool = False) -> list[TensorDict]:
+    """``tds`` resolved against ``opts``' template, when a caller did not :func:`.templates.prepare` them."""
+    template, fill = opts.pop("template", None), opts.pop("template_fill", False)
+    return [templates.prepare(td, template, fill, object_graph)[0] for td in tds]
 
 
 def write_steps(tds: Sequence[TensorDict], path: os.PathLike | str, object_graph: bool = False,
                 **opts) -> WriteReport:
     """Several V2 checkpoints (``--all-steps``) in one directory, as :func:`write` writes one;
     the state file lists them all, so ``tf.train.latest_checkpoint`` finds the last."""
+    tds = _prepared(tds, opts, object_graph)
+
     def write_files(td: TensorDict, prefix: str) -> None:
         tensors = objects.object_based(list(td.values()), prefix) if object_graph else td.values()
         write_bundle(tensors, prefix)
@@ -420,6 +432,7 @@ def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> WriteReport:
 
 def write_steps_v1(tds: Sequence[TensorDict], path: os.PathLike | str, **opts) -> WriteReport:
     """Several V1 checkpoints in one directory (see :func:`write_steps`)."""
+    tds = _prepared(tds, opts)
     for td in tds:
         check_v1_dtypes(list(td.values()), path)
     report = _write_checkpoints(tds, path, opts, lambda td, prefix: write_v1_file(list(td.values()), prefix), 1)
@@ -446,8 +459,10 @@ FORMAT = Format(
     read=read,
     writers=(
         Writer("v2", write, dtypes.held_by("tf"), series=write_steps, read_back=read_back,
+               prepare=templates.prepare, takes_template=templates.accepts_template,
                description="a folder with a V2 checkpoint, its 'checkpoint' state file and the .meta graph"),
         Writer("v1", write_v1, dtypes.held_by("tf_v1"), series=write_steps_v1, read_back=read_back,
+               prepare=templates.prepare, takes_template=templates.accepts_template,
                description="the V1 format (SavedTensorSlices), for legacy consumers"),
     ),
     options=(
@@ -456,6 +471,7 @@ FORMAT = Format(
         Option("--all-steps", "read", bool, "convert every checkpoint the 'checkpoint' state file retains"),
         objects.NAMES_OPTION,
         objects.OBJECT_GRAPH_OPTION,
+        *templates.OPTIONS,
     ),
     expand=expand,
     suffixes=(".index",),
