@@ -60,6 +60,7 @@ FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("onnx", "convert.formats.onnx",
                optional=(("tensorflow", "tf", "--graph"), ("tf2onnx", "tf", "--graph"), ("onnxruntime", "onnx", "--check"))),
     FormatInfo("dcp", "convert.formats.dcp", aliases=("torch-dcp", "distcp")),
+    FormatInfo("tflite", "convert.formats.tflite", aliases=("litert",), needs_to_read=(("flatbuffers", "tflite"),)),
 )
 
 
