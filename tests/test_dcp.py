@@ -457,3 +457,16 @@ def test_pickle_bombs_in_metadata(tmp_path):
         folder.mkdir()
         (folder / ".metadata").write_bytes(_metadata_pickle_with(pkl[2:]))
         _refused(folder)
+
+
+def test_safetensors_serialization_is_refused_clearly(tmp_path):
+    """torch 2.13 can also write each rank's file as one safetensors file (which its own FileSystemReader
+    and dcp_to_torch_save cannot read back); that is said, in one line."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+    folder = tmp_path / "st"
+    tdcp.save({"w": torch.ones(3, 4)}, storage_writer=FileSystemWriter(
+        str(folder), serialization_format=SerializationFormat.SAFETENSORS))
+    with pytest.raises(tdcp.api.CheckpointException):
+        dcp_to_torch_save(str(folder), str(tmp_path / "oracle.pt"))  # torch's reader fails too
+    _refused(folder, ReadError, "serialization_format=SAFETENSORS")

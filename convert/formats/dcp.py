@@ -322,6 +322,12 @@ class _ItemSource(Source):
     def _open(self) -> Source:
         item, name = self.item, self.label
         with _translated(item.path, "not a torch.save tensor item", name):
+            with open(item.path, "rb") as f:
+                f.seek(item.offset)
+                head = f.read(10)
+            if head[8:10] == b'{"':  # a safetensors header where the archive should be
+                raise ReadError(item.path, "saved with serialization_format=SAFETENSORS, which is not supported "
+                                "(torch's own dcp_to_torch_save cannot read it either)", name)
             loaded = load_torch_archive(item.path, item.offset, item.length)
             ref = loaded.root
             if not isinstance(ref, tp.TensorRef):
