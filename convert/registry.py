@@ -59,6 +59,8 @@ FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("torch", "convert.formats.torch", aliases=("pt", "pytorch", "pth")),
     FormatInfo("onnx", "convert.formats.onnx",
                optional=(("tensorflow", "tf", "--graph"), ("tf2onnx", "tf", "--graph"), ("onnxruntime", "onnx", "--check"))),
+    FormatInfo("dcp", "convert.formats.dcp", aliases=("torch-dcp", "distcp")),
+    FormatInfo("tflite", "convert.formats.tflite", aliases=("litert",), needs_to_read=(("flatbuffers", "tflite"),)),
 )
 
 

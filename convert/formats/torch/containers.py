@@ -120,10 +120,37 @@ def _read_record(zf: zipfile.ZipFile, name: str, size: int, path: str) -> bytes:
     return zf.read(name)
 
 
-def _load_zip(path: str) -> _Loaded:
-    with open(path, "rb") as f:
+class _Window:
+    """Bytes ``[start, start + length)`` of an open file as a seekable read-only file: a torch.save
+    archive embedded in a larger file (each item of a DCP ``.distcp`` file is one)."""
+
+    def __init__(self, f, start: int, length: int):
+        self._f, self._start, self._length, self._pos = f, start, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, pos + (0, self._pos, self._length)[whence])
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._length - self._pos)
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(left if n is None or n < 0 else min(n, left))
+        self._pos += len(data)
+        return data
+
+
+def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
+    """The archive that is the file, or (``length`` given) the one at ``[start, start + length)`` of it."""
+    with open(path, "rb") as raw:
+        size = os.fstat(raw.fileno()).st_size if length is None else length
+        f = raw if length is None else _Window(raw, start, length)
         zf = zipfile.ZipFile(f)
-        size = os.fstat(f.fileno()).st_size
         prefix = _zip_prefix(zf)
         if prefix is None:
             raise ReadError(path, "zip file without a data.pkl: not a torch checkpoint")
@@ -161,7 +188,9 @@ def _load_zip(path: str) -> _Loaded:
                 offset = info.header_offset + 30 + name_len + extra_len
                 if offset + info.file_size > size:
                     raise CorruptFileError(path, f"file is truncated (storage '{key}' ends past the end)")
-                blobs[key] = _Blob(path, offset, info.file_size, big_endian=byteorder == "big", crc32=info.CRC)
+                blobs[key] = _Blob(path, start + offset, info.file_size, big_endian=byteorder == "big", crc32=info.CRC)
+            elif length is not None:  # _Blob reopens a compressed member by path: the whole file's archive
+                raise CorruptFileError(path, f"compressed storage record {member} in an embedded archive")
             else:
                 blobs[key] = _Blob(path, 0, info.file_size, member=member, big_endian=byteorder == "big")
     layout = "zip" if f"{prefix}byteorder" in names else "zip (no byteorder record)"
