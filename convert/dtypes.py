@@ -155,7 +155,8 @@ def held_by(column: str) -> Callable[[DType], bool]:
         raise ValueError(f"the dtype table has no column {column!r}")
 
     def holds(d: DType) -> bool:
-        return getattr(d, column) not in (None, False)
+        value = getattr(d, column)
+        return value is not None and value is not False  # GGML's float32 is number 0
     holds.__qualname__ = f"held_by({column!r})"
     return holds
 

@@ -61,6 +61,8 @@ FORMATS: tuple[FormatInfo, ...] = (
                optional=(("tensorflow", "tf", "--graph"), ("tf2onnx", "tf", "--graph"), ("onnxruntime", "onnx", "--check"))),
     FormatInfo("dcp", "convert.formats.dcp", aliases=("torch-dcp", "distcp")),
     FormatInfo("tflite", "convert.formats.tflite", aliases=("litert",), needs_to_read=(("flatbuffers", "tflite"),)),
+    FormatInfo("gguf", "convert.formats.gguf", needs_to_write=(("gguf", "gguf"),),
+               optional=(("gguf", "gguf", "--dtype (dequantizing quantized tensors)"),)),
 )
 
 
