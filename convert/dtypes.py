@@ -260,4 +260,6 @@ def _dequantize(dtype: DType, data: np.ndarray, shape: tuple[int, ...]) -> np.nd
     except NotImplementedError:
         raise UnsupportedDTypeError(f"the gguf package cannot dequantize {dtype} tensors; leave them out with "
                            "--exclude, or keep them in GGUF") from None
+    except (ValueError, IndexError, TypeError) as e:  # gguf's own failure on these blocks
+        raise UnsupportedDTypeError(f"the gguf package could not dequantize these {dtype} blocks ({e})") from None
     return np.asarray(values, dtype=np.float32).reshape(shape)

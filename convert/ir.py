@@ -127,7 +127,10 @@ class FileRegion(Source):
         return data
 
     def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
-        return decode(dtype, self.read(), shape)
+        try:
+            return decode(dtype, self.read(), shape)
+        except UnsupportedDTypeError as e:  # the dtype's complaint (cannot dequantize): name file and tensor
+            raise ReadError(self.path, str(e), self.label) from None
 
     def digest(self, nbytes: int) -> int:
         """CRC-32C of the region, read through a memory map (no copy), the file's checksums checked."""
@@ -292,9 +295,8 @@ class BytesSource(Source):
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
         if nbytes != len(self.data):
             raise ReadError(None, f"source holds {len(self.data)} bytes, expected {nbytes}")
-        view = memoryview(self.data)
-        for start in range(0, len(view), size):
-            yield view[start:start + size]
+        for start in range(0, len(self.data), size):
+            yield self.data[start:start + size]
 
 
 @dataclass(frozen=True, eq=False)

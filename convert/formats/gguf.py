@@ -132,12 +132,12 @@ class _Header:
         n = self.u64(f"{what}'s length")
         if itype in _SCALARS:
             name, fmt, size = _SCALARS[itype]
-            self.count(n, size, what)
+            self.count(n, size, f"{what}: array")
             start = self.take(n * size, what)
             values = list(struct.unpack_from(f"<{n}{fmt}", self.buf, start)) if n else []
             return f"array[{name}]", values
         if itype == _STRING:
-            self.count(n, 8, what)
+            self.count(n, 8, f"{what}: string array")
             return "array[string]", [self.string(f"{what}[{i}]") for i in range(n)]
         if itype == _ARRAY:
             raise _Bad(f"{what} is an array of arrays, which llama.cpp does not read either")
@@ -226,7 +226,7 @@ def _parse(path: Path, buf, size: int) -> TensorDict:
         spans.append((offset, offset + nbytes, name))
         tensors.append(Tensor(name, dtype, shape, FileRegion(str(path), data_start + offset, nbytes, label=name)))
     spans.sort()
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
         if begin < end:
             raise _Bad(f"tensors '{a}' and '{b}' overlap")
     return TensorDict(tensors, {**metadata, "source.format": NAME})
