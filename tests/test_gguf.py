@@ -462,7 +462,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return out
 
 
-@pytest.mark.slow
 def test_tiny_llama_to_gguf_loads_in_transformers_with_the_same_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -504,7 +503,6 @@ def test_tiny_llama_to_gguf_loads_in_transformers_with_the_same_logits(tmp_path)
         assert same_values(got_state[name], arr), name
 
 
-@pytest.mark.slow
 def test_quantized_llama_gguf_to_hf_matches_transformers_dequantizing_it(tmp_path):
     """A Q8_0 GGUF (quantized by gguf from our F32 one) -> safetensors with --dtype float32: the same
     weights transformers' GGUF loader makes of it, so the same logits."""
