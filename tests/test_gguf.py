@@ -296,7 +296,7 @@ for action in (lambda: td["t.q4_k"].numpy(), lambda: convert.write(td, {str(tmp_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 2 and all("pip install 'convert[gguf]'" in line for line in lines), lines
+    assert len(lines) == 2 and all("pip install 'ckpt-convert[gguf]'" in line for line in lines), lines
 
 
 # ------------------------------------------------------------------------------ damaged and hostile files
