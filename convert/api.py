@@ -89,8 +89,11 @@ def check_dtypes(td: TensorDict, info: registry.FormatInfo, writer: Writer, path
     if bad:
         kinds = ", ".join(sorted({t.dtype.name for t in bad}))
         names = ", ".join(t.name for t in bad)
-        raise WriteError(path, f"{label(info, writer)} cannot hold {kinds} tensors: {names} "
-                               "(leave them out with --exclude)")
+        fix = "leave them out with --exclude"
+        wider = next((d for d in (dtypes.FLOAT32, dtypes.by_name("float16")) if writer.holds(d)), None)
+        if wider is not None and all(t.dtype.is_floating for t in bad):  # quantized, float8...: cast them
+            fix = f"convert them with --dtype {wider.name} (or another float dtype it holds), or {fix}"
+        raise WriteError(path, f"{label(info, writer)} cannot hold {kinds} tensors: {names} ({fix})")
 
 
 def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, verify: bool = True,
@@ -311,6 +314,9 @@ def _float_dtype(name: str) -> dtypes.DType:
     target = dtypes.by_name(name)
     if not target.is_floating:
         raise UsageError(f"--dtype must be a floating dtype, not {target}")
+    if target.is_quantized:
+        raise UsageError(f"--dtype {target}: quantizing is not offered (quantized tensors are kept as they are "
+                         "when written to GGUF, and dequantized by --dtype float32/float16/bfloat16)")
     return target
 
 

@@ -81,7 +81,7 @@ def _conversion_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="leave out source tensors whose name matches (repeatable)")
     p.add_argument("--weights-only", action="store_true", help="leave out optimizer state and step counters")
-    p.add_argument("--dtype", metavar="DTYPE", help="cast floating tensors to DTYPE (refuses overflow)")
+    p.add_argument("--dtype", metavar="DTYPE", help="cast floating tensors to DTYPE, dequantizing GGUF quantized ones (refuses overflow)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-verify", action="store_true", help="do not read the output back to compare")
     p.add_argument("--version", action="store_true",

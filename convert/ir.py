@@ -2,8 +2,9 @@
 
 A Tensor knows its name, dtype, shape and where its bytes are; nothing is read
 until a writer asks (``numpy()``, ``tobytes()`` or ``chunks()``). Raw bytes are
-always little-endian, C order. String tensors hold ``bytes`` objects in a NumPy
-object array and have no raw-byte form.
+always little-endian, C order, in the dtype's raw form (:func:`convert.dtypes.decode` /
+:func:`~convert.dtypes.encode`: packed 4-bit floats two to a byte, quantized blocks as they
+are). String tensors hold ``bytes`` objects in a NumPy object array and have no raw-byte form.
 
 Nothing here mutates: renaming, selecting and transforming return new objects.
 """
@@ -29,8 +30,8 @@ try:  # CRC-32 at ~10 GB/s; the standard library's runs at ~2.5
 except ImportError:  # pragma: no cover
     from zlib import crc32 as zlib_crc32
 
-from .dtypes import DType
-from .errors import CorruptFileError, ReadError, UsageError, WriteError
+from .dtypes import DType, decode, encode
+from .errors import CorruptFileError, ReadError, UnsupportedDTypeError, UsageError, WriteError
 
 CHUNK = 16 << 20  # bytes per streamed chunk: big enough for throughput, small enough for memory
 
@@ -70,14 +71,14 @@ class Source:
 
     def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor as a NumPy array (any memory layout)."""
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = dtype.nbytes(math.prod(shape))
         buf = bytearray(nbytes)
         view = memoryview(buf)
         pos = 0
         for piece in self.chunks(nbytes):
             view[pos:pos + len(piece)] = piece
             pos += len(piece)
-        return np.frombuffer(buf, dtype=dtype.numpy).reshape(shape)
+        return decode(dtype, buf, shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +127,10 @@ class FileRegion(Source):
         return data
 
     def array(self, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
-        return np.frombuffer(self.read(), dtype=dtype.numpy).reshape(shape)
+        try:
+            return decode(dtype, self.read(), shape)
+        except UnsupportedDTypeError as e:  # the dtype's complaint (cannot dequantize): name file and tensor
+            raise ReadError(self.path, str(e), self.label) from None
 
     def digest(self, nbytes: int) -> int:
         """CRC-32C of the region, read through a memory map (no copy), the file's checksums checked."""
@@ -277,9 +281,22 @@ class ArraySource(Source):
         return self.produce()
 
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
-        flat = np.ascontiguousarray(self.produce()).reshape(-1).view(np.uint8)
+        flat = encode(self.produce())
         for start in range(0, len(flat), size):
             yield flat[start:start + size]
+
+
+@dataclass(frozen=True, eq=False)
+class BytesSource(Source):
+    """Raw bytes held in memory (small tensors made by hand, e.g. quantized blocks in tests)."""
+
+    data: bytes
+
+    def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
+        if nbytes != len(self.data):
+            raise ReadError(None, f"source holds {len(self.data)} bytes, expected {nbytes}")
+        for start in range(0, len(self.data), size):
+            yield self.data[start:start + size]
 
 
 @dataclass(frozen=True, eq=False)
@@ -334,7 +351,7 @@ class Tensor:
         """Bytes of the raw data; for strings, the sum of the element lengths (read lazily)."""
         if self.dtype.kind == "string":
             return sum(len(s) for s in self.numpy().reshape(-1))
-        return self.numel * self.dtype.itemsize
+        return self.dtype.nbytes(self.numel)
 
     def numpy(self) -> np.ndarray:
         """The values as a C-contiguous little-endian array of this tensor's dtype and shape."""
@@ -484,7 +501,7 @@ def digest(tensor: Tensor) -> int:
 def array_digest(arr: np.ndarray) -> int:
     """CRC-32C of an array's values as :func:`digest` computes it for a tensor.
 
-    Numeric: over the C-order bytes. Strings (object arrays of bytes): over each
+    Numeric: over the raw bytes (C order; packed dtypes packed). Strings (object arrays of bytes): over each
     element's length (8 bytes LE) followed by its bytes, so element boundaries count.
     """
     if arr.dtype.kind == "O":
@@ -493,4 +510,4 @@ def array_digest(arr: np.ndarray) -> int:
             crc = google_crc32c.extend(crc, len(s).to_bytes(8, "little"))
             crc = google_crc32c.extend(crc, s)
         return crc
-    return google_crc32c.value(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return google_crc32c.value(encode(arr))

@@ -61,6 +61,8 @@ FORMATS: tuple[FormatInfo, ...] = (
                optional=(("tensorflow", "tf", "--graph"), ("tf2onnx", "tf", "--graph"), ("onnxruntime", "onnx", "--check"))),
     FormatInfo("dcp", "convert.formats.dcp", aliases=("torch-dcp", "distcp")),
     FormatInfo("tflite", "convert.formats.tflite", aliases=("litert",), needs_to_read=(("flatbuffers", "tflite"),)),
+    FormatInfo("gguf", "convert.formats.gguf", needs_to_write=(("gguf", "gguf"),),
+               optional=(("gguf", "gguf", "--dtype (dequantizing quantized tensors)"),)),
 )
 
 
@@ -107,7 +109,14 @@ def writer(name: str) -> tuple[FormatInfo, Writer]:
 def missing(info: FormatInfo, side: str) -> list[tuple[str, str]]:
     """The (module, extra) pairs this format needs for ``side`` ("read"/"write") that are not installed."""
     needs = info.needs_to_read if side == "read" else info.needs_to_write
-    return [(m, e) for m, e in needs if importlib.util.find_spec(m) is None]
+    return [(m, e) for m, e in needs if not _importable(m)]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # blocked, or a broken installation: as good as missing
+        return False
 
 
 def dependencies() -> dict[tuple[str, str], list[str]]:

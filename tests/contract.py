@@ -28,7 +28,7 @@ import pytest
 import convert
 from convert import dtypes, registry
 from convert.errors import ConvertError, WriteError
-from convert.ir import ArraySource, Tensor, TensorDict
+from convert.ir import ArraySource, BytesSource, Tensor, TensorDict
 
 
 def sample_array(dt: dtypes.DType, shape=(2, 3)) -> np.ndarray:
@@ -47,7 +47,7 @@ def sample_array(dt: dtypes.DType, shape=(2, 3)) -> np.ndarray:
         return (np.arange(n) * (1.5 - 2.25j) + (0.5 + 1j)).astype(dt.numpy).reshape(shape)
     finfo = ml_dtypes.finfo(dt.numpy)
     special = [float(finfo.max), float(finfo.tiny), -0.0, float("nan"), -1.5, 2.0]
-    if dt.name not in ("float8_e4m3fn",):  # e4m3fn has no infinity
+    if dt.name not in ("float8_e4m3fn", "float4_e2m1fn"):  # no infinity (where there is none, the cast decides)
         special[2] = float("-inf")
     return np.array([special[i % len(special)] for i in range(n)], dtype=np.float64).astype(dt.numpy).reshape(shape)
 
@@ -62,11 +62,21 @@ def same_values(a: np.ndarray, b: np.ndarray) -> bool:
     return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
+def sample_tensor(dt: dtypes.DType, name: str) -> Tensor:
+    """A tensor of any dtype of the table: from :func:`sample_array`, or, for GGML's quantized types
+    (which no array makes), two rows of two blocks of deterministic random bytes."""
+    if not dt.is_quantized:  # packed dtypes: an even last dimension (torch holds them as pairs)
+        return Tensor.from_array(name, sample_array(dt, (2, 4) if dt.block else (2, 3)))
+    elements, size = dt.block
+    data = random.Random(dt.name).randbytes(4 * size)
+    return Tensor(name, dt, (2, 2 * elements), BytesSource(data))
+
+
 def samples() -> dict[str, TensorDict]:
-    every = {f"dtype/{dt.name}": sample_array(dt) for dt in dtypes.TABLE}
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
     return {
-        "every_dtype": TensorDict.from_arrays(every, {"user.note": "hello"}),
+        "every_dtype": TensorDict([sample_tensor(dt, f"dtype/{dt.name}") for dt in dtypes.TABLE],
+                                  {"user.note": "hello"}),
         "shapes": TensorDict.from_arrays({
             "scalar_f32": np.float32(3.25), "scalar_i64": np.int64(-7), "empty_2d": np.zeros((0, 3), np.float32),
             "empty_1d": np.zeros((0,), np.int32), "rank4": np.arange(120, dtype=np.float32).reshape(2, 3, 4, 5),
@@ -216,7 +226,7 @@ class FormatContract:
         unholdable = [dt for dt in dtypes.TABLE if not self.writer.holds(dt)]
         if not unholdable:
             pytest.skip(f"{self.FORMAT} holds every dtype")
-        td = TensorDict.from_arrays({f"t_{dt.name}": sample_array(dt) for dt in unholdable})
+        td = TensorDict([sample_tensor(dt, f"t_{dt.name}") for dt in unholdable])
         with pytest.raises(WriteError) as e:
             convert.write(td, self.output(tmp_path), self.FORMAT)
         for dt in unholdable:

@@ -407,7 +407,8 @@ def test_load_by_path_and_unknown_preset(tmp_path):
 
 # --------------------------------------------------------------------------- presets
 
-PRESETS = ["bert-tf-to-hf", "drop-optimizer", "ema-as-weights", "keras-to-torch", "tf1-to-torch", "torch-to-tf1"]
+PRESETS = ["bert-tf-to-hf", "drop-optimizer", "ema-as-weights", "gguf-to-hf-llama", "hf-llama-to-gguf",
+           "keras-to-torch", "tf1-to-torch", "torch-to-tf1"]
 
 
 def test_presets_listed_with_descriptions_and_documented():

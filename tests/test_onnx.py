@@ -60,7 +60,9 @@ class TestOnnxContract(FormatContract):
 # ------------------------------------------------------------------ writing, checked by onnx/onnxruntime
 
 def every_dtype() -> TensorDict:
-    return samples()["every_dtype"]
+    """Every dtype of the table ONNX holds."""
+    td = samples()["every_dtype"]
+    return td.replace(t for t in td.values() if t.dtype.onnx is not None)
 
 
 def test_weights_only_model_passes_full_checker_and_equals_onnx_save(tmp_path):
@@ -500,7 +502,7 @@ def test_round_trip_every_dtype_through_read_and_write(tmp_path):
 
 
 def test_sample_values_of_every_dtype_survive_external_data(tmp_path):
-    arrays = {f"t/{dt.name}": sample_array(dt, (3, 5)) for dt in dtypes.TABLE}
+    arrays = {f"t/{dt.name}": sample_array(dt, (3, 5)) for dt in dtypes.TABLE if dt.onnx is not None}
     td = TensorDict.from_arrays(arrays)
     out = tmp_path / "e.onnx"
     onnx_format.write(td, out, external_data_threshold=0)
@@ -693,7 +695,7 @@ def test_sparse_tensor_with_bad_indices(tmp_path):
 @given(data=st.data())
 def test_property_round_trip_checked_by_onnx(tmp_path_factory, data):
     """Random names, dtypes, shapes and bytes; onnx's reader must see exactly what we wrote."""
-    numeric = [dt for dt in dtypes.TABLE if dt.kind != "string"]
+    numeric = [dt for dt in dtypes.TABLE if dt.kind != "string" and dt.onnx is not None]
     n = data.draw(st.integers(1, 5))
     names = data.draw(st.lists(st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=12),
                                min_size=n, max_size=n, unique=True))

@@ -15,6 +15,13 @@ and its ``numpy`` binding has no bfloat16/float8; its writers take the whole
 checkpoint in memory at once and write non-contiguous arrays in memory order.
 Parsing the JSON header ourselves gives lazy :class:`~convert.ir.FileRegion` s and a
 streaming writer. The library is the oracle in the tests.
+
+Packed dtypes (``F4``: two 4-bit floats a byte) take ``ceil(bits / 8)`` bytes; as the
+reference implementation does, a tensor whose bits do not end on a byte boundary is refused.
+
+A Hugging Face model folder keeps its ``config.json`` beside the weights: its text is carried
+as ``local.hf.config`` (not written into outputs) for rule files that need the model's numbers
+(``hf-llama-to-gguf``: head counts, sizes).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import struct
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import CorruptFileError, ReadError, UsageError
+from ..errors import CorruptFileError, ReadError, UsageError, WriteError
 from ..ir import FileRegion, Tensor, TensorDict
 from .base import Format, Option, Writer
 
@@ -123,9 +130,11 @@ def _read_file(path: Path) -> TensorDict:
         if not 0 <= begin <= end <= data_size:
             raise CorruptFileError(path, f"data_offsets [{begin}, {end}] lie outside the data section"
                                          f" of {data_size} bytes (file truncated?)", name)
-        if end - begin != math.prod(shape) * dtype.itemsize:
+        if dtype.block is not None and math.prod(shape) % dtype.block[0]:
+            raise CorruptFileError(path, f"{dtype} {list(shape)} does not end on a byte boundary", name)
+        if end - begin != dtype.nbytes(math.prod(shape)):
             raise CorruptFileError(path, f"holds {end - begin} bytes but {dtype} {list(shape)} needs"
-                                         f" {math.prod(shape) * dtype.itemsize}", name)
+                                         f" {dtype.nbytes(math.prod(shape))}", name)
         entries.append((begin, end, name, dtype, shape))
     entries.sort(key=lambda e: (e[0], e[1]))
     pos = 0
@@ -135,7 +144,25 @@ def _read_file(path: Path) -> TensorDict:
         pos = end
     tensors = [Tensor(name, dtype, shape, FileRegion(str(path), start + begin, end - begin, label=name))
                for begin, end, name, dtype, shape in entries]
-    return TensorDict(tensors, {**meta, "source.format": NAME})
+    return TensorDict(tensors, {**meta, "source.format": NAME, **hf_config_beside(path)})
+
+
+_MAX_CONFIG = 1 << 20
+
+
+def hf_config_beside(path: Path) -> dict[str, str]:
+    """``{"local.hf.config": text}`` when a Hugging Face ``config.json`` (a JSON object) sits beside
+    ``path``; {} otherwise (an unreadable one is no concern of the weights)."""
+    config = Path(path).parent / "config.json"
+    try:
+        if config.stat().st_size > _MAX_CONFIG:
+            return {}
+        text = config.read_text("utf-8")
+        if isinstance(json.loads(text), dict):
+            return {"local.hf.config": text}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        pass
+    return {}
 
 
 def _read_sharded(index: Path) -> TensorDict:
@@ -186,6 +213,10 @@ def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None
     """
     path = Path(path)
     metadata = td.portable_metadata
+    for t in td.values():
+        if t.dtype.block is not None and t.numel % t.dtype.block[0]:
+            raise WriteError(path, f"safetensors stores {t.dtype} tensors only in whole bytes; shape {list(t.shape)} "
+                                   f"has an odd number of elements", t.name)
     if max_shard_size is None:
         _write_file(list(td.values()), metadata, path)
         return

@@ -22,13 +22,14 @@ Example::
 from __future__ import annotations
 
 from .engine import apply
+from .references import Reference
 from .report import Dropped, MappingReport, MappingRow
 from .rules import UNMATCHED_POLICIES, Rule, RuleSet
 from .schema import MAPPINGS_DIR, SCHEMA_VERSION, load, loads, preset_text, presets
-from .transforms import Cast, Concat, Reshape, Split, Squeeze, Transform, Transpose, Unsqueeze
+from .transforms import Cast, Concat, PermuteRope, Reshape, Split, Squeeze, Transform, Transpose, Unsqueeze
 
 __all__ = [
     "apply", "load", "loads", "presets", "preset_text", "MAPPINGS_DIR", "SCHEMA_VERSION", "UNMATCHED_POLICIES",
     "Rule", "RuleSet", "MappingReport", "MappingRow", "Dropped",
-    "Transform", "Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Split", "Concat",
+    "Transform", "Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Split", "Concat", "PermuteRope", "Reference",
 ]

@@ -7,12 +7,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..dtypes import FLOAT32
 from ..errors import MappingError
 from ..ir import ArraySource, Tensor, TensorDict, derived
 from ..lazy import np
+from .references import bind_references, with_metadata
 from .report import Dropped, MappingReport, MappingRow
 from .rules import Rule, RuleSet
-from .transforms import Concat, Transform, _axis, _fmt_shape, _RuleFailure
+from .transforms import Cast, Concat, Transform, _axis, _fmt_shape, _RuleFailure
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ def _chain(transforms: tuple[Transform, ...]) -> Callable[[np.ndarray], np.ndarr
 
 def _spec(transforms, dtype, shape):
     for tr in transforms:
+        if dtype.is_quantized and not isinstance(tr, Cast):
+            dtype = FLOAT32  # a quantized tensor is transformed as its dequantized float32 values
         dtype, shape = tr.spec(dtype, shape)
     return dtype, shape
 
@@ -87,6 +91,7 @@ def _slice(axis: int, start: int, stop: int, then: Callable) -> Callable[[np.nda
 
 def _apply_set(td: TensorDict, rs: RuleSet, lineage: dict[str, _Lineage],
                dropped: list[Dropped]) -> tuple[TensorDict, dict[str, _Lineage]]:
+    rs = bind_references(rs, td.metadata)
     names = frozenset(td)
     errors: list[str] = []
     unmatched: list[str] = []
@@ -171,7 +176,7 @@ def _apply_set(td: TensorDict, rs: RuleSet, lineage: dict[str, _Lineage],
         errors.append(f"{rs.path}: {len(who)} tensors map to '{target}': {'; '.join(who)}")
     if errors:
         raise MappingError("\n".join(errors))
-    return TensorDict(out, td.metadata), new_lineage
+    return TensorDict(out, with_metadata(td.metadata, rs)), new_lineage
 
 
 def _first_match(rs: RuleSet, t: Tensor, names: frozenset[str]) -> tuple[int, Rule, re.Match] | None:

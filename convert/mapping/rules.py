@@ -72,6 +72,8 @@ class RuleSet:
     rules: tuple[Rule, ...]
     unmatched: str = "error"
     description: str = ""
+    metadata: tuple[tuple[str, object], ...] = ()
+    """Metadata entries set on the result: (key, value holding references; see :mod:`.references`)."""
 
     @property
     def name(self) -> str:

@@ -12,6 +12,7 @@ import yaml
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import MappingError, UsageError
+from .references import parse_metadata, parse_permute_rope
 from .rules import UNMATCHED_POLICIES, Rule, RuleSet
 from .transforms import Cast, Concat, Reshape, Split, Squeeze, Transform, Transpose, Unsqueeze
 
@@ -119,10 +120,10 @@ def loads(text: str, filename: str = "<string>") -> RuleSet:
     return _Builder(filename).ruleset(root, _header_description(text))
 
 
-_TOP_KEYS = ("schema", "unmatched", "rules", "description")
+_TOP_KEYS = ("schema", "unmatched", "rules", "description", "metadata")
 _RULE_KEYS = ("match", "to", "drop", "rank", "shape", "dtype", "role", "exists",
               "transforms", "split", "concat", "replace")
-_TRANSFORM_KEYS = ("transpose", "reshape", "cast", "squeeze", "unsqueeze")
+_TRANSFORM_KEYS = ("transpose", "reshape", "cast", "squeeze", "unsqueeze", "permute_rope")
 _GROUP_REF = re.compile(r"\\(?:g<([^>]*)>|(\d{1,2}))")
 
 
@@ -236,7 +237,8 @@ class _Builder:
         if "rules" not in top:
             raise self.error(root, "missing 'rules' (a list of rules)")
         rules = tuple(self.rule(n, i + 1) for i, n in enumerate(self.seq(top["rules"][1], "rules")))
-        return RuleSet(self.filename, rules, unmatched, description)
+        metadata = parse_metadata(self, top["metadata"][1]) if "metadata" in top else ()
+        return RuleSet(self.filename, rules, unmatched, description, metadata)
 
     def rule(self, node, number: int) -> Rule:
         what = f"rule {number}"
@@ -315,7 +317,12 @@ class _Builder:
                 raise self.error(vnode, f"{label} {list(dims)}: sizes must be >= 0 (0: keep the input's size), with at most one -1")
             return Reshape(where, dims)
         if kind == "cast":
-            return Cast(where, self.dtype(vnode, label))
+            target = self.dtype(vnode, label)
+            if target.is_quantized:
+                raise self.error(vnode, f"{label}: quantizing is not offered ({target})")
+            return Cast(where, target)
+        if kind == "permute_rope":
+            return parse_permute_rope(self, vnode, where, label)
         if kind == "squeeze":
             if self.value(vnode) is None:
                 return Squeeze(where, None)

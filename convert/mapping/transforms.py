@@ -6,9 +6,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..dtypes import DType
+from ..errors import MappingError
 from ..lazy import np
+
+if TYPE_CHECKING:
+    from .references import Reference
 
 
 class _RuleFailure(Exception):
@@ -189,3 +194,38 @@ class Concat:
     axis: int
     part: int | str | None  # regex group telling each piece's place in ``order``
     order: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class PermuteRope(Transform):
+    """llama.cpp's row order for rotary q/k projections (``permute`` in its convert_hf_to_gguf.py):
+    rows ``(heads, 2, half)`` become ``(heads, half, 2)``; ``reverse`` undoes it (transformers'
+    GGUF loader's ``reverse_permute``). ``heads`` is a number or a :class:`Reference`."""
+
+    heads: int | Reference  # a Reference (convert.mapping.references) until bound
+    reverse: bool = False
+
+    def bind(self, metadata) -> PermuteRope:
+        """This transform with ``heads`` taken from the source's metadata (when a reference)."""
+        if isinstance(self.heads, int):
+            return self
+        heads = self.heads.resolve(metadata)
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise MappingError(f"{self.where}: permute_rope: heads must be a positive integer, got {heads!r}")
+        return PermuteRope(self.where, heads, self.reverse)
+
+    def spec(self, dtype, shape):
+        if not isinstance(self.heads, int):  # pragma: no cover - apply() binds references first
+            raise _RuleFailure("permute_rope: heads not resolved")
+        if not shape or shape[0] % (2 * self.heads):
+            raise _RuleFailure(f"permute_rope: {shape[0] if shape else 'a scalar'} rows are not {self.heads} heads "
+                               f"of an even number of rows")
+        return dtype, shape
+
+    def __call__(self, array):
+        rows, rest = array.shape[0], array.shape[1:]
+        pair = (2, rows // self.heads // 2) if not self.reverse else (rows // self.heads // 2, 2)
+        return np.ascontiguousarray(array.reshape(self.heads, *pair, *rest).swapaxes(1, 2).reshape(array.shape))
+
+    def describe(self):
+        return f"permute_rope(heads={self.heads}{', reverse' if self.reverse else ''})"
