@@ -83,7 +83,6 @@ import stat as stat_module
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -473,6 +472,8 @@ class RemoteRegion(FileRegion):
             for a, b in bounds:
                 yield self._get(obj, a, b)
             return
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(REMOTE_PARALLEL, thread_name_prefix="convert-get") as pool:
             pending: deque = deque()
             it = iter(bounds)
