@@ -395,15 +395,21 @@ def run_job(job: Job, force: bool = False, verify: bool = True,
         storage.configure(storage_options)
     result: dict[str, Any] = {"job": job.name, "source": storage.redact(job.source),
                               "output": storage.redact(job.output) if job.output else None}
+    global _busy
+    _busy = True
     try:
         result.update(_run(job, force, verify))
     except ConvertError as e:
         result.update(status="failed", error=storage.redact(" ".join(str(e).split())))
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit) as e:
+        if _in_worker:  # the partial output is gone (atomic_output); nobody waits for a result
+            os._exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130)
         raise
     except Exception as e:  # a bug of ours: one line, the batch goes on
         result.update(status="failed", error=storage.redact(f"internal error: {type(e).__name__}: "
                                                             + " ".join(str(e).split())))
+    finally:
+        _busy = False
     result.setdefault("bytes", 0)
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
@@ -488,24 +494,38 @@ def _failed(job: Job, why: str) -> dict:
             "status": "failed", "error": why, "bytes": 0, "seconds": 0.0}
 
 
-def _worker_init() -> None:
-    """In each local worker: die with the batch (SIGTERM when the parent goes, even by SIGKILL),
-    and turn SIGTERM into an exception so that a partial output is removed on the way out."""
-    import signal
+_in_worker = False  # this process is a LocalExecutor worker
+_busy = False  # ... running a job
 
+
+def _worker_init(parent: int) -> None:
+    """In each local worker: die with the batch (SIGTERM when the parent goes, even by SIGKILL:
+    PR_SET_PDEATHSIG, and a watchdog where that is missing). SIGTERM in a job raises, so that its
+    partial output is removed on the way out, then the worker exits at once: the pool's queues
+    would keep it waiting forever once the parent is gone."""
+    import signal
+    import threading
+
+    global _in_worker
+    _in_worker = True
+
+    def terminate(signum, frame):
+        if _busy:
+            raise SystemExit(128 + signum)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, terminate)
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
 
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, terminate)
-    if os.getppid() == 1:  # the batch died before prctl took effect
-        os._exit(1)
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="convert-watchdog", daemon=True).start()
 
 
 class LocalExecutor:
@@ -525,7 +545,7 @@ class LocalExecutor:
         tries = dict.fromkeys(todo, 0)
         while todo:
             pool = ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_worker_init)
+                                       initializer=_worker_init, initargs=(os.getpid(),))
             futures = {pool.submit(run_job, jobs[i], force, verify, options): i for i in todo}
             todo = []
             try:
