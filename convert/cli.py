@@ -88,9 +88,39 @@ def _conversion_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="do not read the output back to compare")
     p.add_argument("--version", action="store_true",
                    help="print the version and which optional dependencies are installed, then exit")
+    p.add_argument("--split", choices=("shards",), help="convert a sharded source in parallel pieces: one output "
+                   "shard per source shard, each verified, the index written last")
+    p.add_argument("--worker", metavar="I/N", help="with --split: be worker I of N (Slurm arrays, torchrun, xargs...)")
+    p.add_argument("--ray", metavar="ADDRESS", help="with --split: one Ray task per output shard on this cluster")
     _common(p)
     _add_format_options(p, ("read", "write"))
     return p
+
+
+def _split(args: argparse.Namespace) -> int:
+    from . import split
+
+    if not args.output:
+        raise UsageError("--split shards needs -o OUT (a folder)")
+    if args.no_verify:
+        raise UsageError("--split shards always verifies every shard")
+    worker = split.parse_worker(args.worker) if args.worker else None
+    if worker and args.ray:
+        raise UsageError("--worker and --ray are two ways to run the workers: give one")
+    req = split.Request(args.src, args.output, args.to, None if args.src_format == "auto" else args.src_format,
+                        tuple(args.include), tuple(args.exclude), tuple(args.map), args.dtype, args.weights_only,
+                        _side_options(args, "read"), _side_options(args, "write"), args.force)
+    result = split.run(req, worker, args.ray)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif not args.quiet:
+        if result.get("committed"):
+            print(f"wrote {result['output']} ({result['format']}): {result['tensors']} tensors in "
+                  f"{result['output_shards']} shards, {_human(result['bytes'])}, verified", file=sys.stderr)
+        else:
+            print(f"wrote shards {', '.join(result['shards'])} of {result['output']}; the last worker to finish "
+                  "writes the index", file=sys.stderr)
+    return EXIT_OK
 
 
 def _human(n: int) -> str:
@@ -138,6 +168,10 @@ def _progress_bar(show: bool, verb: str = "writing") -> Iterator[Callable[[int, 
 
 def cmd_convert(argv: list[str]) -> int:
     args = _conversion_parser().parse_args(argv)
+    if args.split:
+        return _split(args)
+    if args.worker or args.ray:
+        raise UsageError("--worker and --ray go with --split shards")
     with _progress_bar(sys.stderr.isatty() and not (args.quiet or args.json)) as progress:
         summary = api.convert(
             args.src, args.output, to=args.to, src_format=args.src_format, include=args.include,
