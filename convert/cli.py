@@ -452,7 +452,14 @@ def _jobs_bar(show: bool, total: int) -> contextlib.AbstractContextManager[Calla
     if not show:
         return contextlib.nullcontext(None)
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     @contextlib.contextmanager
     def bar():

@@ -294,3 +294,14 @@ def test_batch_killed_as_a_whole_then_rerun(tf, big_runs, tmp_path):
     for i in range(40):
         _oracle_equal(tf, out / f"run{i:03d}.safetensors", str(big_runs / f"run{i:03d}" / f"model.ckpt-{100 + i}"))
     assert _stray(out) == []
+
+
+def test_one_progress_bar_at_a_terminal_only(few_runs, tmp_path):
+    from test_cli import _under_a_terminal
+
+    seen = _under_a_terminal(["batch", str(few_runs / "*"), "--to", "safetensors", "-o",
+                              str(tmp_path / "a" / "{name}.safetensors"), "--workers", "1"], 0)
+    assert b"\x1b[" in seen and b"converting" in seen and b"batch: 3 done, 0 skipped, 0 failed" in seen
+    res = _batch(str(few_runs / "*"), "--to", "safetensors", "-o", str(tmp_path / "b" / "{name}.safetensors"))
+    assert res.returncode == 0 and res.stderr.count("\n") == 1 and "\x1b[" not in res.stderr
+    assert res.stderr.startswith("batch: 3 done, 0 skipped, 0 failed")

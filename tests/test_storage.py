@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import google_crc32c
@@ -23,9 +22,11 @@ import safetensors.numpy
 
 import convert
 from convert import storage
-from convert.formats import safetensors as safetensors_format
 from convert.errors import CorruptFileError, ReadError, WriteError
+from convert.formats import safetensors as safetensors_format
 from convert.ir import FileRegion, Tensor, TensorDict
+
+from servers import FAKE_SECRET
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -293,3 +294,25 @@ def test_local_outputs_go_through_fileio(tmp_path):
         safetensors_format.write(td, tmp)
         assert storage.readable(tmp) == tmp
     assert np.array_equal(safetensors.numpy.load_file(str(tmp_path / "a.safetensors"))["x"], np.arange(3))
+
+
+def test_batch_lists_a_remote_pattern_and_says_what_is_not_there_yet(s3, tmp_path):
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    for run in ("run1", "run2"):
+        safetensors.numpy.save_file({"w": np.ones(3, np.float32)}, str(tmp_path / "m.safetensors"))
+        fs.put(str(tmp_path / "m.safetensors"), f"{bucket}/runs/{run}/model.safetensors")
+    args = [sys.executable, "-m", "convert", "batch", f"s3://{bucket}/runs/*/model.safetensors", "--to", "torch",
+            "-o", str(tmp_path / "out" / "{1}-{run}.pt"), "--storage-options", s3.options_json]
+    res = subprocess.run([*args, "--dry-run"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr
+    jobs = json.loads(res.stdout)
+    assert [(j["source"], Path(j["output"]).name) for j in jobs] == [
+        (f"s3://{bucket}/runs/run1/model.safetensors", "run1-run1.pt"),
+        (f"s3://{bucket}/runs/run2/model.safetensors", "run2-run2.pt")]
+    assert FAKE_SECRET not in res.stdout + res.stderr
+    res = subprocess.run([*args, "--json", "--workers", "1"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 1
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert all("remote paths directly is not supported yet" in r["error"] for r in records)
