@@ -491,7 +491,7 @@ def cmd_batch(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="local worker processes (default: one per CPU)")
     p.add_argument("--ray", metavar="ADDRESS", help="run each job as a Ray task on this cluster ('auto': the one "
-                   "this machine belongs to); needs convert[ray]")
+                   "this machine belongs to); needs ckpt-convert[ray]")
     p.add_argument("--memory", metavar="SIZE", help="memory request of each Ray task (default: 256 MiB plus "
                    "the job's largest source file)")
     p.add_argument("--max-retries", type=int, default=3, metavar="N", help="reruns of a job whose worker died")

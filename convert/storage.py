@@ -2,7 +2,7 @@
 
 Only this module and :mod:`convert.fileio` know whether a path is local. Remote paths go
 through fsspec (the file-system layer that s3fs, gcsfs, adlfs and ``huggingface_hub``
-implement; ``pip install 'convert[remote]'``); a local path, or a ``file://`` URL, never
+implement; ``pip install 'ckpt-convert[remote]'``); a local path, or a ``file://`` URL, never
 imports it.
 
 Why a small path class of our own (:class:`RemotePath`) and not ``universal_pathlib``: an

@@ -284,7 +284,7 @@ except MissingDependencyError as e:
     print(e)
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
-    assert "pip install 'convert[remote]'" in res.stdout, res.stderr
+    assert "pip install 'ckpt-convert[remote]'" in res.stdout, res.stderr
 
 
 def test_local_outputs_go_through_fileio(tmp_path):
