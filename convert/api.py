@@ -406,7 +406,8 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         verify: read the output back and compare.
         read_opts, write_opts: format-specific options.
         progress: called as ``progress(done, total)`` with byte counts while data is written.
-        companions: files published beside each output, with it (see :data:`Companions`).
+        companions: files published beside each output, with it and before it: called with the
+            output's path, returns their names (in its folder) and bytes (convert batch's record).
 
     Returns:
         A JSON-able summary of what was done (one entry per output under ``outputs``).
