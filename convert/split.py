@@ -36,6 +36,7 @@ last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -202,18 +203,10 @@ def _finalize(td: TensorDict, info, writer, plan: Plan, out: Path) -> dict:
         elif digest(g) != digest(t):
             raise VerificationError(out, "reads back with different values", t.name)
     for name in plan.names:
-        with _suppress():
+        with contextlib.suppress(OSError):
             _receipt_path(out, name).unlink()
     return {"output": str(out), "format": api.label(info, writer), "tensors": len(td), "bytes": td.nbytes,
             "output_shards": len(plan.names), "verified": True}
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def run_worker(req: Request, worker: int, workers: int) -> dict:
