@@ -14,7 +14,7 @@ from pathlib import Path
 
 import google_crc32c
 
-from . import compare, dtypes, fileio, registry
+from . import compare, dtypes, fileio, registry, storage
 from .errors import ConvertError, UsageError, VerificationError, WriteError
 from .formats.base import Format, Writer, WriteReport
 from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest
@@ -26,7 +26,15 @@ READ_NOTE = "local.note."
 """Metadata keys of this prefix hold what a reader tells the user (``local.``: never written out)."""
 
 
+def _local_only(path: PathLike | None, verb: str) -> None:
+    """Readers and writers take local paths so far (the storage layer is ready for URLs: README)."""
+    if path is not None and storage.is_remote(path):
+        raise UsageError(f"{storage.redact(str(path))}: {verb} remote paths directly is not supported yet; "
+                         "copy the files locally (remote paths work in convert batch's listing only)")
+
+
 def _format(path: PathLike, format: str | None) -> registry.FormatInfo:
+    _local_only(path, "reading")
     if format is None or format == "auto":
         return registry.detect(path)
     return registry.get(format)
@@ -145,10 +153,18 @@ def _read_back(fmt: Format, writer: Writer, path: Path, series: bool, opts: Mapp
     return [fmt.read(path)]
 
 
+Companions = Callable[[Path], Mapping[str, bytes]]
+"""Files to publish beside an output, together with it and before it: given the output's path,
+their names (in its folder) and bytes. convert batch's provenance record is one."""
+
+
 def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, writer: Writer, force: bool,
-           verify: bool, opts: Mapping[str, object], progress: Callable[[int], None] | None, series: bool) -> dict:
+           verify: bool, opts: Mapping[str, object], progress: Callable[[int], None] | None, series: bool,
+           companions: Companions | None = None) -> dict:
     """Write one checkpoint (``writer.write``) or, with ``series``, several into one output
-    (``writer.series``), atomically, then verify what was written."""
+    (``writer.series``), atomically, then verify what was written; ``companions`` are written
+    into the staging folder once it is verified, so they appear with the output, never without."""
+    _local_only(path, "writing")
     registry.require(info, "write")
     kwargs = _options(info, "write", opts)
     fmt, path = info.format, Path(path)
@@ -190,6 +206,8 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
                 for td, s, g in zip(tds, seen, got, strict=True):
                     _verify(td, s, g, path)
                 verified = True
+            for name, data in (companions(path) if companions else {}).items():
+                (tmp.parent / name).write_bytes(data)
         except ConvertError as e:  # name the output, not the staging folder it is written in
             _rename_path(e, str(tmp.parent), str(path.parent))
             raise
@@ -378,7 +396,7 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
             include: Iterable[str] = (), exclude: Iterable[str] = (), dtype: str | None = None,
             maps: Sequence[str] = (), weights_only: bool = False, force: bool = False, verify: bool = True,
             read_opts: Mapping[str, object] | None = None, write_opts: Mapping[str, object] | None = None,
-            progress: Callable[[int, int], None] | None = None) -> dict:
+            progress: Callable[[int, int], None] | None = None, companions: Companions | None = None) -> dict:
     """Convert one checkpoint (or, with ``read_opts={"all_steps": True}``, every retained one).
 
     Args:
@@ -394,6 +412,8 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         verify: read the output back and compare.
         read_opts, write_opts: format-specific options.
         progress: called as ``progress(done, total)`` with byte counts while data is written.
+        companions: files published beside each output, with it and before it: called with the
+            output's path, returns their names (in its folder) and bytes (convert batch's record).
 
     Returns:
         A JSON-able summary of what was done (one entry per output under ``outputs``).
@@ -411,6 +431,7 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         Tensor('conv1.weight', float32, [8, 1, 5, 5])
     """
     started = time.perf_counter()
+    _local_only(dst, "writing")
     src_info = _format(src, src_format)
     dst_info, dst_writer = registry.writer(to)
     # Check the whole request before touching any file.
@@ -471,13 +492,14 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
             progress(done, total)
     if len(outs) == 1 and len(prepared) > 1:
         result = _write([td for td, _ in prepared], outs[0], dst_info, dst_writer, force, verify, write_opts, tick,
-                        series=True)
+                        series=True, companions=companions)
         outputs = [{**result, "notes": [n for _, info in prepared for n in info.pop("read_notes")] + result["notes"],
                     "sources": [info for _, info in prepared]}]
     else:
         outputs = []
         for (td, info), out in zip(prepared, outs, strict=True):
-            result = _write([td], out, dst_info, dst_writer, force, verify, write_opts, tick, series=False)
+            result = _write([td], out, dst_info, dst_writer, force, verify, write_opts, tick, series=False,
+                            companions=companions)
             outputs.append({**result, "notes": info.pop("read_notes") + result["notes"], **info})
     return {"outputs": outputs, "seconds": round(time.perf_counter() - started, 3)}
 

@@ -6,6 +6,7 @@
     convert map SRC --map RULES [--template PATH] [--plan]   convert map suggest A B [-o RULES.yaml]
     convert diff A B [--map RULES] [--atol X --rtol Y]
     convert mappings [NAME]
+    convert batch 'PATTERN' --to FORMAT -o 'OUT/{run}/{stem}.EXT'    convert batch --jobs FILE
 
 Exit status: 0 done, 1 the input or the conversion failed, 2 a usage error.
 """
@@ -15,12 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from . import api, registry
+from . import api, registry, storage
 from .errors import ConvertError, UsageError, pip_install, printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -86,9 +88,39 @@ def _conversion_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="do not read the output back to compare")
     p.add_argument("--version", action="store_true",
                    help="print the version and which optional dependencies are installed, then exit")
+    p.add_argument("--split", choices=("shards",), help="convert a sharded source in parallel pieces: one output "
+                   "shard per source shard, each verified, the index written last")
+    p.add_argument("--worker", metavar="I/N", help="with --split: be worker I of N (Slurm arrays, torchrun, xargs...)")
+    p.add_argument("--ray", metavar="ADDRESS", help="with --split: one Ray task per output shard on this cluster")
     _common(p)
     _add_format_options(p, ("read", "write"))
     return p
+
+
+def _split(args: argparse.Namespace) -> int:
+    from . import split
+
+    if not args.output:
+        raise UsageError("--split shards needs -o OUT (a folder)")
+    if args.no_verify:
+        raise UsageError("--split shards always verifies every shard")
+    worker = split.parse_worker(args.worker) if args.worker else None
+    if worker and args.ray:
+        raise UsageError("--worker and --ray are two ways to run the workers: give one")
+    req = split.Request(args.src, args.output, args.to, None if args.src_format == "auto" else args.src_format,
+                        tuple(args.include), tuple(args.exclude), tuple(args.map), args.dtype, args.weights_only,
+                        _side_options(args, "read"), _side_options(args, "write"), args.force)
+    result = split.run(req, worker, args.ray)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif not args.quiet:
+        if result.get("committed"):
+            print(f"wrote {result['output']} ({result['format']}): {result['tensors']} tensors in "
+                  f"{result['output_shards']} shards, {_human(result['bytes'])}, verified", file=sys.stderr)
+        else:
+            print(f"wrote shards {', '.join(result['shards'])} of {result['output']}; the last worker to finish "
+                  "writes the index", file=sys.stderr)
+    return EXIT_OK
 
 
 def _human(n: int) -> str:
@@ -136,6 +168,10 @@ def _progress_bar(show: bool, verb: str = "writing") -> Iterator[Callable[[int, 
 
 def cmd_convert(argv: list[str]) -> int:
     args = _conversion_parser().parse_args(argv)
+    if args.split:
+        return _split(args)
+    if args.worker or args.ray:
+        raise UsageError("--worker and --ray go with --split shards")
     with _progress_bar(sys.stderr.isatty() and not (args.quiet or args.json)) as progress:
         summary = api.convert(
             args.src, args.output, to=args.to, src_format=args.src_format, include=args.include,
@@ -411,7 +447,111 @@ def cmd_version(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _jobs_bar(show: bool, total: int) -> contextlib.AbstractContextManager[Callable[[int, int], None] | None]:
+    """One progress bar across a batch's jobs, on stderr, for people at a terminal only."""
+    if not show:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    @contextlib.contextmanager
+    def bar():
+        progress = Progress("converting", BarColumn(), MofNCompleteColumn(), TextColumn("jobs, {task.fields[data]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        task = progress.add_task("converting", total=total, data="0 B")
+        with progress:
+            yield lambda done, nbytes: progress.update(task, completed=done, data=_human(nbytes))
+    return bar()
+
+
+def cmd_batch(argv: list[str]) -> int:
+    p = _Parser(prog="convert batch", description="Many conversions in one command: every match of a pattern "
+                "('runs/*/checkpoint', 's3://bucket/runs/*/checkpoint') or every job of a jobs file (YAML or JSON "
+                "lines). Resumable: a job whose output exists with a matching record of its source is skipped. "
+                "-o placeholders: {1}.. (what each wildcard matched), {run} (the checkpoint's folder), {name}, "
+                "{stem} (the source's name without endings), {step} (one job per retained step). "
+                "Exit status 1 if any job failed (the others still run).")
+    p.add_argument("pattern", nargs="?", metavar="PATTERN", help="a glob pattern of sources (quote it)")
+    p.add_argument("--jobs", metavar="FILE", help="a jobs file (.yaml/.yml, or .jsonl: one JSON job a line)")
+    p.add_argument("--to", metavar="DST_FORMAT", help="destination format (default of a jobs file's jobs)")
+    p.add_argument("-o", "--output", metavar="TEMPLATE", help="output path with placeholders (for a pattern)")
+    p.add_argument("--from", dest="src_format", metavar="SRC_FORMAT", help="source format (default: detect)")
+    p.add_argument("--map", action="append", default=[], metavar="FILE_OR_PRESET", help="mapping rules (repeatable)")
+    p.add_argument("--include", action="append", default=[], metavar="REGEX", help="keep matching tensors")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave out matching tensors")
+    p.add_argument("--weights-only", action="store_true", help="leave out optimizer state and step counters")
+    p.add_argument("--dtype", metavar="DTYPE", help="cast floating tensors to DTYPE")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="local worker processes (default: one per CPU)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run each job as a Ray task on this cluster ('auto': the one "
+                   "this machine belongs to); needs ckpt-convert[ray]")
+    p.add_argument("--memory", metavar="SIZE", help="memory request of each Ray task (default: 256 MiB plus "
+                   "the job's largest source file)")
+    p.add_argument("--max-retries", type=int, default=3, metavar="N", help="reruns of a job whose worker died")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for remote paths "
+                   "(or CONVERT_STORAGE_OPTIONS); never printed")
+    p.add_argument("--force", action="store_true", help="redo every job, replacing existing outputs")
+    p.add_argument("--no-verify", action="store_true", help="do not read the outputs back to compare")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs, run none")
+    _common(p)
+    _add_format_options(p, ("read", "write"))
+    args = p.parse_args(argv)
+    from . import batch
+
+    if args.storage_options is not None:
+        storage.configure(args.storage_options)
+    if (args.pattern is None) == (args.jobs is None):
+        raise UsageError("give a PATTERN or --jobs FILE (one of them)")
+    if args.workers < 1 or args.max_retries < 0:
+        raise UsageError("--workers must be >= 1 and --max-retries >= 0")
+    options = {k: v for side in ("read", "write") for k, v in _side_options(args, side).items()
+               if v is not None and v is not False and v != []}
+    defaults = {"to": args.to, "from": args.src_format, "map": args.map, "include": args.include,
+                "exclude": args.exclude, "weights_only": args.weights_only, "dtype": args.dtype,
+                "options": options}
+    if args.jobs:
+        jobs = batch.jobs_from_file(args.jobs, defaults)
+    else:
+        if not args.to:
+            raise UsageError("a pattern needs --to DST_FORMAT")
+        read_keys = {o.keyword for _, o in registry.options() if o.side == "read"}
+        jobs = batch.jobs_from_pattern(args.pattern, args.to, args.output or "", defaults,
+                                       {k: v for k, v in options.items() if k in read_keys})
+    if args.dry_run:
+        print(json.dumps(batch.job_dicts(jobs), indent=2))
+        return EXIT_OK
+    memory = batch.parse_memory(args.memory) if args.memory else None
+    executor = (batch.RayExecutor(args.ray, args.max_retries, memory) if args.ray
+                else batch.LocalExecutor(args.workers, args.max_retries))
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    started, nbytes = time.monotonic(), 0
+    with _jobs_bar(sys.stderr.isatty() and not (args.quiet or args.json), len(jobs)) as bar:
+        def on_result(i: int, result: dict) -> None:
+            nonlocal nbytes
+            counts[result["status"]] += 1
+            nbytes += result.get("bytes") or 0
+            if args.json:
+                print(json.dumps(result), flush=True)
+            elif result["status"] == "failed":
+                print(f"convert: job {result['job']}: {result['error']}", file=sys.stderr, flush=True)
+            if bar:
+                bar(sum(counts.values()), nbytes)
+        batch.run(jobs, executor, force=args.force, verify=not args.no_verify, on_result=on_result)
+    if not args.json and not args.quiet:
+        print(f"batch: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
+              f"({_human(nbytes)}, {time.monotonic() - started:.1f} s)", file=sys.stderr)
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "batch": cmd_batch,
     "inspect": cmd_inspect,
     "formats": cmd_formats,
     "map": cmd_map,
@@ -429,7 +569,8 @@ def _terminate(signum, frame):
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())  # errors quoted from frameworks can span lines
+    # errors quoted from frameworks can span lines; a backend's may quote a credential
+    return storage.redact(" ".join(str(e).split()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

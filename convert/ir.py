@@ -148,7 +148,7 @@ class FileRegion(Source):
         or file system, stream it in chunks."""
         self._check_length(nbytes)
         copy = getattr(os, "copy_file_range", None)
-        if copy is None or self.length < (1 << 20):
+        if copy is None or self.length < (1 << 20) or not _has_fd(out):  # an upload (convert.storage) has none
             return super().copy_into(out, nbytes, progress)
         vouched = verified_after and self.crc32c is not None and self.crc32 is None and self.span is None
         with _open(self.path, self.label) as f:
@@ -237,6 +237,14 @@ class Checksums:
 
 
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
+
+def _has_fd(out: BinaryIO) -> bool:
+    try:
+        out.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        return False
+    return True
 
 
 def _guarded(fn, *args):

@@ -31,3 +31,27 @@ class ForeignOutputs:
 @pytest.fixture(scope="session")
 def foreign_outputs(tmp_path_factory) -> ForeignOutputs:
     return ForeignOutputs(tmp_path_factory.mktemp("foreign"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 (moto's server on 127.0.0.1, a free port), stopped at the end of the session."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from servers import s3_server as serve
+
+    with serve() as s3:
+        yield s3
+
+
+@pytest.fixture
+def s3(s3_server):
+    """The local S3, configured as this process's storage options for the test."""
+    from convert import storage
+
+    before = storage.configured()
+    storage.configure({"s3": s3_server.options})
+    try:
+        yield s3_server
+    finally:
+        storage.configure(before)

@@ -148,6 +148,27 @@ class Writer:
     keeps_shared_storage: bool = False
     """True when tensors that shared storage in the source stay shared (torch); otherwise the
     summary notes that they were written as separate copies."""
+    shards: ShardWriter | None = None
+    """How this writer writes one output in parallel pieces (``--split shards``); None: it cannot."""
+
+
+@dataclass(frozen=True)
+class ShardWriter:
+    """A writer's parts for ``--split shards`` (:mod:`convert.split`): an output folder of N data
+    shards, each written by whichever worker the plan gives it, then commit objects.
+
+    * ``shard_name(td, k, n)``: the file name of data shard ``k`` (0-based) of ``n``;
+    * ``write_shard(tensors, path, td) -> [[name, offset, size, crc32c], ...]``: writes one data
+      shard file (``td`` gives the metadata), returning where each tensor's bytes lie in it and
+      their CRC-32C (numeric tensors: of the raw bytes; others: of what the file stores);
+    * ``commit(td, shards) -> [(file name, bytes)]``: the commit objects (index, state file), in
+      the order they must appear, from the plan (``shards``: per shard, its file name and the
+      tensors with the entries ``write_shard`` returned).
+    """
+
+    shard_name: Callable[[TensorDict, int, int], str]
+    write_shard: Callable[[Sequence[Any], Path, TensorDict], list]
+    commit: Callable[[TensorDict, Sequence[tuple[str, Sequence[tuple[Any, list]]]]], list[tuple[str, bytes]]]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 from .. import dtypes
 from ..errors import CorruptFileError, ReadError, UsageError, WriteError
 from ..ir import FileRegion, Tensor, TensorDict
-from .base import Format, Option, Writer
+from .base import Format, Option, ShardWriter, Writer
 
 NAME = "safetensors"
 
@@ -240,7 +240,8 @@ def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", "utf-8")
 
 
-def _write_file(tensors: list[Tensor], metadata: dict, path: Path) -> None:
+def _write_file(tensors: list[Tensor], metadata: dict, path: Path) -> list:
+    """One file; returns ``[name, offset in the file, size, crc32c]`` of each tensor."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -251,11 +252,30 @@ def _write_file(tensors: list[Tensor], metadata: dict, path: Path) -> None:
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes with spaces
+    start = 8 + len(raw)
+    entries = []
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in tensors:
-            t.copy_into(f)
+            entries.append([t.name, start + header[t.name]["data_offsets"][0], t.nbytes, t.copy_into(f)])
+    return entries
+
+
+# --split shards (convert.split): each shard a standalone file, the index written last
+def _shard_name(td: TensorDict, k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _write_shard(tensors: list[Tensor], path: Path, td: TensorDict) -> list:
+    return _write_file(list(tensors), td.portable_metadata, path)
+
+
+def _commit(td: TensorDict, shards) -> list[tuple[str, bytes]]:
+    weight_map = {t.name: name for name, tensors in shards for t, _ in tensors}
+    total = sum(t.nbytes for _, tensors in shards for t, _ in tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    return [("model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode("utf-8"))]
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -278,7 +298,8 @@ FORMAT = Format(
     description="safetensors file, or a Hugging Face sharded folder / index.json",
     detect=detect,
     read=read,
-    writers=(Writer("", write, dtypes.held_by("safetensors"), suffix=".safetensors"),),
+    writers=(Writer("", write, dtypes.held_by("safetensors"), suffix=".safetensors",
+                    shards=ShardWriter(_shard_name, _write_shard, _commit)),),
     options=(Option("--max-shard-size", "write", str,
                     "write a Hugging Face sharded folder with shards of at most this size (e.g. 5GB, 500MB)"),),
     suffixes=(".safetensors",),

@@ -41,9 +41,9 @@ from pathlib import Path
 from ... import dtypes
 from ...errors import ConvertError, ReadError, UsageError, WriteError
 from ...ir import Tensor, TensorDict
-from ..base import Format, Option, Writer, WriteReport
+from ..base import Format, Option, ShardWriter, Writer, WriteReport
 from . import metagraph, objects, templates
-from .bundle import read_bundle, write_bundle
+from .bundle import bundle_index_bytes, data_path, read_bundle, write_bundle, write_data_shard
 from .slices import GET_TENSOR_REFUSES_V1, check_v1_dtypes, read_v1, write_v1_file
 from .sstable import has_table_magic
 from .state import STATE_FILE, candidates, format_state, read_state, state_paths
@@ -452,6 +452,23 @@ def read_back(path: Path, write_options: Mapping[str, object]) -> list[TensorDic
     return [read(p, names=names) for _, p in expand(path, all_steps=True)]
 
 
+# --split shards (convert.split): data shards written in parallel, then the .index, then 'checkpoint'
+def _shard_name(td: TensorDict, k: int, n: int) -> str:
+    return os.path.basename(data_path(_prefix_for(td), k, n))
+
+
+def _write_shard(tensors: Sequence[Tensor], path: Path, td: TensorDict) -> list:
+    return write_data_shard(list(tensors), str(path))
+
+
+def _commit(td: TensorDict, shards) -> list[tuple[str, bytes]]:
+    prefix = _prefix_for(td)
+    shard_of = {t.name: k for k, (_, tensors) in enumerate(shards) for t, _ in tensors}
+    placed = [(t, entry) for _, tensors in shards for t, entry in tensors]
+    index = bundle_index_bytes(placed, len(shards), shard_of.__getitem__)
+    return [(prefix + ".index", index), (STATE_FILE, format_state(prefix, [prefix]).encode("utf-8"))]
+
+
 FORMAT = Format(
     name=NAME,
     description="TensorFlow checkpoint, V1 or V2 (dir with 'checkpoint', prefix, .index, V1 file); writes V2",
@@ -460,6 +477,7 @@ FORMAT = Format(
     writers=(
         Writer("v2", write, dtypes.held_by("tf"), series=write_steps, read_back=read_back,
                prepare=templates.prepare, takes_template=templates.accepts_template,
+               shards=ShardWriter(_shard_name, _write_shard, _commit),
                description="a folder with a V2 checkpoint, its 'checkpoint' state file and the .meta graph"),
         Writer("v1", write_v1, dtypes.held_by("tf_v1"), series=write_steps_v1, read_back=read_back,
                prepare=templates.prepare, takes_template=templates.accepts_template,

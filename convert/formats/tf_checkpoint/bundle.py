@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from ... import wire
 from ...dtypes import DType, from_tf
@@ -194,15 +194,21 @@ def write_bundle(tensors: Iterable[Tensor], prefix: str) -> None:
     Tensors are written in index (bytewise name) order, each streamed chunk by chunk.
     """
     tensors = sorted(tensors, key=lambda t: t.name.encode("utf-8"))
-    index_path = prefix + ".index"
+    entries = write_data_shard(tensors, data_path(prefix, 0, 1), 0, prefix + ".index")
+    write_bundle_index(prefix + ".index", [(t, e) for t, e in zip(tensors, entries, strict=True)], 1)
+
+
+def write_data_shard(tensors: Sequence[Tensor], path: str, shard: int = 0, index_path: str | None = None) -> list:
+    """Write the data shard file ``path`` (tensors packed in the order given); returns
+    ``[name, offset, size, crc32c]`` of each (the crc unmasked: of what the file stores)."""
+    where = index_path or path
     for t in tensors:
         if not t.name or t.name.startswith("\x00"):
-            raise WriteError(index_path, "tensor names must be non-empty and not start with a NUL byte", t.name)
+            raise WriteError(where, "tensor names must be non-empty and not start with a NUL byte", t.name)
         if t.dtype.tf is None:  # pragma: no cover - every table dtype has a TF number
-            raise WriteError(index_path, f"TensorFlow cannot hold {t.dtype}", t.name)
+            raise WriteError(where, f"TensorFlow cannot hold {t.dtype}", t.name)
     entries = []
-    dpath = data_path(prefix, 0, 1)
-    with open(dpath, "wb") as f:
+    with open(path, "wb") as f:
         offset = 0
         for t in tensors:
             if t.dtype.kind == "string":
@@ -213,12 +219,30 @@ def write_bundle(tensors: Iterable[Tensor], prefix: str) -> None:
                     size += len(piece)
             else:
                 crc, size = t.copy_into(f), t.nbytes
-            entries.append((t.name.encode("utf-8"),
-                            BundleEntry(t.dtype.tf, t.shape, 0, offset, size, mask_crc(crc)).encode()))
+            entries.append([t.name, offset, size, crc])
             offset += size
+    return entries
+
+
+def write_bundle_index(index_path: str, placed: Sequence[tuple[Tensor, list]], num_shards: int,
+                       shard_of: Callable[[str], int] | None = None) -> None:
+    """Write the ``.index`` table of a V2 checkpoint: one entry per (tensor, ``[name, offset, size,
+    crc32c]``) as :func:`write_data_shard` gave them, in bytewise name order."""
     with open(index_path, "wb") as f:
-        table = TableWriter(f)
-        table.add(b"", BundleHeader(num_shards=1, producer=BUNDLE_VERSION).encode())
-        for key, value in entries:
-            table.add(key, value)
-        table.finish()
+        f.write(bundle_index_bytes(placed, num_shards, shard_of))
+
+
+def bundle_index_bytes(placed: Sequence[tuple[Tensor, list]], num_shards: int,
+                       shard_of: Callable[[str], int] | None = None) -> bytes:
+    """The bytes of a V2 ``.index`` table (see :func:`write_bundle_index`)."""
+    import io
+
+    rows = sorted(placed, key=lambda p: p[0].name.encode("utf-8"))
+    buf = io.BytesIO()
+    table = TableWriter(buf)
+    table.add(b"", BundleHeader(num_shards=num_shards, producer=BUNDLE_VERSION).encode())
+    for t, (_, offset, size, crc) in rows:
+        shard = shard_of(t.name) if shard_of else 0
+        table.add(t.name.encode("utf-8"), BundleEntry(t.dtype.tf, t.shape, shard, offset, size, mask_crc(crc)).encode())
+    table.finish()
+    return buf.getvalue()
