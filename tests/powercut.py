@@ -585,29 +585,24 @@ class _Replayer:
 
     _pwritev2 = _pwritev
 
-    def _copy_file_range(self, tid, args, ret, _):
-        src, dst = self._desc(tid, args[0]), self._desc(tid, args[2])
-        if dst is None or dst.inode is None or ret == 0:
+    def _copy(self, tid, src_tok: str, src_off: str, dst_tok: str, dst_off: str | None, n: int) -> None:
+        """copy_file_range/sendfile: the bytes come from the source (the model's or the real file)."""
+        src, dst = self._desc(tid, src_tok), self._desc(tid, dst_tok)
+        if dst is None or dst.inode is None or n == 0:
             return
-        off_in, off_out = _ptr_value(args[1]), _ptr_value(args[3])
         if src is None:
-            raise Unsupported("copy_file_range from an unknown descriptor")
-        start = src.pos if off_in is None else off_in
-        payload = self._source_bytes(src, start, ret)
+            raise Unsupported(f"{self.call} from an unknown descriptor")
+        off_in = _ptr_value(src_off)
+        payload = self._source_bytes(src, src.pos if off_in is None else off_in, n)
         if off_in is None:
-            src.pos += ret
-        self._put(dst, payload, off_out)
+            src.pos += n
+        self._put(dst, payload, None if dst_off is None else _ptr_value(dst_off))
+
+    def _copy_file_range(self, tid, args, ret, _):
+        self._copy(tid, args[0], args[1], args[2], args[3], ret)
 
     def _sendfile(self, tid, args, ret, _):
-        dst, src = self._desc(tid, args[0]), self._desc(tid, args[1])
-        if dst is None or dst.inode is None or ret == 0:
-            return
-        off = _ptr_value(args[2])
-        start = src.pos if off is None else off
-        payload = self._source_bytes(src, start, ret)
-        if off is None:
-            src.pos += ret
-        self._put(dst, payload, None)
+        self._copy(tid, args[1], args[2], args[0], None, ret)
 
     def _splice(self, tid, args, ret, _):
         for tok in (args[0], args[2]):
@@ -847,6 +842,7 @@ class Crashes:
         self.ns = [op for op in self.ops if op.kind == "ns"]
         self._deps = self._dependencies()
         self._digests: dict[tuple, str] = {}
+        self.bounded_points = 0  # crash points with more pending changes than ``cap``
         self._by_inode: dict[int, list[Op]] = {}
         for op in self.ops:
             if op.kind == "data":
@@ -921,6 +917,8 @@ class Crashes:
             for j in pending:
                 ideals += [s | {j} for s in ideals if deps[j] <= s]
             return ideals
+
+        self.bounded_points += 1
 
         def down(ops: Iterable[int]) -> frozenset[int]:
             return frozenset(self._closure(ops) & pset)

@@ -22,7 +22,8 @@ state a power cut at that point may leave is constructed, and:
 The inode numbers a journal records survive a real power cut; a state put on disk gets new
 ones, so each journal's identities are translated to the new files (same model inode).
 
-``make crash`` runs the same sweep with every pending subset enumerated up to 14 changes.
+``make crash`` runs the same sweep at length: every allowed subset of up to 16 pending changes
+(10 here), and the next run cut wherever a staging folder with a journal is left (up to 50).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTH
 STAGE = re.compile(r"\..+\.convert-tmp-(\d+)-\d+")
 JOURNAL, OLD = fileio._JOURNAL, fileio._OLD
 FULL = os.environ.get("CONVERT_CRASH_FULL") == "1"
-CAP = 14 if FULL else 10
+CAP = 16 if FULL else 10
 REPORT = os.environ.get("CONVERT_CRASH_REPORT")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -404,6 +405,7 @@ class Tally:
     distinct: int = 0
     next_runs: int = 0
     nested: int = 0
+    bounded: int = 0
     bad: int = 0
 
 
@@ -425,6 +427,7 @@ def sweep(rec: powercut.Recording, key: str, expect: Expect, scratch: Path, reru
             continue
         distinct.setdefault((got, observable(st.image, names)), st)
     tally.distinct += len(distinct)
+    tally.bounded += crashes.bounded_points
     reran: set = set()
     for i, ((got, _), st) in enumerate(distinct.items()):
         tag = f"{st}"
@@ -449,7 +452,10 @@ def sweep(rec: powercut.Recording, key: str, expect: Expect, scratch: Path, reru
                 tally.bad += 1
                 problems.append(f"{tag}: after the next run's recovery {expect.describe(settled)}, left {litter}")
                 continue
-            if nested is not None and settled != got:  # recovery moved outputs back: cut it too
+            # the next run, cut in turn: where its recovery moves outputs back (and, at length,
+            # wherever it has a journal to read)
+            if nested is not None and (settled != got or (FULL and any(
+                    JOURNAL in st.image.entries[n] for _, n in stages(st.image)))):
                 nested(st.image)
             # the next conversion itself, from the crash state, once per state its recovery leaves
             after = tree_key(d)
@@ -458,7 +464,7 @@ def sweep(rec: powercut.Recording, key: str, expect: Expect, scratch: Path, reru
             reran.add(after)
             d2 = scratch / f"r{i}"
             put_state(st.image, d2, rec)
-            code, err = rerun(d2, any(x is not None for x in got))
+            code, err = rerun(d2, got[0] is not None)  # the same command; --force if the output is there
             tally.next_runs += 1
             final, litter = on_disk(d2, names)
             if code != 0 or final != expect.new or litter:
@@ -472,10 +478,14 @@ def sweep(rec: powercut.Recording, key: str, expect: Expect, scratch: Path, reru
 
 
 def tree_key(folder: Path) -> tuple:
-    """A folder's whole state: names, kinds, bytes and which names are the same file."""
+    """A folder's whole state: names, kinds, bytes, and which names are the same file."""
     img, _ = powercut.snapshot(folder)
-    return tuple((p, img.kind[n], n if img.kind[n] != "d" else None, img.digest(n) if img.kind[n] != "d" else None)
-                 for p, n in img.walk())
+    first: dict[int, str] = {}
+    out = []
+    for p, n in img.walk():
+        first.setdefault(n, p)
+        out.append((p, img.kind[n], first[n], None if img.kind[n] == "d" else img.digest(n)))
+    return tuple(out)
 
 
 def listing(rec: powercut.Recording) -> str:
@@ -583,9 +593,9 @@ def test_power_cut_at_every_point_leaves_old_or_new_and_the_next_run_completes(
 
     problems = sweep(rec, key, expect, scratch, rerun, verified, tally, nested=nested)
     seconds = time.perf_counter() - started
-    line = (f"{request.node.callspec.id}: {tally.ops} operations, {tally.points} crash points, {tally.states} crash "
-            f"states ({tally.distinct} distinct, {tally.next_runs} next runs, {tally.nested} next runs cut), "
-            f"{tally.bad} bad, {seconds:.1f} s")
+    line = (f"{request.node.callspec.id}: {tally.ops} operations, {tally.points} crash points "
+            f"({tally.bounded} explored bounded), {tally.states} crash states ({tally.distinct} distinct, "
+            f"{tally.next_runs} next runs, {tally.nested} next runs cut), {tally.bad} bad, {seconds:.1f} s")
     print(line)
     if REPORT:
         with open(REPORT, "a") as f:
