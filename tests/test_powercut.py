@@ -83,7 +83,7 @@ SERVER = r"""
 import json, os, sys
 from convert import cli, fileio, registry
 for info in registry.FORMATS:
-    registry.load(info)
+    info.format  # imports the adapter
 import onnx, safetensors
 if sys.argv[1] == "1":
     import tensorflow
