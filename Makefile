@@ -1,4 +1,4 @@
-# convert: make demo | install | test | test-fast | lint | docs | bench | fuzz | clean
+# convert: make demo | install | test | test-fast | lint | docs | bench | fuzz | crash | clean
 # The demo runs in its own virtualenv with the core install only (.venv-demo: the package and its
 # core dependencies, no framework); everything else in the test virtualenv (.venv, `make install`).
 
@@ -10,7 +10,7 @@ DEMO_VENV ?= .venv-demo
 DEMO   := $(DEMO_VENV)/bin
 OUT    ?= out
 
-.PHONY: install demo-install demo browser test test-fast lint docs bench fuzz clean
+.PHONY: install demo-install demo browser test test-fast lint docs bench fuzz crash clean
 
 install: $(STAMP)
 
@@ -91,6 +91,13 @@ bench: install
 FUZZ_EXAMPLES ?= 20000
 fuzz: install
 	CONVERT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q -p no:cacheprovider
+
+# Power cuts at length (tests/test_powercut.py): every subset of pending changes a file system may
+# persist is tried up to 16 of them (10 in the suite), and the next run is cut in turn wherever a
+# staging folder with a journal is left, up to 50 per writer (3 in the suite, where recovery moves
+# outputs back); one line per writer with its counts. Needs strace (Linux).
+crash: install
+	CONVERT_CRASH_FULL=1 $(BIN)/python -m pytest tests/test_powercut.py -q -s -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) $(OUT) site build dist *.egg-info .pytest_cache .ruff_cache

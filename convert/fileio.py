@@ -369,10 +369,19 @@ def _publish(stage: Path, dest: Path, force: bool) -> None:
                     os.rename(dest, stage / _OLD / dest.name)
                 except FileNotFoundError:
                     pass
+                else:
+                    _fsync(dest.parent)  # gone for good before any companion changes
             for p in companions:
                 target = dest.parent / p.name
                 _place(p, target, force, stage / _OLD / p.name, keep_old=True)
                 placed.append((p, target))
+            if companions:
+                # Renames in one folder may reach the disk in any order until it is fsynced:
+                # the companions are there for good before the output that reads them appears
+                # (and, where link(2) placed them, their staged names are gone for good: onnx
+                # refuses external data with two links).
+                _fsync(dest.parent)
+                _fsync(stage)
             target = dest
             _place(tmp, dest, force, stage / _OLD / dest.name)
             _fsync(dest.parent)
@@ -410,8 +419,10 @@ def _recover(stage: Path, folder: Path, output: str) -> None:
         ours = _identity(target) == new.get(name)
         if not ours and os.path.lexists(target):
             continue  # never replaced
-        # the old one was moved aside, or swapped with ours (then it is where ours was staged)
-        olds = [p for p in (stage / _OLD / name, *([stage / name] if ours else [])) if os.path.lexists(p)]
+        # the old one was moved aside, or swapped with ours (then it is where ours was staged),
+        # unless what is staged is ours itself (link(2) placed it and the kill came before unlink)
+        olds = [p for p in (stage / _OLD / name, *([stage / name] if ours else []))
+                if os.path.lexists(p) and _identity(p) != new.get(name)]
         try:
             if olds:
                 os.replace(olds[0], target)
@@ -421,12 +432,23 @@ def _recover(stage: Path, folder: Path, output: str) -> None:
                 lost = lost or bool(existed.get(name))
         except OSError:
             lost = True
+    # As in _publish: the companions are back for good before the output that reads them, and
+    # all of it before the journal goes (the caller removes the staging folder next).
+    _fsync_quietly(folder)
     old = stage / _OLD / output
     if not lost and os.path.lexists(old) and not os.path.lexists(folder / output):
         try:
             _rename_noreplace(old, folder / output)
         except OSError:
             pass
+        _fsync_quietly(folder)
+
+
+def _fsync_quietly(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # pragma: no cover - a folder we just listed
+        pass
 
 
 @contextmanager
