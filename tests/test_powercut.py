@@ -56,14 +56,6 @@ CAP = 16 if FULL else 10
 REPORT = os.environ.get("CONVERT_CRASH_REPORT")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# `--force` over a tf-ckpt-v1 output is refused: the registry gives tf-ckpt-v1 no detector, so
-# api._write cannot tell its own output from a folder of something else (not a durability bug).
-V1_REFUSAL = "is a folder that holds no tf-ckpt-v1 output"
-
-
-class RefusedForce(Exception):
-    """The known refusal above (the tf-ckpt-v1 cases are expected to fail with it, and only with it)."""
-
 why_not = powercut.strace_works()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=why_not or "")
 
@@ -497,7 +489,6 @@ def argv_for(w: Writer, src: Path, out_dir: Path, force: bool) -> list[str]:
             *(["--force"] if force else [])]
 
 
-V1_XFAIL = pytest.mark.xfail(raises=RefusedForce, strict=True, reason="--force over a tf-ckpt-v1 output is refused")
 SCENARIOS = [
     pytest.param("safetensors", False, False, id="safetensors-new"),
     pytest.param("safetensors", True, False, id="safetensors-force"),
@@ -505,8 +496,8 @@ SCENARIOS = [
     pytest.param("safetensors-shards", True, False, id="safetensors-shards-force", marks=pytest.mark.slow),
     pytest.param("tf-ckpt", False, False, id="tf-ckpt-new", marks=pytest.mark.slow),
     pytest.param("tf-ckpt", True, False, id="tf-ckpt-force", marks=pytest.mark.slow),
-    pytest.param("tf-ckpt-v1", False, False, id="tf-ckpt-v1-new", marks=[pytest.mark.slow, V1_XFAIL]),
-    pytest.param("tf-ckpt-v1", True, False, id="tf-ckpt-v1-force", marks=[pytest.mark.slow, V1_XFAIL]),
+    pytest.param("tf-ckpt-v1", False, False, id="tf-ckpt-v1-new", marks=pytest.mark.slow),
+    pytest.param("tf-ckpt-v1", True, False, id="tf-ckpt-v1-force", marks=pytest.mark.slow),
     pytest.param("tf-ckpt-all-steps", False, False, id="tf-ckpt-all-steps-new", marks=pytest.mark.slow),
     pytest.param("tf-ckpt-all-steps", True, False, id="tf-ckpt-all-steps-force", marks=pytest.mark.slow),
     pytest.param("torch", False, False, id="torch-new", marks=pytest.mark.slow),
@@ -551,8 +542,6 @@ def test_power_cut_at_every_point_leaves_old_or_new_and_the_next_run_completes(
         assert_same_values(old_values, source_values(inputs["old"], "tensors"), "previous output")
     argv = [sys.executable, "-c", LAUNCH, "1" if fallback else "0", *argv_for(w, src, work, previous)]
     rec = powercut.record(argv, work, cwd=tmp_path, env=ENV)
-    if rec.returncode != 0 and V1_REFUSAL in rec.stderr:
-        raise RefusedForce(rec.stderr)
     assert rec.returncode == 0, rec.stderr
     new_values = source_values(src, w.source)
     assert_same_values(oracle(key, work / w.out), new_values, "the recorded conversion's output")
@@ -564,10 +553,7 @@ def test_power_cut_at_every_point_leaves_old_or_new_and_the_next_run_completes(
     server = servers(w.fmt == "saved-model")
 
     def rerun(folder: Path, force: bool):
-        code, err = server.run(argv_for(w, src, folder, previous or force), fallback)
-        if code != 0 and V1_REFUSAL in err:
-            raise RefusedForce(err)
-        return code, err
+        return server.run(argv_for(w, src, folder, previous or force), fallback)
 
     tally = Tally()
     verified: set = set()
