@@ -17,7 +17,7 @@ import google_crc32c
 from . import compare, dtypes, fileio, registry, storage
 from .errors import ConvertError, UsageError, VerificationError, WriteError
 from .formats.base import Format, Writer, WriteReport
-from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest
+from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest, open_files
 from .lazy import np
 
 PathLike = os.PathLike | str
@@ -182,7 +182,7 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
         raise WriteError(path, f"is a folder that holds no {info.name} output; remove it or name another output")
     seen: list[dict[str, int]] = [{} for _ in tds]
     verified = False
-    with fileio.atomic_output(path, force) as tmp:
+    with fileio.atomic_output(path, force) as tmp, open_files():
         try:
             will_verify = verify and fmt.read is not None and not registry.missing(info, "read")
             recorded = [_recording(td, s, progress, will_verify) for td, s in zip(tds, seen, strict=True)]
@@ -292,8 +292,7 @@ class _Recording(Source):
 
 def _recording(td: TensorDict, seen: dict[str, int], progress: Callable[[int], None] | None,
                verify: bool) -> TensorDict:
-    return td.replace(Tensor(t.name, t.dtype, t.shape, _Recording(t, seen, progress, verify), t.attrs)
-                      for t in td.values())
+    return td.replace(t.with_source(_Recording(t, seen, progress, verify)) for t in td.values())
 
 
 def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path: Path) -> None:
