@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -578,6 +579,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # A checkpoint's index makes a few small objects per tensor and none of them cycles: at the
+    # default threshold (700) the collector would walk them all again and again, a third of the
+    # time of reading 50,000 entries. Collections still run, 140 times less often.
+    thresholds = gc.get_threshold()
+    gc.set_threshold(100_000, 20, 20)
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
@@ -612,3 +618,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
+        gc.set_threshold(*thresholds)

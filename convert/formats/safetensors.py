@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import dtypes
 from ..errors import CorruptFileError, ReadError, UsageError, WriteError
-from ..ir import FileRegion, Tensor, TensorDict
+from ..ir import FileRegion, Tensor, TensorDict, copy_many
 from .base import Format, Option, ShardWriter, Writer
 
 NAME = "safetensors"
@@ -142,7 +142,8 @@ def _read_file(path: Path) -> TensorDict:
         if begin != pos:
             raise CorruptFileError(path, "tensor data overlaps or leaves a gap", name)
         pos = end
-    tensors = [Tensor(name, dtype, shape, FileRegion(str(path), start + begin, end - begin, label=name))
+    where = str(path)  # one string for every region
+    tensors = [Tensor(name, dtype, shape, FileRegion(where, start + begin, end - begin, label=name))
                for begin, end, name, dtype, shape in entries]
     return TensorDict(tensors, {**meta, "source.format": NAME, **hf_config_beside(path)})
 
@@ -257,8 +258,8 @@ def _write_file(tensors: list[Tensor], metadata: dict, path: Path) -> list:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for t in tensors:
-            entries.append([t.name, start + header[t.name]["data_offsets"][0], t.nbytes, t.copy_into(f)])
+        for t, crc in zip(tensors, copy_many(tensors, f), strict=True):
+            entries.append([t.name, start + header[t.name]["data_offsets"][0], t.nbytes, crc])
     return entries
 
 

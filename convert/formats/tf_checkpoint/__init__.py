@@ -298,7 +298,7 @@ def role_of(name: str) -> str:
 def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str]) -> list[Tensor]:
     """Checkpoint tensors with their roles and, unless ``names`` is "keys", the readable names of
     a TF2 object graph (:func:`.objects.readable`; dropped copies are noted in ``metadata``)."""
-    tensors = [Tensor(t.name, t.dtype, t.shape, t.source, {"role": role_of(t.name)}) for t in tensors]
+    tensors = [t.with_attrs(role=role_of(t.name)) for t in tensors]
     if (names or "readable") == "readable":
         tensors, copies = objects.readable(tensors, index)
         if copies:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from ... import wire
 from ...dtypes import DType, from_tf
 from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
-from ...ir import ArraySource, FileRegion, Tensor
+from ...ir import ArraySource, FileRegion, Tensor, copy_many
 from ...lazy import np
 from ...wire import ProtoError
 from .protowire import BundleEntry, BundleHeader
@@ -61,13 +61,14 @@ def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
         raise ReadError(index_path, f"checkpoint needs a reader of bundle version >= {header.min_consumer}")
     if header.num_shards < 1:
         raise CorruptFileError(index_path, f"bad number of shards {header.num_shards}")
-    shard_sizes = []
-    for k in range(header.num_shards):
+    shard_sizes, shard_paths = [], []  # one path string per shard, shared by its tensors' regions
+    for k in range(header.num_shards):  # one at a time: a header may claim 2**31 shards
         p = data_path(prefix, k, header.num_shards)
         try:
             shard_sizes.append(os.path.getsize(p))
         except OSError:
             raise ReadError(p, "data shard of the checkpoint is missing") from None
+        shard_paths.append(p)
 
     def decode(key: bytes, name: str) -> BundleEntry:
         try:
@@ -78,7 +79,7 @@ def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
     def source(entry: BundleEntry, name: str, dtype: DType, shape: tuple[int, ...]):
         if entry.shard_id >= header.num_shards:
             raise CorruptFileError(index_path, f"shard {entry.shard_id} of {header.num_shards}", name)
-        path = data_path(prefix, entry.shard_id, header.num_shards)
+        path = shard_paths[entry.shard_id]
         if entry.offset + entry.size > shard_sizes[entry.shard_id]:
             raise CorruptFileError(path, f"tensor data [{entry.offset}, {entry.offset + entry.size}) runs past "
                                    f"the end of the file ({shard_sizes[entry.shard_id]} bytes); truncated?", name)
@@ -210,17 +211,28 @@ def write_data_shard(tensors: Sequence[Tensor], path: str, shard: int = 0, index
     entries = []
     with open(path, "wb") as f:
         offset = 0
+        numeric: list[Tensor] = []  # copied together (ir.copy_many: runs of small tensors in one read)
+
+        def flush() -> None:
+            nonlocal offset
+            for t, crc in zip(numeric, copy_many(numeric, f), strict=True):
+                entries.append([t.name, offset, t.nbytes, crc])
+                offset += t.nbytes
+            numeric.clear()
+
         for t in tensors:
-            if t.dtype.kind == "string":
-                pieces, crc = encode_string_tensor(t.numpy())
-                size = 0
-                for piece in pieces:
-                    f.write(piece)
-                    size += len(piece)
-            else:
-                crc, size = t.copy_into(f), t.nbytes
+            if t.dtype.kind != "string":
+                numeric.append(t)
+                continue
+            flush()
+            pieces, crc = encode_string_tensor(t.numpy())
+            size = 0
+            for piece in pieces:
+                f.write(piece)
+                size += len(piece)
             entries.append([t.name, offset, size, crc])
             offset += size
+        flush()
     return entries
 
 

@@ -152,6 +152,12 @@ class BundleEntry:
 
     @classmethod
     def decode(cls, buf) -> BundleEntry:
+        fast = _decode_entry_fast(bytes(buf))
+        return fast if fast is not None else cls.decode_fields(buf)
+
+    @classmethod
+    def decode_fields(cls, buf) -> BundleEntry:
+        """The general decoder (any field order, slices, unknown fields, every malformation named)."""
         e = cls()
         for num, wt, val in iter_fields(buf):
             if num == 1 and wt == VARINT:
@@ -178,6 +184,68 @@ class BundleEntry:
                 + field_varint(3, self.shard_id) + field_varint(4, self.offset)
                 + field_varint(5, self.size) + field_fixed32(6, self.crc32c)
                 + b"".join(field_bytes(7, encode_slice(s)) for s in self.slices))
+
+
+_SHAPES: dict[bytes, tuple[int, ...]] = {}  # encoded TensorShapeProto -> shape: checkpoints repeat a few shapes
+
+
+def _decode_entry_fast(b: bytes) -> BundleEntry | None:
+    """A BundleEntryProto as TF writes it (fields 1-6, no slices), decoded in one pass over the
+    bytes: about 2 µs instead of 25 for the general field iterator, which matters at 50,000
+    entries. None for anything else (slices, other fields, negative or malformed values), which
+    :meth:`BundleEntry.decode_fields` then decodes or refuses with its own message."""
+    dtype = shard = offset = size = crc = 0
+    shape: tuple[int, ...] = ()
+    pos, n = 0, len(b)
+    try:
+        while pos < n:
+            key = b[pos]
+            pos += 1
+            if key == 0x12:  # shape: length-delimited, length < 128
+                ln = b[pos]
+                if ln & 0x80 or pos + 1 + ln > n:
+                    return None
+                raw = b[pos + 1:pos + 1 + ln]
+                pos += 1 + ln
+                got = _SHAPES.get(raw)
+                if got is None:
+                    got = decode_shape(raw)
+                    if len(_SHAPES) < 4096:
+                        _SHAPES[raw] = got
+                shape = got
+            elif key == 0x35:  # crc32c: fixed32
+                if pos + 4 > n:
+                    return None
+                crc = int.from_bytes(b[pos:pos + 4], "little")
+                pos += 4
+            elif key in (0x08, 0x18, 0x20, 0x28):  # dtype, shard_id, offset, size: varints
+                v = b[pos]
+                pos += 1
+                if v & 0x80:
+                    v &= 0x7F
+                    shift = 7
+                    while True:
+                        c = b[pos]
+                        pos += 1
+                        v |= (c & 0x7F) << shift
+                        if not c & 0x80:
+                            break
+                        shift += 7
+                        if shift > 56:  # 9 bytes and more: negative or overlong, for the general decoder
+                            return None
+                if key == 0x08:
+                    dtype = v
+                elif key == 0x18:
+                    shard = v
+                elif key == 0x20:
+                    offset = v
+                else:
+                    size = v
+            else:
+                return None
+    except IndexError:  # truncated: the general decoder says how
+        return None
+    return BundleEntry(dtype, shape, shard, offset, size, crc)
 
 
 @dataclass
