@@ -1,4 +1,4 @@
-# convert: make demo | install | test | test-fast | lint | docs | bench | fuzz | crash | clean
+# convert: make demo | install | test | test-fast | lint | docs | bench | fuzz | fuzz-coverage | crash | clean
 # The demo runs in its own virtualenv with the core install only (.venv-demo: the package and its
 # core dependencies, no framework); everything else in the test virtualenv (.venv, `make install`).
 
@@ -10,7 +10,7 @@ DEMO_VENV ?= .venv-demo
 DEMO   := $(DEMO_VENV)/bin
 OUT    ?= out
 
-.PHONY: install demo-install demo browser test test-fast lint docs bench fuzz crash clean
+.PHONY: install demo-install demo browser test test-fast lint docs bench fuzz fuzz-coverage crash clean
 
 install: $(STAMP)
 
@@ -91,6 +91,22 @@ bench: install
 FUZZ_EXAMPLES ?= 20000
 fuzz: install
 	CONVERT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q -p no:cacheprovider
+
+# Coverage-guided fuzzing (tests/fuzz_coverage.py, atheris): every target for FUZZ_SECONDS, all in
+# parallel under nice -n 19, from a corpus of convert's own outputs and the real files of
+# ../shared/corpus; then each corpus minimized and its small inputs kept in tests/data/fuzz/ (which
+# tests/test_fuzz_corpus.py replays in `make test`). Logs and crashes: $(OUT)/fuzz/.
+FUZZ_SECONDS ?= 1800
+FUZZ_TARGETS := safetensors onnx gguf tflite sstable_v1 sstable_v2 torch_zip torch_pickle torch_legacy metagraph
+fuzz-coverage: install
+	$(BIN)/pip install --quiet atheris
+	rm -rf $(OUT)/fuzz && $(BIN)/python tests/fuzz_coverage.py seed $(OUT)/fuzz/corpus
+	for t in $(FUZZ_TARGETS); do mkdir -p $(OUT)/fuzz/crashes/$$t; \
+	  nice -n 19 $(BIN)/python tests/fuzz_coverage.py run $$t $(OUT)/fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) \
+	    -timeout=30 -rss_limit_mb=3000 -print_final_stats=1 -artifact_prefix=$(OUT)/fuzz/crashes/$$t/ \
+	    > $(OUT)/fuzz/$$t.log 2>&1 & done; wait
+	grep -H "stat::number_of_executed_units\|^Done" $(OUT)/fuzz/*.log; ls -R $(OUT)/fuzz/crashes
+	$(BIN)/python tests/fuzz_coverage.py keep $(OUT)/fuzz/corpus
 
 # Power cuts at length (tests/test_powercut.py): every subset of pending changes a file system may
 # persist is tried up to 16 of them (10 in the suite), and the next run is cut in turn wherever a

@@ -541,7 +541,9 @@ class Tensor:
 
     def __post_init__(self):  # 200,000 calls for a 50,000-tensor conversion: kept cheap
         object.__setattr__(self, "shape", tuple(map(int, self.shape)))
-        object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)) if self.attrs else _NO_ATTRS)
+        attrs = self.attrs
+        if type(attrs) is not MappingProxyType:  # a proxy is already read-only: shared, not copied
+            object.__setattr__(self, "attrs", MappingProxyType(dict(attrs)) if attrs else _NO_ATTRS)
 
     @classmethod
     def from_array(cls, name: str, array, attrs: Mapping[str, str] | None = None) -> Tensor:

@@ -231,13 +231,15 @@ def test_unwritable_destination_is_a_one_line_write_error(st_file, capsys):
 def test_sigterm_midway_leaves_nothing(st_file, capsys, monkeypatch):
     import signal
 
-    real = convert.Tensor.copy_into
+    from convert.formats import safetensors
 
-    def copy_then_terminate(tensor, out, progress=None):
-        crc = real(tensor, out, progress)
-        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a CI timeout would, after some bytes are written
-        return crc
-    monkeypatch.setattr(convert.Tensor, "copy_into", copy_then_terminate)
+    real = safetensors.copy_many  # the writer's copy of its tensors' bytes (ir.copy_many)
+
+    def copy_then_terminate(tensors, out):
+        crcs = real(tensors, out)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a CI timeout would, after the bytes are written
+        return crcs
+    monkeypatch.setattr(safetensors, "copy_many", copy_then_terminate)
     code, _, err = run(["auto", st_file, "--to", "safetensors", "-o", st_file.parent / "t.safetensors"], capsys)
     assert code == 128 + signal.SIGTERM and "interrupted" in err
     assert sorted(p.name for p in st_file.parent.iterdir()) == ["model.safetensors"]
@@ -284,3 +286,17 @@ def test_inspect_verify_reads_every_byte_and_checks_checksums(tmp_path, capsys):
     assert run(["inspect", d / "m.index"], capsys)[0] == 0  # the index alone is intact
     code, _, err = run(["inspect", d / "m.index", "--verify"], capsys)
     assert code == 1 and "checksum mismatch" in err and "'a'" in err and err.count("\n") == 1
+
+
+def test_inspect_json_is_one_line_per_tensor_and_quiet_into_a_closed_pipe(tmp_path):
+    td = convert.TensorDict.from_arrays({f"layer{i}/w": np.full(3, i, np.float32) for i in range(5000)})
+    convert.write(td, tmp_path / "many.safetensors", "safetensors")
+    out = subprocess.run([SCRIPT, "inspect", tmp_path / "many.safetensors", "--json"], capture_output=True, check=True)
+    lines = out.stdout.decode().splitlines()
+    assert json.loads(out.stdout)["count"] == 5000 and sum(line.startswith('    {"name": ') for line in lines) == 5000
+    assert json.loads(lines[lines.index('  "tensors": [') + 1].rstrip(",")) == {
+        "name": "layer0/w", "dtype": "float32", "shape": [3], "bytes": 12}
+    # `convert inspect ... | head -1`: no "internal error: BrokenPipeError" on stderr, the shell's 141
+    proc = subprocess.run(f"'{SCRIPT}' inspect '{tmp_path / 'many.safetensors'}' --json | head -1; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (141, b"{\n", b"")

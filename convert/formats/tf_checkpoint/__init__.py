@@ -37,6 +37,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from ... import dtypes
 from ...errors import ConvertError, ReadError, UsageError, WriteError
@@ -278,6 +279,9 @@ _KERAS_SCOPE_RE = re.compile(
     r"|LossScaleOptimizer)(_\d+)?/")
 # BERT's AdamWeightDecayOptimizer (and the LAMB of its successors): "bert/.../kernel/adam_m".
 _BERT_SLOT_RE = re.compile(r"/(adam|lamb)_[mv]$")
+# one search per name (50,000 names in a checkpoint), TF2's slot and optimizer keys included
+_OPTIMIZER_RE = re.compile("|".join(f"(?:{r.pattern})" for r in (_SLOT_RE, _POWER_RE, _KERAS_SCOPE_RE, _BERT_SLOT_RE))
+                           + r"|\.OPTIMIZER_SLOT|^optimizer/")
 _STEP_NAMES = {"global_step", "global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"}
 _OTHER_NAMES = {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
 
@@ -289,16 +293,24 @@ def role_of(name: str) -> str:
         return "step"
     if name in _OTHER_NAMES:
         return "other"
-    if (_SLOT_RE.search(name) or _POWER_RE.search(name) or _KERAS_SCOPE_RE.match(name)
-            or _BERT_SLOT_RE.search(name) or ".OPTIMIZER_SLOT" in name or name.startswith("optimizer/")):
+    if _OPTIMIZER_RE.search(name):
         return "optimizer"
     return "weight"
 
 
+_ROLE_ATTRS = {role: MappingProxyType({"role": role}) for role in ("weight", "optimizer", "step", "other")}
+
+
+def role_attrs(name: str) -> Mapping[str, str]:
+    """A tensor's attrs: its role (one shared read-only mapping per role)."""
+    return _ROLE_ATTRS[role_of(name)]
+
+
 def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str]) -> list[Tensor]:
-    """Checkpoint tensors with their roles and, unless ``names`` is "keys", the readable names of
-    a TF2 object graph (:func:`.objects.readable`; dropped copies are noted in ``metadata``)."""
-    tensors = [t.with_attrs(role=role_of(t.name)) for t in tensors]
+    """Checkpoint tensors with their roles (unless read with :func:`role_attrs`) and, unless ``names``
+    is "keys", the readable names of a TF2 object graph (:func:`.objects.readable`; dropped copies
+    are noted in ``metadata``)."""
+    tensors = [t if "role" in t.attrs else t.with_attrs(role=role_of(t.name)) for t in tensors]
     if (names or "readable") == "readable":
         tensors, copies = objects.readable(tensors, index)
         if copies:
@@ -326,7 +338,7 @@ def read(path: os.PathLike | str, step: int | None = None, all_steps: bool = Fal
         raise UsageError(f"tf-ckpt reader does not take option(s) {', '.join(sorted(unknown))}")
     loc = locate(path, step)
     if loc.version == 2:
-        tensors, _ = read_bundle(loc.prefix)
+        tensors, _ = read_bundle(loc.prefix, role_attrs)
     else:
         tensors, _ = read_v1(list(loc.files))
     metadata = {

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ... import wire
 from ...dtypes import DType, from_tf
@@ -39,8 +39,10 @@ def data_path(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
 
 
-def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
-    """The tensors of the V2 checkpoint at ``prefix`` (in index order) and its header."""
+def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = None
+                ) -> tuple[list[Tensor], BundleHeader]:
+    """The tensors of the V2 checkpoint at ``prefix`` (in index order) and its header; ``attrs(name)``
+    gives each tensor's attrs (made here, not copied onto 50,000 tensors afterwards)."""
     index_path = prefix + ".index"
     table = TableReader(index_path)
     header = None
@@ -104,7 +106,7 @@ def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
             raise ReadError(index_path, f"unsupported TensorFlow dtype {entry.dtype}", name) from None
         shape = entry.shape
         if not entry.slices:
-            tensors.append(Tensor(name, dtype, shape, source(entry, name, dtype, shape)))
+            tensors.append(Tensor(name, dtype, shape, source(entry, name, dtype, shape), attrs(name) if attrs else {}))
             continue
         # A partitioned variable's slices hold all its bytes (a string: at least a byte per element)
         # in the data files: a shape claiming more is refused before anything is allocated for it.
@@ -122,7 +124,8 @@ def read_bundle(prefix: str) -> tuple[list[Tensor], BundleHeader]:
             except ValueError as e:
                 raise CorruptFileError(index_path, f"bad slice: {e}", name) from None
             parts.append((extents, source(sentry, name, dtype, sub)))
-        tensors.append(Tensor(name, dtype, shape, ArraySource(_assembler(index_path, name, dtype, shape, parts))))
+        tensors.append(Tensor(name, dtype, shape, ArraySource(_assembler(index_path, name, dtype, shape, parts)),
+                              attrs(name) if attrs else {}))
     return tensors, header
 
 
