@@ -245,7 +245,7 @@ def tensor_proto_stream(t: Tensor) -> tuple[int, Callable[[], Iterator[bytes]]]:
 def read_v1(files: list[str]) -> tuple[list[Tensor], int]:
     """The tensors of a V1 checkpoint made of ``files`` (one per shard) and its producer version."""
     tables = [TableReader(f) for f in files]
-    merged: dict[str, tuple[DType, tuple[int, ...], list]] = {}
+    merged: dict[str, tuple[DType, tuple[int, ...], list, str]] = {}
     producer = 0
     for table in tables:
         raw = table.get(b"")
@@ -268,21 +268,21 @@ def read_v1(files: list[str]) -> tuple[list[Tensor], int]:
                 if prev[0] != dtype or prev[1] != m.shape:
                     raise CorruptFileError(table.path, "shards disagree on dtype or shape", m.name)
             else:
-                merged[m.name] = (dtype, m.shape, [])
+                merged[m.name] = (dtype, m.shape, [], table.path)  # the file that declares it
             merged[m.name][2].extend((ext, table) for ext in m.slices)
     # Every element takes at least one byte of a file (a packed varint, a fixed-width value, a
     # string's tag): a shape claiming more is refused before anything is allocated for it.
     total = sum(table.file_size for table in tables)
     tensors = []
     for name in sorted(merged, key=lambda s: s.encode("utf-8")):
-        dtype, shape, slices = merged[name]
+        dtype, shape, slices, where = merged[name]
         if math.prod(shape) > total:
             raise CorruptFileError(tables[0].path, f"shape {list(shape)} has more elements than the "
                                    f"checkpoint has bytes ({total})", name)
         source: Source | None = None
         if len(slices) == 1 and all(e.length is None for e in slices[0][0]):  # the whole tensor in one slice
             source = _raw_region(slices[0][1], slice_key(name, slices[0][0]), name, dtype, shape)
-        tensors.append(Tensor(name, dtype, shape, source or ArraySource(_v1_producer(name, dtype, shape, slices))))
+        tensors.append(Tensor(name, dtype, shape, source or ArraySource(_v1_producer(name, dtype, shape, slices, where))))
     return tensors, producer
 
 
@@ -370,7 +370,8 @@ def _packed_field(head: bytes, total: int, field: int) -> tuple[int, int] | None
     return pos, end - pos
 
 
-def _v1_producer(name: str, dtype: DType, shape: tuple[int, ...], slices: list) -> Callable[[], np.ndarray]:
+def _v1_producer(name: str, dtype: DType, shape: tuple[int, ...], slices: list,
+                 where: str) -> Callable[[], np.ndarray]:
     def read_slice(table: TableReader, extents: list[Extent]) -> Callable[[tuple[int, ...]], np.ndarray]:
         def produce(sub: tuple[int, ...]) -> np.ndarray:
             raw = table.get(slice_key(name, extents), label=name)
@@ -387,7 +388,7 @@ def _v1_producer(name: str, dtype: DType, shape: tuple[int, ...], slices: list) 
         return produce
 
     def produce_all() -> np.ndarray:
-        path = slices[0][1].path if slices else "?"
+        path = slices[0][1].path if slices else where  # a tensor declared with no slices at all
         if len(slices) == 1:
             extents, table = slices[0]
             try:
