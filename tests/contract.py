@@ -14,11 +14,19 @@ the oracle bit for bit; ``detect`` accepts its own output and rejects every othe
 format's; the input is not mutated; identical bytes on rerun; truncated and corrupted
 files give a ConvertError; an existing output is not overwritten; a failed write
 leaves nothing behind; dtypes the format cannot hold are refused before writing.
+
+The oracles are reachable from other suites (``tests/test_matrix.py`` checks every conversion with
+its target's oracle): a subclass registers itself for its destination (``FORMAT``, a writer id
+included: ``tf-ckpt-v1``), and :func:`oracle` finds it, importing the format's test file on first
+use. That file is ``tests/test_<adapter module>.py`` (``convert.formats.tf_checkpoint`` ->
+``test_tf_checkpoint.py``), the one place a format's tests live.
 """
 
 from __future__ import annotations
 
+import importlib
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes
@@ -103,10 +111,41 @@ def _largest_file(path: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
+def destination(name: str) -> str:
+    """A destination's one spelling, ``FORMAT:WRITER`` (``tf-ckpt-v1`` -> ``tf-ckpt:v1``; ``npz`` -> ``npz:``)."""
+    info, writer = registry.writer(name)
+    return f"{info.name}:{writer.id}"
+
+
+CONTRACTS: dict[str, type[FormatContract]] = {}
+"""Each destination's :class:`FormatContract` subclass, registered when its test file is imported."""
+
+
+def contract_of(name: str) -> type[FormatContract]:
+    """The contract class of a destination, importing its format's test file when needed (which may
+    skip the caller: ``pytest.importorskip`` of the framework the oracle needs)."""
+    key = destination(name)
+    if key not in CONTRACTS:
+        importlib.import_module("test_" + registry.get(name).module.rsplit(".", 1)[1])
+    if key not in CONTRACTS:
+        raise LookupError(f"no FormatContract subclass has FORMAT {name!r} (the format's test file declares one)")
+    return CONTRACTS[key]
+
+
+def oracle(name: str) -> Callable[[Path], dict[str, np.ndarray]]:
+    """``oracle_read`` of a destination: its output read by the format's own library."""
+    return contract_of(name)().oracle_read
+
+
 class FormatContract:
     FORMAT: str = ""
     SKIP_DTYPES: tuple[str, ...] = ()
     """Dtypes the format holds but the oracle cannot read back (say why where you set it)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.FORMAT:
+            CONTRACTS[destination(cls.FORMAT)] = cls
 
     def oracle_read(self, path: Path) -> dict[str, np.ndarray]:
         raise NotImplementedError
