@@ -20,6 +20,11 @@ its target's oracle): a subclass registers itself for its destination (``FORMAT`
 included: ``tf-ckpt-v1``), and :func:`oracle` finds it, importing the format's test file on first
 use. That file is ``tests/test_<adapter module>.py`` (``convert.formats.tf_checkpoint`` ->
 ``test_tf_checkpoint.py``), the one place a format's tests live.
+
+The shared damage suites collect what a contract declares (:func:`declared`): ``SEEDS`` written by
+``make_seeds`` (real files, cut, flipped and refilled by ``tests/test_hostile.py`` and fuzzed by
+``tests/test_fuzz.py``), ``FUZZ`` targets over them, and ``HOSTILE`` hand-built files that must be
+refused at little memory cost.
 """
 
 from __future__ import annotations
@@ -132,6 +137,21 @@ def contract_of(name: str) -> type[FormatContract]:
     return CONTRACTS[key]
 
 
+def declared() -> list[type[FormatContract]]:
+    """The contract of every format whose test file imports here (one that needs a framework which is
+    not installed skips itself: then its seeds and cases are not collected), each once."""
+    for info in registry.FORMATS:
+        module = "test_" + info.module.rsplit(".", 1)[1]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+        except pytest.skip.Exception:
+            pass
+    return list(dict.fromkeys(CONTRACTS.values()))
+
+
 def oracle(name: str) -> Callable[[Path], dict[str, np.ndarray]]:
     """``oracle_read`` of a destination: its output read by the format's own library."""
     return contract_of(name)().oracle_read
@@ -141,6 +161,22 @@ class FormatContract:
     FORMAT: str = ""
     SKIP_DTYPES: tuple[str, ...] = ()
     """Dtypes the format holds but the oracle cannot read back (say why where you set it)."""
+
+    SEEDS: tuple[str, ...] = ()
+    """Names of the seed checkpoints this format gives the shared damage suites (each a folder that
+    :meth:`make_seeds` writes; names unique across formats)."""
+    FUZZ: dict[str, tuple[tuple[str, ...], str]] = {}
+    """Fuzz targets of ``tests/test_fuzz.py``: name -> (seed names, how files are damaged: ``raw``)."""
+    HOSTILE: dict[str, Callable[[Path], tuple[Path, type[ConvertError], str | None]]] = {}
+    """Hand-built hostile inputs: name -> ``build(folder) -> (path, error class, regex of its message)``;
+    ``tests/test_hostile.py`` reads each in full and expects that error, in one line naming the file,
+    at a few MB of traced memory."""
+
+    @classmethod
+    def make_seeds(cls, root: Path) -> list:
+        """The seeds named in ``SEEDS`` as ``fuzzing.Seed`` s, written by the format's own library
+        under ``root`` (one folder each)."""
+        return []
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -1,5 +1,7 @@
 """NumPy .npz: the contract, what np.savez / np.savez_compressed write, lazy regions of stored members,
-hostile archives, and conversions npz <-> safetensors <-> torch.
+hostile archives, and conversions npz <-> safetensors <-> torch. The seeds (cut, flipped, fuzzed) and
+the hand-built hostile .npy headers are declared on the contract class and run by the shared suites
+(tests/test_hostile.py, tests/test_fuzz.py).
 
 Oracles: ``numpy.load(allow_pickle=False)`` (reads every output), ``np.savez`` / ``np.savez_compressed``
 (write the inputs, and the bytes an npz output must equal), the ``safetensors`` library and ``torch.load``.
@@ -8,6 +10,7 @@ Oracles: ``numpy.load(allow_pickle=False)`` (reads every output), ``np.savez`` /
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zipfile
 import zlib
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fuzzing import exercise, one_line_naming, run_guarded
+from fuzzing import Seed, exercise, one_line_naming, run_guarded
 
 import convert
 from convert.errors import ConvertError, CorruptFileError, ReadError, WriteError
@@ -31,13 +34,6 @@ SMALL = 8 << 20  # traced bytes a refused hostile file may cost
 def numpy_read(path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-
-
-class TestNpzContract(FormatContract):
-    FORMAT = "npz"
-
-    def oracle_read(self, path):
-        return numpy_read(path)
 
 
 def arrays() -> dict[str, np.ndarray]:
@@ -57,6 +53,93 @@ def arrays() -> dict[str, np.ndarray]:
 def savez(path: Path, values: dict, compressed: bool = False) -> Path:
     (np.savez_compressed if compressed else np.savez)(path, **values)
     return path
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _zip(path: Path, members: dict[str, bytes], method=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=method) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def _refused(path: Path, error=ConvertError, match: str | None = None) -> ConvertError:
+    e = run_guarded(lambda: exercise(path, "npz"), max_bytes=SMALL)
+    assert isinstance(e, error), f"{path.name}: {e!r}"
+    one_line_naming(e, path.parent)
+    if match:
+        assert match in str(e), str(e)
+    return e
+
+
+def _header(d: str, version: bytes = b"\x01\x00") -> bytes:
+    text = d.encode("latin1")
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    size = struct.pack("<H" if version == b"\x01\x00" else "<I", len(text))
+    return b"\x93NUMPY" + version + size + text
+
+
+HOSTILE_NPY = {
+    "bad_magic": (b"\x93NUMPX\x01\x00" + b"\0" * 64, "not a readable .npy array"),
+    "version_9": (b"\x93NUMPY\x09\x00" + b"\0" * 64, "not a readable .npy array"),
+    "not_a_dict": (_header("[1, 2, 3]"), "not a readable .npy array"),
+    "missing_key": (_header("{'descr': '<f4', 'shape': (2,)}"), "not a readable .npy array"),
+    "code_in_header": (_header("{'descr': __import__('os').system('false'), 'fortran_order': False, 'shape': ()}"),
+                       "not a readable .npy array"),
+    "huge_shape": (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1099511627776)}")
+                   + b"\0" * 16, "needs 4835703278458516698824704"),
+    "negative_dim": (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-4,)}"), "negative dimension"),
+    "short_data": (_header("{'descr': '<f8', 'fortran_order': False, 'shape': (100,)}") + b"\0" * 8, "needs 800"),
+    "header_past_member": (b"\x93NUMPY\x02\x00" + struct.pack("<I", 2**31), "expected 2147483648 bytes got 0"),
+    "huge_header": (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (0,)}" + " " * 20000),
+                    "longer than numpy.load's limit"),
+    "void": (_npy(np.zeros(2, "V3")), "dtype '|V3'"),
+    "datetime": (_npy(np.zeros(2, "M8[s]")), "dtype '<M8[s]'"),
+    "structured": (_npy(np.zeros(2, [("a", "<f4"), ("b", "<i2")])), "structured dtype"),
+    "pickled_object": (_header("{'descr': '|O', 'fortran_order': False, 'shape': (1,)}") + b"\x80\x04N.",
+                       "object array"),
+}
+
+
+
+
+def _hostile(data: bytes, method: int, match: str):
+    def build(folder: Path):
+        return _zip(folder / "hostile.npz", {"w.npy": data}, method), CorruptFileError, re.escape(match)
+    return build
+
+
+def _seeds(root: Path) -> list[Seed]:
+    """np.savez and np.savez_compressed of every dtype numpy.load reads, a scalar, an empty array, a
+    Fortran-order and a big-endian one."""
+    values = arrays() | {"fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+                         "big_endian": np.arange(5, dtype=">i4"), "bytes": np.array([b"ab", b"c"])}
+    seeds = []
+    for name, compressed in (("npz_stored", False), ("npz_compressed", True)):
+        (root / name).mkdir()
+        savez(root / name / "arrays.npz", values, compressed)
+        seeds.append(Seed(name, "npz", root / name, "arrays.npz", ("arrays.npz",)))
+    return seeds
+
+
+class TestNpzContract(FormatContract):
+    FORMAT = "npz"
+    SEEDS = ("npz_stored", "npz_compressed")
+    FUZZ = {"npz": (SEEDS, "raw")}
+    HOSTILE = {f"{method_name}-{case}": _hostile(data, method, match) for case, (data, match) in HOSTILE_NPY.items()
+               for method_name, method in (("stored", zipfile.ZIP_STORED), ("deflated", zipfile.ZIP_DEFLATED))}
+
+    def oracle_read(self, path):
+        return numpy_read(path)
+
+    @classmethod
+    def make_seeds(cls, root):
+        return _seeds(root)
 
 
 # ---- what numpy writes, read --------------------------------------------------------------------
@@ -263,78 +346,6 @@ def test_written_by_libraries_to_npz(tmp_path):
 
 
 # ---- hostile archives ---------------------------------------------------------------------------
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _zip(path: Path, members: dict[str, bytes], method=zipfile.ZIP_STORED) -> Path:
-    with zipfile.ZipFile(path, "w", compression=method) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return path
-
-
-def _refused(path: Path, error=ConvertError, match: str | None = None) -> ConvertError:
-    e = run_guarded(lambda: exercise(path, "npz"), max_bytes=SMALL)
-    assert isinstance(e, error), f"{path.name}: {e!r}"
-    one_line_naming(e, path.parent)
-    if match:
-        assert match in str(e), str(e)
-    return e
-
-
-def _header(d: str, version: bytes = b"\x01\x00") -> bytes:
-    text = d.encode("latin1")
-    text += b" " * (-(len(text) + 11) % 64) + b"\n"
-    size = struct.pack("<H" if version == b"\x01\x00" else "<I", len(text))
-    return b"\x93NUMPY" + version + size + text
-
-
-HOSTILE_NPY = {
-    "bad_magic": (b"\x93NUMPX\x01\x00" + b"\0" * 64, "not a readable .npy array"),
-    "version_9": (b"\x93NUMPY\x09\x00" + b"\0" * 64, "not a readable .npy array"),
-    "not_a_dict": (_header("[1, 2, 3]"), "not a readable .npy array"),
-    "missing_key": (_header("{'descr': '<f4', 'shape': (2,)}"), "not a readable .npy array"),
-    "code_in_header": (_header("{'descr': __import__('os').system('false'), 'fortran_order': False, 'shape': ()}"),
-                       "not a readable .npy array"),
-    "huge_shape": (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1099511627776)}")
-                   + b"\0" * 16, "needs 4835703278458516698824704"),
-    "negative_dim": (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-4,)}"), "negative dimension"),
-    "short_data": (_header("{'descr': '<f8', 'fortran_order': False, 'shape': (100,)}") + b"\0" * 8, "needs 800"),
-    "header_past_member": (b"\x93NUMPY\x02\x00" + struct.pack("<I", 2**31), "expected 2147483648 bytes got 0"),
-    "huge_header": (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (0,)}" + " " * 20000),
-                    "longer than numpy.load's limit"),
-    "void": (_npy(np.zeros(2, "V3")), "dtype '|V3'"),
-    "datetime": (_npy(np.zeros(2, "M8[s]")), "dtype '<M8[s]'"),
-    "structured": (_npy(np.zeros(2, [("a", "<f4"), ("b", "<i2")])), "structured dtype"),
-    "pickled_object": (_header("{'descr': '|O', 'fortran_order': False, 'shape': (1,)}") + b"\x80\x04N.",
-                       "object array"),
-    "v3_header": (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (2,)}", b"\x03\x00") + b"\0" * 8, None),
-}
-
-
-@pytest.mark.parametrize("case", list(HOSTILE_NPY))
-@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
-def test_hostile_npy_header(case, method, tmp_path):
-    data, match = HOSTILE_NPY[case]
-    path = _zip(tmp_path / f"{case}.npz", {"w.npy": data}, method)
-    if match is None:  # a valid edge case: read as numpy reads it
-        assert same_values(convert.read(path)["w"].numpy(), numpy_read(path)["w"])
-        return
-    e = _refused(path, CorruptFileError, match)
-    assert "w" in str(e)
-
-
-def test_truncated_anywhere_is_a_convert_error(tmp_path):
-    data = savez(tmp_path / "whole.npz", arrays()).read_bytes()
-    for cut in sorted({1, 4, 29, 30, 64, 100, 200, len(data) // 3, len(data) // 2, len(data) - 22, len(data) - 1}):
-        path = tmp_path / f"cut{cut}.npz"
-        path.write_bytes(data[:cut])
-        _refused(path)
-
 
 def test_flipped_data_bit_of_a_stored_member_is_detected_by_its_crc(tmp_path):
     path = savez(tmp_path / "a.npz", {"w": np.arange(1 << 19, dtype=np.float32)})  # 2 MiB: the kernel copy path

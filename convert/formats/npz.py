@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -178,7 +179,8 @@ def _npy_header(prefix: bytes, member_size: int) -> tuple[tuple[int, ...], bool,
             shape, fortran, dt = _read_array_header(buf, version, max_header_size=_MAX_HEADER)
         else:
             raise ValueError(f"unknown .npy version {version[0]}.{version[1]}")
-    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, KeyError) as e:
+    except (ValueError, TypeError, SyntaxError, RecursionError, OverflowError, KeyError, tokenize.TokenError) as e:
+        # numpy's parser of a damaged header: literal_eval, and its Python 2 fallback through tokenize
         if len(prefix) < member_size and "EOF" in str(e):
             raise _Bad(f"has a .npy header longer than numpy.load's limit of {_MAX_HEADER} bytes") from None
         raise _Bad(f"is not a readable .npy array ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
