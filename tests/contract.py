@@ -117,9 +117,10 @@ def _largest_file(path: Path) -> Path:
 
 
 def destination(name: str) -> str:
-    """A destination's one spelling, ``FORMAT:WRITER`` (``tf-ckpt-v1`` -> ``tf-ckpt:v1``; ``npz`` -> ``npz:``)."""
-    info, writer = registry.writer(name)
-    return f"{info.name}:{writer.id}"
+    """A destination's one spelling, ``FORMAT:WRITER`` (``tf-ckpt-v1`` -> ``tf-ckpt:v1``; ``npz`` -> ``npz:``;
+    a format that is only read: ``dcp:``)."""
+    info, writer_id = registry.target(name)
+    return f"{info.name}:{info.format.writer(writer_id).id if info.format.writers else ''}"
 
 
 CONTRACTS: dict[str, type[FormatContract]] = {}

@@ -173,9 +173,11 @@ def _npy_header(prefix: bytes, member_size: int) -> tuple[tuple[int, ...], bool,
             shape, fortran, dt = npy.read_array_header_1_0(buf, max_header_size=_MAX_HEADER)
         elif version == (2, 0):
             shape, fortran, dt = npy.read_array_header_2_0(buf, max_header_size=_MAX_HEADER)
-        elif version == (3, 0):  # no public reader of a 3.0 header: numpy.load's own
-            from numpy.lib._format_impl import _read_array_header
-
+        elif version == (3, 0):  # no public reader of a 3.0 header: numpy.load's own (moved in NumPy 2)
+            try:
+                from numpy.lib._format_impl import _read_array_header
+            except ImportError:  # pragma: no cover - NumPy 1.x
+                _read_array_header = npy._read_array_header
             shape, fortran, dt = _read_array_header(buf, version, max_header_size=_MAX_HEADER)
         else:
             raise ValueError(f"unknown .npy version {version[0]}.{version[1]}")
