@@ -422,3 +422,35 @@ def test_empty_archive_reads_as_empty(tmp_path):
     assert len(convert.read(tmp_path / "empty.npz")) == 0
     convert.write(TensorDict([]), tmp_path / "ours.npz", "npz")
     assert numpy_read(tmp_path / "ours.npz") == {}
+
+
+@pytest.mark.slow
+def test_member_over_4_gib_and_offsets_past_it_use_zip64(tmp_path):
+    """A 4 GiB + 16 B member (a sparse file of zeros as its source, streamed) and a small one after
+    it, whose offset needs zip64 in the central directory: zipfile and numpy.load read both."""
+    n = (4 << 30) + 16
+    sparse = tmp_path / "zeros.bin"
+    with open(sparse, "wb") as f:
+        f.truncate(n)
+    small = np.arange(5, dtype=np.int16)
+    td = TensorDict([Tensor("big", convert.dtypes.by_name("uint8"), (n,), FileRegion(str(sparse), 0, n)),
+                     Tensor.from_array("small", small)])
+    out = tmp_path / "big.npz"
+    try:
+        assert convert.write(td, out, "npz")["verified"]
+        with zipfile.ZipFile(out) as z:
+            big, after = z.getinfo("big.npy"), z.getinfo("small.npy")
+            assert big.file_size > 0xFFFFFFFF and after.header_offset > 0xFFFFFFFF
+            with z.open(big) as member:
+                version = np.lib.format.read_magic(member)
+                assert np.lib.format.read_array_header_1_0(member)[0] == (n,) and version == (1, 0)
+                member.seek(big.file_size - 16)
+                assert member.read() == b"\0" * 16
+        with np.load(out, allow_pickle=False) as z:
+            assert same_values(z["small"], small)
+        back = convert.read(out)
+        assert isinstance(back["big"].source, FileRegion) and back["big"].source.length == n
+        assert same_values(back["small"].numpy(), small)
+    finally:
+        out.unlink(missing_ok=True)
+        sparse.unlink()
