@@ -42,6 +42,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from .. import dtypes
 from ..errors import ConvertError, CorruptFileError, ReadError, WriteError
@@ -175,9 +176,9 @@ def _npy_header(prefix: bytes, member_size: int) -> tuple[tuple[int, ...], bool,
             shape, fortran, dt = npy.read_array_header_2_0(buf, max_header_size=_MAX_HEADER)
         elif version == (3, 0):  # no public reader of a 3.0 header: numpy.load's own (moved in NumPy 2)
             try:
-                from numpy.lib._format_impl import _read_array_header
+                from numpy.lib._format_impl import _read_array_header  # type: ignore[attr-defined]
             except ImportError:  # pragma: no cover - NumPy 1.x
-                _read_array_header = npy._read_array_header
+                _read_array_header = npy._read_array_header  # type: ignore[attr-defined]
             shape, fortran, dt = _read_array_header(buf, version, max_header_size=_MAX_HEADER)
         else:
             raise ValueError(f"unknown .npy version {version[0]}.{version[1]}")
@@ -344,7 +345,7 @@ def write(td: TensorDict, path: Path) -> WriteReport | None:
                 npy.write_array_header_2_0(header, d)
             with zf.open(t.name + NPY, "w", force_zip64=True) as member:  # as np.savez opens them (gh-10776)
                 member.write(header.getvalue())
-                t.copy_into(member)
+                t.copy_into(cast(BinaryIO, member))
     dropped = [k for k in td.portable_metadata if k != "source.format"]
     if not dropped:
         return None
