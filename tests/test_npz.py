@@ -235,6 +235,14 @@ def test_crc32_combine_is_zlibs():
     for n1, n2 in [(0, 0), (1, 0), (0, 5), (128, 1), (100, 1000), (7, 65537)]:
         a, b = rng.bytes(n1), rng.bytes(n2)
         assert ours.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+        assert zlib.crc32(a + b) ^ ours.crc32_shift(zlib.crc32(a), len(b)) == zlib.crc32(b)
+
+
+def test_a_stored_region_carries_the_crc32_of_its_own_bytes(tmp_path):
+    values = arrays()
+    td = convert.read(savez(tmp_path / "a.npz", values))
+    for name, arr in values.items():
+        assert td[name].source.crc32 == zlib.crc32(np.ascontiguousarray(arr).tobytes()), name
 
 
 # ---- what we write, read by numpy ---------------------------------------------------------------

@@ -12,9 +12,10 @@ of ``np.savez_compressed`` stream-wise, one piece at a time, when a writer asks 
 the function ``numpy.load`` itself calls: the same checks, the same 10000-byte header limit). By hand, in 30 lines: where a
 stored member's data begins (the local file header's name and extra lengths; :mod:`zipfile`
 parses them only inside ``ZipFile.open`` and does not say), so that the array of a stored member
-(``np.savez``) is a :class:`~convert.ir.FileRegion` read lazily and copied in the kernel; and
-``crc32_combine`` (zlib's, which Python does not expose), since the member's CRC-32 covers the
-``.npy`` header as well as the region. Object arrays (pickled data) are refused, as
+(``np.savez``) is a :class:`~convert.ir.FileRegion` read lazily and copied in the kernel; and zlib's
+``crc32_combine`` arithmetic (which Python does not expose): the member's CRC-32 covers the ``.npy``
+header as well as the array bytes, so the region's own CRC-32 (checked whenever it is read) is the
+member's with the header's, carried over the array's length, taken out. Object arrays (pickled data) are refused, as
 ``numpy.load(allow_pickle=False)`` refuses them; so are members that are not ``.npy`` arrays,
 structured/void/datetime dtypes and compression methods NumPy does not write. Fortran-order arrays
 are read and transposed into C order; big-endian ones byte-swapped; ``S``/``U`` arrays become
@@ -33,6 +34,7 @@ drop trailing NUL bytes). An npz has no place for metadata: it is left out, with
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import struct
@@ -46,7 +48,7 @@ from typing import BinaryIO, cast
 
 from .. import dtypes
 from ..errors import ConvertError, CorruptFileError, ReadError, WriteError
-from ..ir import CHUNK, ArraySource, Checksums, FileRegion, Source, Tensor, TensorDict, zlib_crc32
+from ..ir import CHUNK, ArraySource, FileRegion, Source, Tensor, TensorDict, zlib_crc32
 from ..lazy import np
 from .base import Format, Writer, WriteReport
 
@@ -140,8 +142,9 @@ def _member(path: Path, f, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
         raise _Bad(f"holds {info.file_size - header_len} bytes after its .npy header but {dt.str} "
                    f"{list(shape)} needs {nbytes}")
     if stored:
-        raw: Source = _StoredArray(str(path), start + header_len, nbytes, label=key, crc32=info.CRC,
-                                   head_crc=zlib_crc32(prefix[:header_len], 0))
+        # the member's CRC-32 covers the .npy header too: the region's own is what remains of it
+        data_crc = info.CRC ^ crc32_shift(zlib_crc32(prefix[:header_len], 0), nbytes)
+        raw: Source = FileRegion(str(path), start + header_len, nbytes, label=key, crc32=data_crc)
     else:
         raw = _Streamed(str(path), info.filename, header_len, key)
     if dt.kind in "SU":
@@ -226,19 +229,6 @@ def _strings(raw: Source, dt: np.dtype, shape, fortran: bool, nbytes: int) -> np
 
 
 @dataclass(frozen=True, eq=False)
-class _StoredArray(FileRegion):
-    """The array bytes of a stored member: a region of the file whose zip CRC-32 (``crc32``) covers
-    the ``.npy`` header before it too (``head_crc``: the header's CRC-32), folded in before comparing."""
-
-    head_crc: int = 0
-
-    def _checked(self, sums: Checksums, f) -> int:
-        if sums.crc32 is not None:
-            sums.crc32 = crc32_combine(self.head_crc, sums.crc32, self.length)
-        return super()._checked(sums, f)
-
-
-@dataclass(frozen=True, eq=False)
 class _Streamed(Source):
     """The array bytes of a compressed member, decompressed by zipfile one piece at a time (which
     checks the member's CRC-32 at its end)."""
@@ -268,7 +258,7 @@ class _Streamed(Source):
             raise ReadError(path, f"cannot read: {e.strerror or e}", self.label) from None
 
 
-def _gf2_times(mat: list[int], vec: int) -> int:
+def _gf2_times(mat: tuple[int, ...], vec: int) -> int:
     total, i = 0, 0
     while vec:
         if vec & 1:
@@ -278,32 +268,35 @@ def _gf2_times(mat: list[int], vec: int) -> int:
     return total
 
 
-def _gf2_square(mat: list[int]) -> list[int]:
-    return [_gf2_times(mat, m) for m in mat]
+@functools.cache
+def _zero_operators() -> tuple[tuple[int, ...], ...]:
+    """The GF(2) operators that carry a CRC-32 over 2**k zero bytes, k = 0..63 (zlib's crc32_combine)."""
+    op = (0xEDB88320, *(1 << n for n in range(31)))  # one zero bit
+    for _ in range(3):  # two, four, eight zero bits
+        op = tuple(_gf2_times(op, m) for m in op)
+    ops = [op]
+    for _ in range(63):
+        op = tuple(_gf2_times(op, m) for m in op)
+        ops.append(op)
+    return tuple(ops)
+
+
+def crc32_shift(crc: int, nbytes: int) -> int:
+    """``crc`` carried over ``nbytes`` zero bytes: ``crc32(A + B) == crc32_shift(crc32(A), len(B)) ^ crc32(B)``,
+    so the CRC-32 of B is that of A + B xor the shifted CRC-32 of A."""
+    ops = _zero_operators()
+    k = 0
+    while nbytes:
+        if nbytes & 1:
+            crc = _gf2_times(ops[k], crc)
+        nbytes >>= 1
+        k += 1
+    return crc
 
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's crc32_combine:
-    ``crc1`` is carried over ``len2`` zero bytes by squaring the one-zero-bit operator)."""
-    if len2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four
-    while True:
-        even = _gf2_square(odd)  # the first pass: one zero byte
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
+    """The CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's crc32_combine)."""
+    return crc32_shift(crc1, len2) ^ crc2
 
 
 # ------------------------------------------------------------------------------------------ writing
