@@ -63,6 +63,7 @@ FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("tflite", "convert.formats.tflite", aliases=("litert",), needs_to_read=(("flatbuffers", "tflite"),)),
     FormatInfo("gguf", "convert.formats.gguf", needs_to_write=(("gguf", "gguf"),),
                optional=(("gguf", "gguf", "--dtype (dequantizing quantized tensors)"),)),
+    FormatInfo("npz", "convert.formats.npz", aliases=("numpy",)),
 )
 
 

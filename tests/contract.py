@@ -14,11 +14,24 @@ the oracle bit for bit; ``detect`` accepts its own output and rejects every othe
 format's; the input is not mutated; identical bytes on rerun; truncated and corrupted
 files give a ConvertError; an existing output is not overwritten; a failed write
 leaves nothing behind; dtypes the format cannot hold are refused before writing.
+
+The oracles are reachable from other suites (``tests/test_matrix.py`` checks every conversion with
+its target's oracle): a subclass registers itself for its destination (``FORMAT``, a writer id
+included: ``tf-ckpt-v1``), and :func:`oracle` finds it, importing the format's test file on first
+use. That file is ``tests/test_<adapter module>.py`` (``convert.formats.tf_checkpoint`` ->
+``test_tf_checkpoint.py``), the one place a format's tests live.
+
+The shared damage suites collect what a contract declares (:func:`declared`): ``SEEDS`` written by
+``make_seeds`` (real files, cut, flipped and refilled by ``tests/test_hostile.py`` and fuzzed by
+``tests/test_fuzz.py``), ``FUZZ`` targets over them, and ``HOSTILE`` hand-built files that must be
+refused at little memory cost.
 """
 
 from __future__ import annotations
 
+import importlib
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes
@@ -103,10 +116,73 @@ def _largest_file(path: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
+def destination(name: str) -> str:
+    """A destination's one spelling, ``FORMAT:WRITER`` (``tf-ckpt-v1`` -> ``tf-ckpt:v1``; ``npz`` -> ``npz:``;
+    a format that is only read: ``dcp:``)."""
+    info, writer_id = registry.target(name)
+    return f"{info.name}:{info.format.writer(writer_id).id if info.format.writers else ''}"
+
+
+CONTRACTS: dict[str, type[FormatContract]] = {}
+"""Each destination's :class:`FormatContract` subclass, registered when its test file is imported."""
+
+
+def contract_of(name: str) -> type[FormatContract]:
+    """The contract class of a destination, importing its format's test file when needed (which may
+    skip the caller: ``pytest.importorskip`` of the framework the oracle needs)."""
+    key = destination(name)
+    if key not in CONTRACTS:
+        importlib.import_module("test_" + registry.get(name).module.rsplit(".", 1)[1])
+    if key not in CONTRACTS:
+        raise LookupError(f"no FormatContract subclass has FORMAT {name!r} (the format's test file declares one)")
+    return CONTRACTS[key]
+
+
+def declared() -> list[type[FormatContract]]:
+    """The contract of every format whose test file imports here (one that needs a framework which is
+    not installed skips itself: then its seeds and cases are not collected), each once."""
+    for info in registry.FORMATS:
+        module = "test_" + info.module.rsplit(".", 1)[1]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+        except pytest.skip.Exception:
+            pass
+    return list(dict.fromkeys(CONTRACTS.values()))
+
+
+def oracle(name: str) -> Callable[[Path], dict[str, np.ndarray]]:
+    """``oracle_read`` of a destination: its output read by the format's own library."""
+    return contract_of(name)().oracle_read
+
+
 class FormatContract:
     FORMAT: str = ""
     SKIP_DTYPES: tuple[str, ...] = ()
     """Dtypes the format holds but the oracle cannot read back (say why where you set it)."""
+
+    SEEDS: tuple[str, ...] = ()
+    """Names of the seed checkpoints this format gives the shared damage suites (each a folder that
+    :meth:`make_seeds` writes; names unique across formats)."""
+    FUZZ: dict[str, tuple[tuple[str, ...], str]] = {}
+    """Fuzz targets of ``tests/test_fuzz.py``: name -> (seed names, how files are damaged: ``raw``)."""
+    HOSTILE: dict[str, Callable[[Path], tuple[Path, type[ConvertError], str | None]]] = {}
+    """Hand-built hostile inputs: name -> ``build(folder) -> (path, error class, regex of its message)``;
+    ``tests/test_hostile.py`` reads each in full and expects that error, in one line naming the file,
+    at a few MB of traced memory."""
+
+    @classmethod
+    def make_seeds(cls, root: Path) -> list:
+        """The seeds named in ``SEEDS`` as ``fuzzing.Seed`` s, written by the format's own library
+        under ``root`` (one folder each)."""
+        return []
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.FORMAT:
+            CONTRACTS[destination(cls.FORMAT)] = cls
 
     def oracle_read(self, path: Path) -> dict[str, np.ndarray]:
         raise NotImplementedError

@@ -251,7 +251,23 @@ def _corpus_seeds(root: Path) -> list[Seed]:
 GENERATED = ("safetensors", "safetensors_sharded", "onnx_inline", "onnx_external", "torch_zip", "torch_legacy",
              "tf_v2", "tf_v1", "saved_model")
 SEED_NAMES = GENERATED + tuple(c[0] for c in _CORPUS_SEEDS)
-"""Every seed's name, known without writing them (for parametrizing tests)."""
+"""The seeds made here, known without writing them; :func:`seed_names` adds those the formats' test
+files declare (``FormatContract.SEEDS``)."""
+
+
+def seed_names() -> tuple[str, ...]:
+    """Every seed's name, known without writing them (for parametrizing tests)."""
+    import contract
+
+    return SEED_NAMES + tuple(n for c in contract.declared() for n in c.SEEDS)
+
+
+def _declared_seeds(root: Path) -> list[Seed]:
+    import contract
+
+    seeds = [s for c in contract.declared() for s in c.make_seeds(root)]
+    assert sorted(s.name for s in seeds) == sorted(n for c in contract.declared() for n in c.SEEDS)
+    return seeds
 
 _CACHE: dict[str, list[Seed]] = {}
 
@@ -262,7 +278,7 @@ def make_seeds(root: Path) -> list[Seed]:
     if key not in _CACHE:
         root.mkdir(parents=True, exist_ok=True)
         seeds = [*_safetensors_seeds(root), *_onnx_seeds(root), *_torch_seeds(root), *_tf_seeds(root),
-                 *_corpus_seeds(root)]
+                 *_corpus_seeds(root), *_declared_seeds(root)]
         for seed in seeds:  # every seed must read cleanly, or the tests below prove nothing
             exercise(seed.path, seed.format)
         _CACHE[key] = seeds

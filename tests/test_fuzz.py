@@ -28,6 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import contract
+
 LONG_RUN = "CONVERT_FUZZ_EXAMPLES" in os.environ
 EXAMPLES = int(os.environ.get("CONVERT_FUZZ_EXAMPLES", "500"))
 
@@ -48,6 +50,7 @@ TARGETS = {
     "torch_zip_pickle": (("torch_zip", "corpus_torch_zip"), "pickle"),
     "torch_legacy": (("torch_legacy", "corpus_torch_legacy"), "raw"),
 }
+TARGETS.update((k, v) for c in contract.declared() for k, v in c.FUZZ.items())  # the formats' own (contract.py)
 MAX_BYTES = {"onnx": 320 << 20}  # a sparse tensor may legitimately densify to 256 MiB (onnx._SPARSE_FLOOR)
 DEFAULT_MAX_BYTES = 64 << 20
 

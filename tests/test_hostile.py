@@ -63,7 +63,10 @@ from convert import cli
 from convert.errors import ConvertError, CorruptFileError, ReadError
 from convert.formats.tf_checkpoint import metagraph
 
+import contract
+
 SMALL = 8 << 20  # traced bytes a refused hostile file may cost
+SEED_NAMES = fuzzing.seed_names()  # ours and those the formats' test files declare (contract.py)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,7 @@ def _footer_padding(data: bytes) -> range:
 
 # ------------------------------------------------------------------------------- damage to real files
 
-@pytest.mark.parametrize("name", fuzzing.SEED_NAMES)
+@pytest.mark.parametrize("name", SEED_NAMES)
 def test_truncated_anywhere_is_a_convert_error(seeds, name, tmp_path):
     """Cut at every one of the first and last 64 bytes and at 64 points between: always refused
     (only the files that feed nothing but metadata may lose their tail unnoticed)."""
@@ -142,7 +145,7 @@ def test_truncated_anywhere_is_a_convert_error(seeds, name, tmp_path):
                 assert err is not None, f"{file} cut at {cut} of {len(data)} bytes read without complaint"
 
 
-@pytest.mark.parametrize("name", fuzzing.SEED_NAMES)
+@pytest.mark.parametrize("name", SEED_NAMES)
 def test_flipped_bits_read_or_convert_error(seeds, name, tmp_path):
     """A flipped bit at 192 places of each file: read (a format without checksums cannot tell a
     changed value) or a ConvertError; never anything else."""
@@ -156,7 +159,7 @@ def test_flipped_bits_read_or_convert_error(seeds, name, tmp_path):
             damage.read(file, bytes(flipped))
 
 
-CHECKSUMMED = [(s, f) for s in fuzzing.SEED_NAMES for f in dict(
+CHECKSUMMED = [(s, f) for s in SEED_NAMES for f in dict(
     (c[0], c[5]) for c in fuzzing._CORPUS_SEEDS).get(s, ())] + [
     ("tf_v2", "model.ckpt.index"), ("tf_v2", "model.ckpt.data-00000-of-00001"), ("tf_v1", "model.ckpt"),
     ("saved_model", "variables/variables.index"), ("saved_model", "variables/variables.data-00000-of-00001")]
@@ -189,7 +192,7 @@ def test_every_flipped_bit_of_a_checksummed_file_is_detected(seeds, name, file, 
     assert not undetected, f"{len(undetected)} of {len(positions)} flips not detected: {undetected[:5]}"
 
 
-@pytest.mark.parametrize("name", fuzzing.SEED_NAMES)
+@pytest.mark.parametrize("name", SEED_NAMES)
 def test_zeroed_and_filled_blocks(seeds, name, tmp_path):
     """16 bytes zeroed, or set to 0xFF (endless varints, huge lengths), at 24 places of each file:
     read or ConvertError; in a checksummed file, always a CorruptFileError (or the table magic's ReadError)."""
@@ -229,7 +232,7 @@ def _wrong_magic(seed) -> tuple[str, bytes]:
     raise AssertionError(f"no magic known for {file}")
 
 
-@pytest.mark.parametrize("name", fuzzing.SEED_NAMES)
+@pytest.mark.parametrize("name", SEED_NAMES)
 def test_wrong_magic_exit_status_1_one_line_no_output(seeds, name, tmp_path, capsys):
     """A changed magic number: a ConvertError from the reader of the named format; from the command
     line, exit status 1, one line on stderr naming the file, no traceback and no output."""
@@ -295,6 +298,17 @@ def _refused(path: Path, fmt: str, error=ConvertError, match: str | None = None)
         assert re.search(match, str(err)), str(err)
     assert str(path.parent if fmt in ("tf-ckpt", "onnx", "torch", "safetensors") else path) in str(err)
     return err
+
+
+DECLARED = {f"{c.FORMAT}:{name}": (c.FORMAT, build) for c in contract.declared() for name, build in c.HOSTILE.items()}
+
+
+@pytest.mark.parametrize("case", list(DECLARED))
+def test_declared_hostile_case(case, tmp_path):
+    """The hostile inputs a format's test file declares (``FormatContract.HOSTILE``)."""
+    fmt, build = DECLARED[case]
+    path, error, match = build(tmp_path)
+    _refused(path, fmt, error, match)
 
 
 def _reads(path: Path, fmt: str):
