@@ -14,11 +14,16 @@ caffe2/serialize/inline_container.h. Three layouts exist, told apart by content:
   pickles: the magic number 0x1950a86a20f9469cfc6c, the protocol version 1001, a sys-info
   dict, the object, the list of storage keys; then each storage as an int64 element
   count followed by its bytes.
+* TorchScript (``torch.jit.save``): a zip file as above whose ``data.pkl`` holds the module
+  object tree, with ``code/`` and ``constants.pkl`` beside it; its parameters and buffers are read
+  by module path (see :mod:`convert.formats.torch.script`), never its code.
 * (the pre-0.4 tar layout is not supported.)
 
-Reading never runs code from the file and never imports torch: the pickle goes through
-:mod:`convert.formats.torch.torch_pickle`'s restricted unpickler, which refuses every global a
-state_dict does not need, like ``torch.load(weights_only=True)`` does. We use it even when
+Reading never runs code from the file and never imports torch or anything the file names: the
+pickle goes through :mod:`convert.formats.torch.torch_pickle`'s restricted unpickler, which
+gives tensors for what a state_dict needs and inert placeholders for every other global (kept as
+text in ``torch.stubbed.<path>``, the globals listed in ``torch.stubbed_globals`` and in a note);
+a file with no tensors outside placeholders is refused. We use it even when
 torch is installed, because it gives what ``torch.load`` cannot: lazy per-tensor reads
 (each tensor a :class:`~convert.ir.FileRegion` into the zip member, found from the local
 file header, so a conversion reads one storage at a time and a rename-only conversion
@@ -35,8 +40,10 @@ Training checkpoints: the weights are looked up under ``state_dict``,
 ``model_state_dict``, ``model_state``, ``model``, ``net``, ``network``, ``module``
 (metadata ``torch.key`` says which; ``--key a.b`` picks another); a ``module.`` prefix on
 every name (DataParallel) is removed (``torch.stripped_prefix``). Non-tensor entries that
-JSON can hold go to ``torch.extra.<path>``; everything else not read (optimizer tensors,
-unsupported objects) is listed in ``torch.skipped``.
+JSON can hold go to ``torch.extra.<path>``; placeholders to ``torch.stubbed.<path>``; everything
+else not read (optimizer tensors, NumPy arrays, unsupported objects) is listed in
+``torch.skipped``. NumPy arrays pickled in a checkpoint are tensors like the others (attribute
+``torch.numpy``), read with ``--key`` where they are.
 
 Writing produces what ``torch.save(OrderedDict)`` produces (zip layout, no torch needed):
 deterministic bytes (fixed timestamps, a serialization id derived from the content),
@@ -55,7 +62,7 @@ from .writer import write
 
 FORMAT = Format(
     name=NAME,
-    description="PyTorch state_dict (.pt/.pth/.bin/.ckpt)",
+    description="PyTorch state_dict, training checkpoint or TorchScript archive (.pt/.pth/.bin/.ckpt)",
     detect=detect,
     read=read,
     writers=(Writer("", write, dtypes.held_by("torch"), suffix=".pt", keeps_shared_storage=True),),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CorruptFileError, ReadError
+from . import script
 from . import torch_pickle as tp
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
@@ -99,6 +100,7 @@ class _Loaded:
     blobs: dict[str, _Blob]  # root storage key -> bytes
     layout: str
     metadata: dict[str, str]
+    stubbed: dict[str, int]  # globals not loaded (placeholders made instead) -> how often the pickle names them
 
 
 _MAX_RECORD = 1 << 30  # data.pkl and the small records: more is not a state_dict
@@ -155,16 +157,19 @@ def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
         if prefix is None:
             raise ReadError(path, "zip file without a data.pkl: not a torch checkpoint")
         names = set(zf.namelist())
-        if f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names):
-            raise ReadError(path, "this is a TorchScript archive (torch.jit.save), not a state_dict; "
-                            "save model.state_dict() with torch.save instead")
+        scripted = script.is_script(names, prefix)
         byteorder = "little"
         if f"{prefix}byteorder" in names:
             byteorder = _read_record(zf, f"{prefix}byteorder", size, path).decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
                 raise CorruptFileError(path, f"unknown byte order {byteorder!r}")
         storages: dict[str, tp.StorageRef] = {}
-        root = tp.load(io.BytesIO(_read_record(zf, f"{prefix}data.pkl", size, path)), storages=storages)
+        stubbed: dict[str, int] = {}
+        root = tp.load(io.BytesIO(_read_record(zf, f"{prefix}data.pkl", size, path)), storages=storages,
+                       stubbed=stubbed)
+        if scripted:  # the module tree's classes are placeholders by design: not worth a note
+            root = script.state_dict(root, script.declared(zf, prefix, path), path)
+            stubbed = {k: n for k, n in stubbed.items() if not k.startswith("__torch__.")}
         metadata = {}
         if f"{prefix}{_METADATA_RECORD}" in names:
             stored = json.loads(_read_record(zf, f"{prefix}{_METADATA_RECORD}", size, path).decode("utf-8"))
@@ -194,7 +199,9 @@ def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
             else:
                 blobs[key] = _Blob(path, 0, info.file_size, member=member, big_endian=byteorder == "big")
     layout = "zip" if f"{prefix}byteorder" in names else "zip (no byteorder record)"
-    return _Loaded(root, blobs, layout, metadata)
+    if scripted:
+        layout = f"torchscript {layout}"
+    return _Loaded(root, blobs, layout, metadata, stubbed)
 
 
 def _load_legacy(path: str) -> _Loaded:
@@ -207,7 +214,8 @@ def _load_legacy(path: str) -> _Loaded:
         sys_info = tp.load(f, allow_globals=False)
         big = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         storages: dict[str, tp.StorageRef] = {}
-        root = tp.load(f, storages=storages)
+        stubbed: dict[str, int] = {}
+        root = tp.load(f, storages=storages, stubbed=stubbed)
         keys = tp.load(f, allow_globals=False)
         if not isinstance(keys, list):
             raise CorruptFileError(path, "storage key list is missing")
@@ -233,4 +241,4 @@ def _load_legacy(path: str) -> _Loaded:
         missing = [k for k in storages if k not in blobs]
         if missing:
             raise CorruptFileError(path, f"storage(s) {', '.join(missing[:5])} have no data")
-    return _Loaded(root, blobs, "legacy", {})
+    return _Loaded(root, blobs, "legacy", {}, stubbed)

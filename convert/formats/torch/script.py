@@ -1,0 +1,98 @@
+"""TorchScript archives (``torch.jit.save``): their parameters and buffers by module path, without
+torch and without running the code inside.
+
+Spec: none written; the reference is torch/csrc/jit/serialization/{export_module,import}.cpp. The
+archive is a torch zip file whose ``<stem>/data.pkl`` holds the module *object tree*: each module
+an object of its compiled class (``__torch__.Net``, ``__torch__.torch.nn.modules.conv.Conv2d``,
+mangled ``...___torch_mangle_3.Linear``), built with ``NEWOBJ`` and given its attributes by
+``BUILD`` (a dict: ``training``, the tensors, the submodules...). Tensors are ordinary torch
+tensors (``torch._utils._rebuild_tensor_v2`` over ``data/<key>`` storages). The restricted
+unpickler turns the classes into placeholders (:class:`~.torch_pickle.StubObject`) holding those
+dicts. Which attributes are parameters and which buffers the archive says only in the classes'
+source, ``<stem>/code/**.py``: each class body declares ``__parameters__ = ["weight", "bias", ]`` and
+``__buffers__ = [...]``. We read those two lists with :mod:`ast` (parsed, never run). ``constants.pkl``
+holds the constants of the code (not part of the state_dict) and is not read.
+
+The names are those of ``torch.jit.load(f).state_dict()``: for each module its parameters, then its
+buffers, then each submodule's under ``<attribute>.``, in the order of the class's attributes.
+"""
+
+from __future__ import annotations
+
+import ast
+import zipfile
+from collections import OrderedDict
+
+from ...errors import CorruptFileError
+from . import torch_pickle as tp
+
+_MAX_CODE = 64 << 20  # the source of all classes together; a real model has a few hundred KB
+MAX_MODULES = 100_000
+
+
+def is_script(names: set[str], prefix: str) -> bool:
+    return f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names)
+
+
+def declared(zf: zipfile.ZipFile, prefix: str, path: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Qualified class name -> (parameter names, buffer names), from the ``code/`` sources."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    total = 0
+    for info in zf.infolist():
+        name = info.filename
+        if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
+            continue
+        total += info.file_size
+        if total > _MAX_CODE:
+            raise CorruptFileError(path, f"the TorchScript code records hold more than {_MAX_CODE >> 20} MB")
+        module = name[len(f"{prefix}code/"):-len(".py")].replace("/", ".")
+        try:
+            tree = ast.parse(zf.read(name).decode("utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, RecursionError, MemoryError) as e:
+            raise CorruptFileError(path, f"TorchScript code record {name} does not parse ({type(e).__name__})") from None
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                out[f"{module}.{node.name}"] = (_names(node, "__parameters__"), _names(node, "__buffers__"))
+    return out
+
+
+def _names(cls: ast.ClassDef, attr: str) -> list[str]:
+    for stmt in cls.body:
+        if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+                and stmt.targets[0].id == attr):
+            try:
+                value = ast.literal_eval(stmt.value)
+            except (ValueError, TypeError, SyntaxError, RecursionError):
+                return []
+            return [v for v in value if isinstance(v, str)] if isinstance(value, (list, tuple)) else []
+    return []
+
+
+def state_dict(root, classes: dict[str, tuple[list[str], list[str]]], path: str) -> OrderedDict:
+    """The module tree under ``root`` (a placeholder of a ``__torch__`` class) as a flat state_dict:
+    dotted attribute path -> tensor. A class whose source is missing gives every tensor attribute."""
+    if not _is_module(root):
+        raise CorruptFileError(path, "TorchScript archive whose data.pkl is not a module object")
+    out: OrderedDict = OrderedDict()
+    seen: set[int] = set()
+    stack = [("", root)]
+    while stack:
+        prefix, obj = stack.pop()
+        if id(obj) in seen:  # a submodule shared by two attributes: torch names it under the first
+            continue
+        seen.add(id(obj))
+        if len(seen) > MAX_MODULES:
+            raise CorruptFileError(path, f"more than {MAX_MODULES} modules")
+        attrs = obj.state if isinstance(obj.state, dict) else {}
+        params, buffers = classes.get(obj.cls, (None, None))
+        for group in ((params, buffers) if params is not None else (None,)):
+            for name, value in attrs.items():
+                if isinstance(value, tp.TensorRef) and (group is None or name in group):
+                    out[prefix + str(name)] = value
+        subs = [(f"{prefix}{name}.", value) for name, value in attrs.items() if _is_module(value)]
+        stack.extend(reversed(subs))
+    return out
+
+
+def _is_module(obj) -> bool:
+    return isinstance(obj, tp.StubObject) and obj.cls.startswith("__torch__.")
