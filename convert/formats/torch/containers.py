@@ -147,8 +147,9 @@ class _Window:
         return data
 
 
-def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
-    """The archive that is the file, or (``length`` given) the one at ``[start, start + length)`` of it."""
+def _load_zip(path: str, start: int = 0, length: int | None = None, stubs: bool = False) -> _Loaded:
+    """The archive that is the file, or (``length`` given) the one at ``[start, start + length)`` of it.
+    ``stubs``: globals not loaded become placeholders (else they are refused)."""
     with open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size if length is None else length
         f = raw if length is None else _Window(raw, start, length)
@@ -164,12 +165,12 @@ def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
             if byteorder not in ("little", "big"):
                 raise CorruptFileError(path, f"unknown byte order {byteorder!r}")
         storages: dict[str, tp.StorageRef] = {}
-        stubbed: dict[str, int] = {}
+        stubbed: dict[str, int] | None = {} if stubs else None
         root = tp.load(io.BytesIO(_read_record(zf, f"{prefix}data.pkl", size, path)), storages=storages,
                        stubbed=stubbed)
         if scripted:  # the module tree's classes are placeholders by design: not worth a note
             root = script.state_dict(root, script.declared(zf, prefix, path), path)
-            stubbed = {k: n for k, n in stubbed.items() if not k.startswith("__torch__.")}
+            stubbed = {k: n for k, n in (stubbed or {}).items() if not k.startswith("__torch__.")}
         metadata = {}
         if f"{prefix}{_METADATA_RECORD}" in names:
             stored = json.loads(_read_record(zf, f"{prefix}{_METADATA_RECORD}", size, path).decode("utf-8"))
@@ -201,10 +202,10 @@ def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
     layout = "zip" if f"{prefix}byteorder" in names else "zip (no byteorder record)"
     if scripted:
         layout = f"torchscript {layout}"
-    return _Loaded(root, blobs, layout, metadata, stubbed)
+    return _Loaded(root, blobs, layout, metadata, stubbed or {})
 
 
-def _load_legacy(path: str) -> _Loaded:
+def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if tp.load(f, allow_globals=False) != MAGIC_NUMBER:
@@ -214,7 +215,7 @@ def _load_legacy(path: str) -> _Loaded:
         sys_info = tp.load(f, allow_globals=False)
         big = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         storages: dict[str, tp.StorageRef] = {}
-        stubbed: dict[str, int] = {}
+        stubbed: dict[str, int] | None = {} if stubs else None
         root = tp.load(f, storages=storages, stubbed=stubbed)
         keys = tp.load(f, allow_globals=False)
         if not isinstance(keys, list):
@@ -241,4 +242,4 @@ def _load_legacy(path: str) -> _Loaded:
         missing = [k for k in storages if k not in blobs]
         if missing:
             raise CorruptFileError(path, f"storage(s) {', '.join(missing[:5])} have no data")
-    return _Loaded(root, blobs, "legacy", {}, stubbed)
+    return _Loaded(root, blobs, "legacy", {}, stubbed or {})

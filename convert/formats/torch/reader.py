@@ -109,7 +109,7 @@ def read(path: os.PathLike | str, key: str | None = None, keep_prefix: bool = Fa
     except OSError as e:
         raise ReadError(path, f"cannot open: {e.strerror}") from None
     try:
-        loaded = _load_zip(path) if head == b"PK\x03\x04" else _load_legacy(path)
+        loaded = _load_zip(path, stubs=True) if head == b"PK\x03\x04" else _load_legacy(path, stubs=True)
         return _to_tensordict(path, loaded, key, keep_prefix)
     except ConvertError:
         raise

@@ -499,23 +499,31 @@ class RestrictedUnpickler(pickle._Unpickler):
         super().__init__(file, encoding="latin1")  # encoding for Python 2 str (legacy files)
         self.storages = {} if storages is None else storages
         self.allow_globals = allow_globals
-        self.stubbed = {} if stubbed is None else stubbed
+        self.stubbed = stubbed  # None: refuse every global not in ALLOWED (and NumPy arrays)
 
     def find_class(self, module: str, name: str):
         if self.proto < 3 and (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         elif self.proto < 3 and module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
-        if not self.allow_globals:
-            raise RefusedGlobal(f"{module}.{name}")
-        found = ALLOWED.get((module, name))
-        if found is numpy_reconstruct:
-            return functools.partial(numpy_reconstruct, self.stubbed)
-        if found is not None:
-            return found
-        qualname = printable(f"{module}.{name}")  # names from the file: no NUL or escape reaches a terminal
-        self.stubbed[qualname] = self.stubbed.get(qualname, 0) + 1
-        return Stub(qualname)
+        if self.allow_globals:
+            found = ALLOWED.get((module, name))
+            if found is numpy_reconstruct and self.stubbed is not None:
+                return functools.partial(numpy_reconstruct, self.stubbed)
+            if found is not None and found is not numpy_reconstruct:
+                return found
+            if self.stubbed is not None:
+                qualname = printable(f"{module}.{name}")  # names from the file: no NUL or escape reaches a terminal
+                self.stubbed[qualname] = self.stubbed.get(qualname, 0) + 1
+                return Stub(qualname)
+        raise RefusedGlobal(f"{module}.{name}")
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if not isinstance(args, tuple) or not callable(func):  # a placeholder object is not callable
+            raise PickleFormatError(f"the pickle calls {_short(func)}, which is not a function")
+        self.stack[-1] = func(*args)
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid:
@@ -595,6 +603,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         raise PickleFormatError("protocol 5 out-of-band buffers (a state_dict never uses them)")
 
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.REDUCE[0]] = load_reduce
     for _op in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
         dispatch[_op[0]] = _refuse_buffer
     dispatch[pickle.NEWOBJ[0]] = load_newobj
@@ -612,6 +621,9 @@ def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: 
     more bytes than it has left (a ``BINBYTES8``/``FRAME`` claiming terabytes would otherwise
     make the file object allocate that much up front), and the result must be a finite tree
     (see :func:`check_object_graph`).
+
+    ``stubbed`` (a dict) turns on placeholders: globals not in :data:`ALLOWED` become :class:`Stub` s,
+    counted in it by name, and NumPy arrays are read. Without it they are refused.
 
     Raises :class:`RefusedGlobal`, :class:`PickleFormatError` or :class:`DamagedPickle` (and
     OSError from ``file``), nothing else.
@@ -674,6 +686,8 @@ def check_object_graph(root) -> None:
             if oid in on_path:
                 raise PickleFormatError("the pickle holds an object that contains itself")
             children = _children(obj)
+            if isinstance(obj, NumpyArray) and obj.unsupported == NumpyArray.unsupported:
+                raise PickleFormatError("a NumPy array without its values (no BUILD after _reconstruct)")
             if children is None:
                 size[oid] = 1
                 continue
