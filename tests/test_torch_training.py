@@ -217,3 +217,45 @@ assert "torch" not in sys.modules
     for name, value in expected.items():
         arr = value.numpy() if isinstance(value, torch.Tensor) else np.ascontiguousarray(value, value.dtype.newbyteorder("<"))
         assert got[name] == (arr.tobytes().hex() if arr.size else ""), name
+
+
+class Holder:
+    """Not a module: an object of the training code that holds a tensor."""
+
+    def __init__(self, t):
+        self.t = t
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)  # not in the state_dict
+        self.head = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1, bias=False))
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_whole_pickled_models_read_as_their_state_dict(tmp_path, layout):
+    model = Block()
+    model.bn(torch.randn(4, 3, 5, 5))  # running statistics move
+    top, nested = tmp_path / "model.pt", tmp_path / "ckpt.pt"
+    kw = {"_use_new_zipfile_serialization": layout == "zip"}
+    torch.save(model, top, **kw)
+    torch.save({"model": model, "epoch": 2}, nested, **kw)
+    for path, key in ((top, "(root)"), (nested, "model")):
+        ref = torch.load(path, weights_only=False)
+        ref = (ref if key == "(root)" else ref["model"]).state_dict()
+        td = pt.read(path)
+        assert td.metadata["torch.key"] == key
+        assert json.loads(td.metadata["torch.pickled_modules"]) == {key: f"{__name__}.Block"}
+        assert list(td) == list(ref) and "scratch" not in td
+        for name, t in td.items():
+            assert _equal(t, ref[name]), name
+
+
+def test_tensors_only_inside_other_objects_are_refused(tmp_path):
+    path = tmp_path / "holder.pt"
+    torch.save(Holder(torch.ones(3)), path)
+    with pytest.raises(ReadError, match=rf"refused to load global '{__name__}\.Holder'.*inside objects.*state_dict"):
+        pt.read(path)

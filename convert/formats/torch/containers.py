@@ -166,16 +166,19 @@ def _load_zip(path: str, start: int = 0, length: int | None = None, stubs: bool 
                 raise CorruptFileError(path, f"unknown byte order {byteorder!r}")
         storages: dict[str, tp.StorageRef] = {}
         stubbed: dict[str, int] | None = {} if stubs else None
+        metadata: dict[str, str] = {}
         root = tp.load(io.BytesIO(_read_record(zf, f"{prefix}data.pkl", size, path)), storages=storages,
                        stubbed=stubbed)
         if scripted:  # the module tree's classes are placeholders by design: not worth a note
+            metadata["torch.script_class"] = getattr(root, "cls", "")
             root = script.state_dict(root, script.declared(zf, prefix, path), path)
             stubbed = {k: n for k, n in (stubbed or {}).items() if not k.startswith("__torch__.")}
-        metadata = {}
+        elif stubs:
+            root = _unfold(root, path, metadata)
         if f"{prefix}{_METADATA_RECORD}" in names:
             stored = json.loads(_read_record(zf, f"{prefix}{_METADATA_RECORD}", size, path).decode("utf-8"))
             if isinstance(stored, dict):
-                metadata = {str(k): str(v) for k, v in stored.items()}
+                metadata.update({str(k): str(v) for k, v in stored.items()})
         blobs = {}
         for key, ref in storages.items():
             member = f"{prefix}data/{key}"
@@ -205,6 +208,15 @@ def _load_zip(path: str, start: int = 0, length: int | None = None, stubs: bool 
     return _Loaded(root, blobs, layout, metadata, stubbed or {})
 
 
+def _unfold(root, path: str, metadata: dict[str, str]):
+    """Whole pickled models (``torch.save(model)``) in ``root`` as their state_dicts, said in ``torch.pickled_modules``."""
+    found: dict[str, str] = {}
+    root = script.unfold_modules(root, path, found)
+    if found:
+        metadata["torch.pickled_modules"] = json.dumps(found)
+    return root
+
+
 def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -217,6 +229,9 @@ def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
         storages: dict[str, tp.StorageRef] = {}
         stubbed: dict[str, int] | None = {} if stubs else None
         root = tp.load(f, storages=storages, stubbed=stubbed)
+        metadata: dict[str, str] = {}
+        if stubs:
+            root = _unfold(root, path, metadata)
         keys = tp.load(f, allow_globals=False)
         if not isinstance(keys, list):
             raise CorruptFileError(path, "storage key list is missing")
@@ -242,4 +257,4 @@ def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
         missing = [k for k in storages if k not in blobs]
         if missing:
             raise CorruptFileError(path, f"storage(s) {', '.join(missing[:5])} have no data")
-    return _Loaded(root, blobs, "legacy", {}, stubbed or {})
+    return _Loaded(root, blobs, "legacy", metadata, stubbed or {})

@@ -174,8 +174,10 @@ def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: boo
     if loaded.stubbed:
         metadata["torch.stubbed_globals"] = json.dumps(loaded.stubbed)
         metadata["local.note.torch.stubbed"] = (
-            f"{len(loaded.stubbed)} global{'s' if len(loaded.stubbed) != 1 else ''} of the pickle not loaded "
-            f"(placeholders kept as text in torch.stubbed.*, nothing imported or run): {', '.join(loaded.stubbed)}")
+            f"{len(loaded.stubbed)} global{'s' if len(loaded.stubbed) != 1 else ''} of the pickle not loaded, "
+            "nothing imported or run (objects of them kept as text in torch.stubbed.*"
+            f"{', whole models read as their state_dict' if 'torch.pickled_modules' in loaded.metadata else ''}): "
+            f"{', '.join(loaded.stubbed)}")
 
     groups: dict[str, list[str]] = {}
     for n, ref in tensors:

@@ -73,24 +73,77 @@ def state_dict(root, classes: dict[str, tuple[list[str], list[str]]], path: str)
     dotted attribute path -> tensor. A class whose source is missing gives every tensor attribute."""
     if not _is_module(root):
         raise CorruptFileError(path, "TorchScript archive whose data.pkl is not a module object")
-    out: OrderedDict = OrderedDict()
-    seen: set[int] = set()
-    stack = [("", root)]
-    while stack:
-        prefix, obj = stack.pop()
-        if id(obj) in seen:  # a submodule shared by two attributes: torch names it under the first
-            continue
-        seen.add(id(obj))
-        if len(seen) > MAX_MODULES:
-            raise CorruptFileError(path, f"more than {MAX_MODULES} modules")
+
+    def parts(obj):
         attrs = obj.state if isinstance(obj.state, dict) else {}
         params, buffers = classes.get(obj.cls, (None, None))
-        for group in ((params, buffers) if params is not None else (None,)):
-            for name, value in attrs.items():
-                if isinstance(value, tp.TensorRef) and (group is None or name in group):
-                    out[prefix + str(name)] = value
-        subs = [(f"{prefix}{name}.", value) for name, value in attrs.items() if _is_module(value)]
-        stack.extend(reversed(subs))
+        tensors = [(str(k), v) for k, v in attrs.items() if isinstance(v, tp.TensorRef)]
+        if params is not None:
+            tensors = [(k, v) for k, v in tensors if k in params] + [(k, v) for k, v in tensors if k in buffers]
+        return tensors, [(str(k), v) for k, v in attrs.items() if _is_module(v)]
+
+    return _walk(root, parts, path)
+
+
+def eager_state_dict(root, path: str) -> OrderedDict:
+    """A placeholder of a whole pickled ``nn.Module`` (``torch.save(model)``) as ``model.state_dict()``
+    names it: per module its ``_parameters``, then its ``_buffers`` but the non-persistent ones, then
+    each of its ``_modules``."""
+
+    def parts(obj):
+        state = obj.state
+        params, buffers, modules = (state.get(k) for k in ("_parameters", "_buffers", "_modules"))
+        skip = state.get("_non_persistent_buffers_set")
+        skip = skip if isinstance(skip, (set, frozenset)) else set()
+        tensors = [(str(k), v) for k, v in params.items() if isinstance(v, tp.TensorRef)]
+        tensors += [(str(k), v) for k, v in buffers.items() if isinstance(v, tp.TensorRef) and k not in skip]
+        return tensors, [(str(k), v) for k, v in modules.items() if is_eager_module(v)]
+
+    return _walk(root, parts, path)
+
+
+def is_eager_module(obj) -> bool:
+    return (isinstance(obj, tp.StubObject) and isinstance(obj.state, dict)
+            and all(isinstance(obj.state.get(k), dict) for k in ("_parameters", "_buffers", "_modules")))
+
+
+def unfold_modules(obj, path: str, found: dict[str, str], where: str = "", depth: int = 0):
+    """``obj`` with every whole pickled ``nn.Module`` in it (at the top, or in the dicts and lists of a
+    training checkpoint) replaced by its state_dict; ``found`` gets dotted path -> class name."""
+    if is_eager_module(obj):
+        found[where or "(root)"] = obj.cls
+        return eager_state_dict(obj, path)
+    if depth > 64:
+        return obj
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, (dict, list, tp.StubObject)):
+                obj[k] = unfold_modules(v, path, found, f"{where}.{k}" if where else str(k), depth + 1)
+    elif isinstance(obj, list):
+        obj[:] = [unfold_modules(v, path, found, f"{where}.{i}" if where else str(i), depth + 1)
+                  for i, v in enumerate(obj)]
+    return obj
+
+
+def _walk(root, parts, path: str) -> OrderedDict:
+    """Pre-order, as ``Module.state_dict`` goes: a module's own tensors, then each submodule's under its
+    name (a submodule reachable by two names is listed under both, as torch does)."""
+    out: OrderedDict = OrderedDict()
+    visits = 0
+
+    def visit(prefix: str, obj, on_path: tuple[int, ...]):
+        nonlocal visits
+        visits += 1
+        if visits > MAX_MODULES or len(on_path) > 200:
+            raise CorruptFileError(path, f"a module tree of more than {MAX_MODULES} modules or 200 levels")
+        tensors, subs = parts(obj)
+        for name, value in tensors:
+            out[prefix + name] = value
+        for name, sub in subs:
+            if id(sub) not in on_path:  # a module holding itself (a cycle): not a tree torch could save
+                visit(f"{prefix}{name}.", sub, (*on_path, id(sub)))
+
+    visit("", root, (id(root),))
     return out
 
 

@@ -395,6 +395,18 @@ def make_defaultdict(default_factory=None):
     return {}
 
 
+def jit_list(items):
+    # torch.jit._pickle.build_intlist & co.: TorchScript's typed lists are plain lists
+    if not isinstance(items, list):
+        raise PickleFormatError(f"expected a list, got {_short(items)}")
+    return items
+
+
+def jit_type_tag(value, type_str=None):
+    # torch.jit._pickle.restore_type_tag: the value, its TorchScript type only a hint
+    return value
+
+
 def make_size(dims=()):
     return tuple(dims)
 
@@ -462,6 +474,8 @@ ALLOWED: dict[tuple[str, str], object] = {
     ("torch", "Tensor"): _torch_marker("Tensor"),
     ("torch.nn.parameter", "Parameter"): _torch_marker("Parameter"),
     ("torch", "Size"): make_size,
+    **{("torch.jit._pickle", f"build_{k}list"): jit_list for k in ("int", "float", "bool", "tensor", "double")},
+    ("torch.jit._pickle", "restore_type_tag"): jit_type_tag,
     ("torch", "device"): make_device,
     ("torch.storage", "UntypedStorage"): StorageType("UntypedStorage", None),
     ("torch.storage", "TypedStorage"): StorageType("UntypedStorage", None),
@@ -529,6 +543,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         if not isinstance(pid, tuple) or not pid:
             raise PickleFormatError(f"unexpected persistent id {_short(pid)}")
         kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+        if kind == "module" and self.stubbed is not None and len(pid) >= 2 and isinstance(pid[1], Stub):
+            return pid[1]  # ('module', cls, file, source): a legacy whole nn.Module names its class so
         if kind != "storage":
             # ('module', cls, file, source): a whole nn.Module was saved, not a state_dict.
             raise PickleFormatError(f"unexpected persistent id of kind {_short(kind)}")
