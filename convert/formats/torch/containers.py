@@ -171,7 +171,8 @@ def _load_zip(path: str, start: int = 0, length: int | None = None, stubs: bool 
                        stubbed=stubbed)
         if scripted:  # the module tree's classes are placeholders by design: not worth a note
             metadata["torch.script_class"] = getattr(root, "cls", "")
-            root = script.state_dict(root, script.declared(zf, prefix, path), path)
+            sources = {n: _read_record(zf, n, size, path) for n in script.code_records(zf, prefix, path)}
+            root = script.state_dict(root, script.declared(sources, prefix, path), path)
             stubbed = {k: n for k, n in (stubbed or {}).items() if not k.startswith("__torch__.")}
         elif stubs:
             root = _unfold(root, path, metadata)

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from ...errors import CorruptFileError
 from . import torch_pickle as tp
 
-_MAX_CODE = 64 << 20  # the source of all classes together; a real model has a few hundred KB
+MAX_CODE = 64 << 20  # the source of all classes together; a real model has a few hundred KB
 MAX_MODULES = 100_000
 
 
@@ -34,20 +34,22 @@ def is_script(names: set[str], prefix: str) -> bool:
     return f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names)
 
 
-def declared(zf: zipfile.ZipFile, prefix: str, path: str) -> dict[str, tuple[list[str], list[str]]]:
-    """Qualified class name -> (parameter names, buffer names), from the ``code/`` sources."""
+def code_records(zf: zipfile.ZipFile, prefix: str, path: str) -> list[str]:
+    """The archive's class sources (``<stem>/code/**.py``), refused together above :data:`MAX_CODE`."""
+    names = [i for i in zf.infolist() if i.filename.startswith(f"{prefix}code/") and i.filename.endswith(".py")]
+    if sum(i.file_size for i in names) > MAX_CODE:
+        raise CorruptFileError(path, f"the TorchScript code records hold more than {MAX_CODE >> 20} MB")
+    return [i.filename for i in names]
+
+
+def declared(sources: dict[str, bytes], prefix: str, path: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Qualified class name -> (parameter names, buffer names), from the ``code/`` sources (record name
+    -> bytes): ``code/__torch__/torch/nn/modules/conv.py`` holds ``__torch__.torch.nn.modules.conv.Conv2d``."""
     out: dict[str, tuple[list[str], list[str]]] = {}
-    total = 0
-    for info in zf.infolist():
-        name = info.filename
-        if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
-            continue
-        total += info.file_size
-        if total > _MAX_CODE:
-            raise CorruptFileError(path, f"the TorchScript code records hold more than {_MAX_CODE >> 20} MB")
+    for name, data in sources.items():
         module = name[len(f"{prefix}code/"):-len(".py")].replace("/", ".")
         try:
-            tree = ast.parse(zf.read(name).decode("utf-8"))
+            tree = ast.parse(data.decode("utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, RecursionError, MemoryError) as e:
             raise CorruptFileError(path, f"TorchScript code record {name} does not parse ({type(e).__name__})") from None
         for node in tree.body:
