@@ -254,8 +254,24 @@ def test_whole_pickled_models_read_as_their_state_dict(tmp_path, layout):
             assert _equal(t, ref[name]), name
 
 
-def test_tensors_only_inside_other_objects_are_refused(tmp_path):
+def test_tensors_only_inside_other_objects_named_by_attribute(tmp_path):
+    """A file whose tensors are all inside objects of the training code: read by attribute path."""
     path = tmp_path / "holder.pt"
-    torch.save(Holder(torch.ones(3)), path)
+    inner = Holder(torch.arange(6.0).reshape(2, 3))
+    outer = Holder({"inner": inner, "steps": [torch.ones(2, dtype=torch.int64)], "again": inner})
+    torch.save(outer, path)
+    ref = torch.load(path, weights_only=False)
+    td = pt.read(path)
+    assert td.metadata["torch.opened_placeholders"] == "true"
+    assert list(td) == ["t.inner.t", "t.steps.0", "t.again.t"]
+    assert _equal(td["t.inner.t"], ref.t["inner"].t) and _equal(td["t.again.t"], ref.t["again"].t)
+    assert _equal(td["t.steps.0"], ref.t["steps"][0])
+    assert f"{__name__}.Holder" in td.metadata["local.note.torch.stubbed"]
+
+
+def test_tensors_out_of_reach_are_refused(tmp_path):
+    """A tensor only in an object's __reduce__ arguments of a kind that is not followed (a set)."""
+    path = tmp_path / "odd.pt"
+    torch.save(Holder(frozenset([torch.ones(1)])), path)
     with pytest.raises(ReadError, match=rf"refused to load global '{__name__}\.Holder'.*inside objects.*state_dict"):
         pt.read(path)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from .weights import (
     _jsonable,
     _record_rest,
     _record_siblings,
+    open_placeholders,
 )
 
 NAME = "torch"
@@ -75,7 +77,7 @@ def _refuse_stubbed(path: str, loaded: _Loaded):
     named = f"'{first}'" + (f" (and {rest} other{'s' if rest != 1 else ''})" if rest else "")
     if loaded.blobs:
         raise ReadError(path, f"refused to load global {named}: the tensors are inside objects of classes convert "
-                        "does not load (a whole pickled model?); nothing from the file was imported or run. "
+                        "does not load, in a way it cannot follow; nothing from the file was imported or run. "
                         "Save model.state_dict() with torch.save instead")
     raise ReadError(path, f"refused to load global {named}: the file holds no tensors, only objects convert does not "
                     "load (nothing from it was imported or run)")
@@ -155,6 +157,11 @@ def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: boo
     if where != ROOT:  # siblings along the path to the weights
         _record_siblings(root, where.split("."), extras, skipped, stubs)
     if not tensors and loaded.stubbed and _count_tensors(root) == 0:
+        if loaded.blobs and "torch.opened_placeholders" not in loaded.metadata:
+            opened = open_placeholders(root)
+            if _count_tensors(opened):  # the tensors are all inside objects: name them by attribute path
+                meta = {**loaded.metadata, "torch.opened_placeholders": "true"}
+                return _to_tensordict(path, dataclasses.replace(loaded, root=opened, metadata=meta), key, keep_prefix)
         _refuse_stubbed(path, loaded)
 
     metadata: dict[str, str] = {**loaded.metadata, "source.format": NAME}

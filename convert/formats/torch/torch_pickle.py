@@ -151,9 +151,10 @@ class StorageRef:
         return self.numel * (self.dtype.itemsize if self.dtype is not None else 1)
 
 
-@dataclass
+@dataclass(eq=False)
 class TensorRef:
-    """A tensor as the pickle describes it: a strided view of a storage."""
+    """A tensor as the pickle describes it: a strided view of a storage (hashed by identity, as torch
+    hashes tensors: a pickle may hold them in a set or as dict keys)."""
 
     storage: StorageRef
     offset: int  # in elements of dtype

@@ -4,6 +4,7 @@ recording what else it holds (see :mod:`convert.formats.torch`)."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 from ...errors import ReadError
 from . import torch_pickle as tp
@@ -251,3 +252,53 @@ def as_text(obj, nodes: int = _TEXT_NODES) -> tuple[str, int]:
 
     text = json.dumps(walk(obj, 0), allow_nan=True, default=str)
     return text, nodes - budget[0]
+
+
+def open_placeholders(root):
+    """``root`` with every placeholder object replaced by a dict of what the pickle gave it: its state's
+    attributes (or ``state`` for a state that is not a dict), ``args`` if it was made with arguments, its
+    items by index, its entries by key.
+    For a file whose tensors are all inside objects of classes convert does not load (a training
+    script's own ``TrainState``): the tensors then have attribute paths. An object met again inside
+    itself (a cycle) becomes None; one shared by two paths is one dict (checked for size later)."""
+    memo: dict[int, object] = {}
+    on_path: set[int] = set()
+
+    def conv(o, depth: int):
+        if depth > 64:
+            raise tp.PickleFormatError("objects nested deeper than 64 levels")
+        if isinstance(o, tp.StubObject):
+            if id(o) in on_path:
+                return None
+            if id(o) in memo:
+                return memo[id(o)]
+            on_path.add(id(o))
+            out: dict = {"args": conv(o.args, depth + 1)} if o.args else {}
+            if isinstance(o.state, dict):
+                out.update((str(k), conv(v, depth + 1)) for k, v in o.state.items())
+            elif o.state is not None:
+                out["state"] = conv(o.state, depth + 1)
+            out.update((str(i), conv(v, depth + 1)) for i, v in enumerate(o.items))
+            out.update((str(k), conv(v, depth + 1)) for k, v in o.entries)
+            on_path.discard(id(o))
+            memo[id(o)] = out
+            return out
+        if isinstance(o, (dict, list, tuple)):
+            if id(o) in on_path:
+                return None
+            if id(o) in memo:
+                return memo[id(o)]
+            on_path.add(id(o))
+            if isinstance(o, dict):
+                out = type(o)() if type(o) in (dict, OrderedDict) else {}
+                out.update((k, conv(v, depth + 1)) for k, v in o.items())
+            else:
+                out = type(o)(conv(v, depth + 1) for v in o) if type(o) in (list, tuple) else [conv(v, depth + 1) for v in o]
+            on_path.discard(id(o))
+            memo[id(o)] = out
+            return out
+        return o
+
+    opened = conv(root, 0)
+    tp.check_object_graph(opened)  # sharing inside the objects must not unfold into billions of paths
+    return opened
