@@ -2,7 +2,7 @@
 
 Spec: there is no written spec; the reference is torch/serialization.py
 (https://github.com/pytorch/pytorch/blob/main/torch/serialization.py) and
-caffe2/serialize/inline_container.h. Three layouts exist, told apart by content:
+caffe2/serialize/inline_container.h. The layouts, told apart by content:
 
 * zip (torch >= 1.6): ``<stem>/data.pkl`` (protocol-2 pickle of the object, storages as
   persistent ids ``('storage', torch.FloatStorage, key, location, numel)``),
@@ -23,13 +23,16 @@ Reading never runs code from the file and never imports torch or anything the fi
 pickle goes through :mod:`convert.formats.torch.torch_pickle`'s restricted unpickler, which
 gives tensors for what a state_dict needs and inert placeholders for every other global (kept as
 text in ``torch.stubbed.<path>``, the globals listed in ``torch.stubbed_globals`` and in a note);
-a file with no tensors outside placeholders is refused. We use it even when
+a whole pickled model (``torch.save(model)``) reads as its ``state_dict()`` (``torch.pickled_modules``
+says where); a file whose tensors are all inside other objects reads them by attribute path
+(``torch.opened_placeholders``); only a file with no tensors at all is refused. We use it even when
 torch is installed, because it gives what ``torch.load`` cannot: lazy per-tensor reads
 (each tensor a :class:`~convert.ir.FileRegion` into the zip member, found from the local
 file header, so a conversion reads one storage at a time and a rename-only conversion
 copies bytes without NumPy), no 1.6 s torch import, and the same result with and without
 torch. The tests check that it equals ``torch.load(weights_only=True)`` on every corpus
-file and every generated file.
+file and every generated file (``torch.load(weights_only=False)`` for files that one refuses,
+``torch.jit.load(f).state_dict()`` for TorchScript).
 
 Views are resolved here: a tensor is (storage, offset, shape, stride); a contiguous one is
 a FileRegion, any other (transposed, sliced, conj/neg bit, big-endian) an ArraySource
