@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from convert.cli import main
-from convert.errors import ReadError
+from convert.errors import CorruptFileError, ReadError
 from convert.formats import torch as pt
 
 from oracles import safetensors_read
@@ -275,3 +275,27 @@ def test_tensors_out_of_reach_are_refused(tmp_path):
     torch.save(Holder(frozenset([torch.ones(1)])), path)
     with pytest.raises(ReadError, match=rf"refused to load global '{__name__}\.Holder'.*inside objects.*state_dict"):
         pt.read(path)
+
+
+def test_shared_objects_inside_placeholders_cost_neither_time_nor_memory(tmp_path):
+    """A few hundred bytes of pickle can describe 2**60 values by sharing (nested lists holding the
+    previous one twice) inside an object not loaded: its text is cut short, and opening such objects
+    (when the tensors are all inside them) is refused as a 'billion laughs' pickle."""
+    import time
+
+    bomb = []
+    for _ in range(60):
+        bomb = [bomb, bomb]
+    lin = torch.nn.Linear(2, 2)
+    path, inside = tmp_path / "bomb.ckpt", tmp_path / "bomb_inside.pt"
+    torch.save({"state_dict": lin.state_dict(), "hyper_parameters": argparse.Namespace(bomb=bomb)}, path)
+    torch.save(Holder({"w": torch.ones(2), "bomb": bomb}), inside)
+    assert path.stat().st_size < 10_000
+    start = time.monotonic()
+    td = pt.read(path)
+    assert list(td) == ["weight", "bias"]
+    text = td.metadata["torch.stubbed.hyper_parameters"]
+    assert len(text) < 2_000_000 and "..." in text
+    with pytest.raises(CorruptFileError, match="billion laughs"):
+        pt.read(inside)
+    assert time.monotonic() - start < 20
