@@ -157,3 +157,34 @@ def test_archive_saved_to_a_file_object(tmp_path):
     assert list(td) == list(ref) == ["weight", "bias"]
     for name, t in td.items():
         assert np.array_equal(t.numpy(), ref[name].numpy())
+
+
+def test_more_module_kinds_and_quantized(tmp_path):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.lstm = torch.nn.LSTM(4, 5, num_layers=2, batch_first=True)
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(5, 5) for _ in range(2)])
+            self.d = torch.nn.ModuleDict({"a": torch.nn.LayerNorm(5)})
+            self.shared = self.blocks[0]  # one module under two names: torch lists it under both
+
+        def forward(self, x):
+            h, _ = self.lstm(self.emb(x))
+            for b in self.blocks:
+                h = b(h)
+            return self.d["a"](self.shared(h))
+
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.trace(M(), torch.zeros(1, 3, dtype=torch.long)), str(path))
+    ref = torch.jit.load(str(path)).state_dict()
+    td = pt.read(path)
+    assert list(td) == list(ref) and "shared.weight" in td and "lstm.weight_hh_l1" in td
+    for name, t in td.items():
+        assert np.array_equal(t.numpy(), ref[name].numpy()), name
+    q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)), {torch.nn.Linear},
+                                               dtype=torch.qint8)
+    qpath = tmp_path / "q.pt"
+    torch.jit.save(torch.jit.script(q), str(qpath))
+    with pytest.raises(ConvertError, match="TorchScript modules declare no parameters or buffers"):
+        pt.read(qpath)

@@ -75,6 +75,9 @@ def _refuse_stubbed(path: str, loaded: _Loaded):
     """Nothing to read outside the placeholders: refuse, naming what was not loaded."""
     first, rest = next(iter(loaded.stubbed)), len(loaded.stubbed) - 1
     named = f"'{first}'" + (f" (and {rest} other{'s' if rest != 1 else ''})" if rest else "")
+    if loaded.layout.startswith("torchscript"):
+        raise ReadError(path, f"the TorchScript modules declare no parameters or buffers convert can read: their "
+                        f"tensors are inside other objects ({named} not loaded; quantized modules keep packed weights)")
     if loaded.blobs:
         raise ReadError(path, f"refused to load global {named}: the tensors are inside objects of classes convert "
                         "does not load, in a way it cannot follow; nothing from the file was imported or run. "
@@ -157,7 +160,7 @@ def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: boo
     if where != ROOT:  # siblings along the path to the weights
         _record_siblings(root, where.split("."), extras, skipped, stubs)
     if not tensors and loaded.stubbed and _count_tensors(root) == 0:
-        if loaded.blobs and "torch.opened_placeholders" not in loaded.metadata:
+        if loaded.blobs and "torch.opened_placeholders" not in loaded.metadata and "torch.script_class" not in loaded.metadata:
             opened = open_placeholders(root)
             if _count_tensors(opened):  # the tensors are all inside objects: name them by attribute path
                 meta = {**loaded.metadata, "torch.opened_placeholders": "true"}
