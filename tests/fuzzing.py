@@ -123,7 +123,10 @@ def _tf_seeds(root: Path) -> list[Seed]:
 
 def _torch_seeds(root: Path) -> list[Seed]:
     """torch.save in the zip layout (a training checkpoint: nested state_dict, bfloat16, a transposed
-    view, tied weights, an int64 buffer) and in the legacy pickle-stream layout."""
+    view, tied weights, an int64 buffer) and in the legacy pickle-stream layout; a Lightning-style
+    checkpoint and a TorchScript archive."""
+    import argparse
+
     import torch
 
     torch.manual_seed(0)
@@ -142,6 +145,18 @@ def _torch_seeds(root: Path) -> list[Seed]:
         d = root / name
         d.mkdir()
         torch.save(state, d / "model.pt", **kw)
+        seeds.append(Seed(name, "torch", d, "model.pt", ("model.pt",)))
+    # a Lightning-style checkpoint: objects read as placeholders (argparse.Namespace, a function), NumPy arrays
+    lightning = {**state, "hyper_parameters": {"args": argparse.Namespace(lr=0.1, layers=[4, 3]),
+                                                "loss": torch.nn.functional.mse_loss,
+                                                "weights": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    # a TorchScript archive: the module tree as placeholders, the classes' source beside it
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    for name, save in (("torch_lightning", lambda p: torch.save(lightning, p)),
+                       ("torch_script", lambda p: torch.jit.save(torch.jit.script(net), str(p)))):
+        d = root / name
+        d.mkdir()
+        save(d / "model.pt")
         seeds.append(Seed(name, "torch", d, "model.pt", ("model.pt",)))
     return seeds
 
@@ -249,7 +264,7 @@ def _corpus_seeds(root: Path) -> list[Seed]:
 
 
 GENERATED = ("safetensors", "safetensors_sharded", "onnx_inline", "onnx_external", "torch_zip", "torch_legacy",
-             "tf_v2", "tf_v1", "saved_model")
+             "torch_lightning", "torch_script", "tf_v2", "tf_v1", "saved_model")
 SEED_NAMES = GENERATED + tuple(c[0] for c in _CORPUS_SEEDS)
 """The seeds made here, known without writing them; :func:`seed_names` adds those the formats' test
 files declare (``FormatContract.SEEDS``)."""

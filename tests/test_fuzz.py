@@ -49,6 +49,9 @@ TARGETS = {
     "torch_zip": (("torch_zip", "corpus_torch_zip"), "raw"),
     "torch_zip_pickle": (("torch_zip", "corpus_torch_zip"), "pickle"),
     "torch_legacy": (("torch_legacy", "corpus_torch_legacy"), "raw"),
+    "torch_lightning_pickle": (("torch_lightning",), "pickle"),
+    "torch_script": (("torch_script",), "raw"),
+    "torch_script_pickle": (("torch_script",), "pickle"),
 }
 TARGETS.update((k, v) for c in contract.declared() for k, v in c.FUZZ.items())  # the formats' own (contract.py)
 MAX_BYTES = {"onnx": 320 << 20}  # a sparse tensor may legitimately densify to 256 MiB (onnx._SPARSE_FLOOR)

@@ -338,11 +338,17 @@ def test_other_globals_refused(tmp_path, global_name):
         pt.read(path)
 
 
-def test_whole_pickled_module_is_refused_clearly(tmp_path):
+def test_whole_pickled_module_reads_as_its_state_dict(tmp_path):
+    """torch.save(model): the classes are placeholders (never imported), the tensors its state_dict
+    (more in test_torch_training.py)."""
     path = tmp_path / "model.pt"
-    torch.save(torch.nn.Linear(2, 2), path)
-    with pytest.raises(ReadError, match=r"refused to load global 'torch\.nn\.modules\.linear\.Linear'.*state_dict"):
-        pt.read(path)
+    lin = torch.nn.Linear(2, 2)
+    torch.save(lin, path)
+    td = pt.read(path)
+    assert json.loads(td.metadata["torch.pickled_modules"]) == {"(root)": "torch.nn.modules.linear.Linear"}
+    assert list(td) == ["weight", "bias"]
+    for name, t in td.items():
+        assert same_bits(t.numpy(), as_numpy(lin.state_dict()[name])), name
 
 
 def test_build_and_newobj_on_foreign_objects_refused(tmp_path):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CorruptFileError, ReadError
+from . import script
 from . import torch_pickle as tp
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
@@ -99,6 +100,7 @@ class _Loaded:
     blobs: dict[str, _Blob]  # root storage key -> bytes
     layout: str
     metadata: dict[str, str]
+    stubbed: dict[str, int]  # globals not loaded (placeholders made instead) -> how often the pickle names them
 
 
 _MAX_RECORD = 1 << 30  # data.pkl and the small records: more is not a state_dict
@@ -145,8 +147,9 @@ class _Window:
         return data
 
 
-def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
-    """The archive that is the file, or (``length`` given) the one at ``[start, start + length)`` of it."""
+def _load_zip(path: str, start: int = 0, length: int | None = None, stubs: bool = False) -> _Loaded:
+    """The archive that is the file, or (``length`` given) the one at ``[start, start + length)`` of it.
+    ``stubs``: globals not loaded become placeholders (else they are refused)."""
     with open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size if length is None else length
         f = raw if length is None else _Window(raw, start, length)
@@ -155,21 +158,28 @@ def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
         if prefix is None:
             raise ReadError(path, "zip file without a data.pkl: not a torch checkpoint")
         names = set(zf.namelist())
-        if f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names):
-            raise ReadError(path, "this is a TorchScript archive (torch.jit.save), not a state_dict; "
-                            "save model.state_dict() with torch.save instead")
+        scripted = script.is_script(names, prefix)
         byteorder = "little"
         if f"{prefix}byteorder" in names:
             byteorder = _read_record(zf, f"{prefix}byteorder", size, path).decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
                 raise CorruptFileError(path, f"unknown byte order {byteorder!r}")
         storages: dict[str, tp.StorageRef] = {}
-        root = tp.load(io.BytesIO(_read_record(zf, f"{prefix}data.pkl", size, path)), storages=storages)
-        metadata = {}
+        stubbed: dict[str, int] | None = {} if stubs else None
+        metadata: dict[str, str] = {}
+        root = tp.load(io.BytesIO(_read_record(zf, f"{prefix}data.pkl", size, path)), storages=storages,
+                       stubbed=stubbed)
+        if scripted:  # the module tree's classes are placeholders by design: not worth a note
+            metadata["torch.script_class"] = getattr(root, "cls", "")
+            sources = {n: _read_record(zf, n, size, path) for n in script.code_records(zf, prefix, path)}
+            root = script.state_dict(root, script.declared(sources, prefix, path), path)
+            stubbed = {k: n for k, n in (stubbed or {}).items() if not k.startswith("__torch__.")}
+        elif stubs:
+            root = _unfold(root, path, metadata)
         if f"{prefix}{_METADATA_RECORD}" in names:
             stored = json.loads(_read_record(zf, f"{prefix}{_METADATA_RECORD}", size, path).decode("utf-8"))
             if isinstance(stored, dict):
-                metadata = {str(k): str(v) for k, v in stored.items()}
+                metadata.update({str(k): str(v) for k, v in stored.items()})
         blobs = {}
         for key, ref in storages.items():
             member = f"{prefix}data/{key}"
@@ -194,10 +204,21 @@ def _load_zip(path: str, start: int = 0, length: int | None = None) -> _Loaded:
             else:
                 blobs[key] = _Blob(path, 0, info.file_size, member=member, big_endian=byteorder == "big")
     layout = "zip" if f"{prefix}byteorder" in names else "zip (no byteorder record)"
-    return _Loaded(root, blobs, layout, metadata)
+    if scripted:
+        layout = f"torchscript {layout}"
+    return _Loaded(root, blobs, layout, metadata, stubbed or {})
 
 
-def _load_legacy(path: str) -> _Loaded:
+def _unfold(root, path: str, metadata: dict[str, str]):
+    """Whole pickled models (``torch.save(model)``) in ``root`` as their state_dicts, said in ``torch.pickled_modules``."""
+    found: dict[str, str] = {}
+    root = script.unfold_modules(root, path, found)
+    if found:
+        metadata["torch.pickled_modules"] = json.dumps(found)
+    return root
+
+
+def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if tp.load(f, allow_globals=False) != MAGIC_NUMBER:
@@ -207,7 +228,11 @@ def _load_legacy(path: str) -> _Loaded:
         sys_info = tp.load(f, allow_globals=False)
         big = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         storages: dict[str, tp.StorageRef] = {}
-        root = tp.load(f, storages=storages)
+        stubbed: dict[str, int] | None = {} if stubs else None
+        root = tp.load(f, storages=storages, stubbed=stubbed)
+        metadata: dict[str, str] = {}
+        if stubs:
+            root = _unfold(root, path, metadata)
         keys = tp.load(f, allow_globals=False)
         if not isinstance(keys, list):
             raise CorruptFileError(path, "storage key list is missing")
@@ -233,4 +258,4 @@ def _load_legacy(path: str) -> _Loaded:
         missing = [k for k in storages if k not in blobs]
         if missing:
             raise CorruptFileError(path, f"storage(s) {', '.join(missing[:5])} have no data")
-    return _Loaded(root, blobs, "legacy", {})
+    return _Loaded(root, blobs, "legacy", metadata, stubbed or {})

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,18 @@ from ...ir import ArraySource, FileRegion, Source, Tensor, TensorDict
 from ...lazy import np
 from . import torch_pickle as tp
 from .containers import _MAX_RECORD, _Blob, _load_legacy, _load_zip, _Loaded
-from .weights import ROOT, _find_weights, _flatten, _follow, _jsonable, _record_rest, _record_siblings
+from .weights import (
+    ROOT,
+    Texts,
+    _count_tensors,
+    _find_weights,
+    _flatten,
+    _follow,
+    _jsonable,
+    _record_rest,
+    _record_siblings,
+    open_placeholders,
+)
 
 NAME = "torch"
 
@@ -59,6 +71,21 @@ def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: st
     return ArraySource(produce)
 
 
+def _refuse_stubbed(path: str, loaded: _Loaded):
+    """Nothing to read outside the placeholders: refuse, naming what was not loaded."""
+    first, rest = next(iter(loaded.stubbed)), len(loaded.stubbed) - 1
+    named = f"'{first}'" + (f" (and {rest} other{'s' if rest != 1 else ''})" if rest else "")
+    if loaded.layout.startswith("torchscript"):
+        raise ReadError(path, f"the TorchScript modules declare no parameters or buffers convert can read: their "
+                        f"tensors are inside other objects ({named} not loaded; quantized modules keep packed weights)")
+    if loaded.blobs:
+        raise ReadError(path, f"refused to load global {named}: the tensors are inside objects of classes convert "
+                        "does not load, in a way it cannot follow; nothing from the file was imported or run. "
+                        "Save model.state_dict() with torch.save instead")
+    raise ReadError(path, f"refused to load global {named}: the file holds no tensors, only objects convert does not "
+                    "load (nothing from it was imported or run)")
+
+
 def _byteswap(raw: np.ndarray, dtype: dtypes.DType) -> np.ndarray:
     unit = dtype.itemsize // 2 if dtype.kind == "complex" else dtype.itemsize
     return raw.view(f"<u{unit}").byteswap().view(np.uint8)
@@ -87,7 +114,7 @@ def read(path: os.PathLike | str, key: str | None = None, keep_prefix: bool = Fa
     except OSError as e:
         raise ReadError(path, f"cannot open: {e.strerror}") from None
     try:
-        loaded = _load_zip(path) if head == b"PK\x03\x04" else _load_legacy(path)
+        loaded = _load_zip(path, stubs=True) if head == b"PK\x03\x04" else _load_legacy(path, stubs=True)
         return _to_tensordict(path, loaded, key, keep_prefix)
     except ConvertError:
         raise
@@ -118,19 +145,27 @@ def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: boo
     else:
         chosen, where = _find_weights(root)
     leaves: list = []
-    if isinstance(chosen, tp.TensorRef):
+    if isinstance(chosen, tp.TENSORS):
         leaves.append(("tensor" if where == ROOT else where.rsplit(".", 1)[-1], chosen))
     else:
         _flatten(chosen, "", leaves)
     extras: dict[str, object] = {}
     skipped: dict[str, str] = {}
-    tensors = [(n, v) for n, v in leaves if isinstance(v, tp.TensorRef)]
+    stubs = Texts()
+    tensors = [(n, v) for n, v in leaves if isinstance(v, tp.TENSORS)]
     inner = "" if where == ROOT else where
     for n, v in leaves:
-        if not isinstance(v, tp.TensorRef):
-            _record_rest(v, f"{inner}.{n}" if inner else n, extras, skipped)
+        if not isinstance(v, tp.TENSORS):
+            _record_rest(v, f"{inner}.{n}" if inner else n, extras, skipped, stubs=stubs)
     if where != ROOT:  # siblings along the path to the weights
-        _record_siblings(root, where.split("."), extras, skipped)
+        _record_siblings(root, where.split("."), extras, skipped, stubs)
+    if not tensors and loaded.stubbed and _count_tensors(root) == 0:
+        if loaded.blobs and "torch.opened_placeholders" not in loaded.metadata and "torch.script_class" not in loaded.metadata:
+            opened = open_placeholders(root)
+            if _count_tensors(opened):  # the tensors are all inside objects: name them by attribute path
+                meta = {**loaded.metadata, "torch.opened_placeholders": "true"}
+                return _to_tensordict(path, dataclasses.replace(loaded, root=opened, metadata=meta), key, keep_prefix)
+        _refuse_stubbed(path, loaded)
 
     metadata: dict[str, str] = {**loaded.metadata, "source.format": NAME}
     metadata["torch.layout"] = loaded.layout
@@ -144,10 +179,20 @@ def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: boo
         metadata["torch.module_versions"] = json.dumps(state_meta, sort_keys=True)
     for k, v in extras.items():
         metadata[f"torch.extra.{k}"] = v if isinstance(v, str) else json.dumps(v)
+    for k, v in stubs.items():
+        metadata[f"torch.stubbed.{k}"] = v
+    if loaded.stubbed:
+        metadata["torch.stubbed_globals"] = json.dumps(loaded.stubbed)
+        metadata["local.note.torch.stubbed"] = (
+            f"{len(loaded.stubbed)} global{'s' if len(loaded.stubbed) != 1 else ''} of the pickle not loaded, "
+            "nothing imported or run (objects of them kept as text in torch.stubbed.*"
+            f"{', whole models read as their state_dict' if 'torch.pickled_modules' in loaded.metadata else ''}): "
+            f"{', '.join(loaded.stubbed)}")
 
     groups: dict[str, list[str]] = {}
     for n, ref in tensors:
-        groups.setdefault(ref.storage.view_of or ref.storage.key, []).append(n)
+        if isinstance(ref, tp.TensorRef):
+            groups.setdefault(ref.storage.view_of or ref.storage.key, []).append(n)
     role = "optimizer" if "optim" in where else "weight"
     sources: dict[tuple, Source] = {}
     out: list[Tensor] = []
@@ -156,6 +201,13 @@ def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: boo
         if n in seen:
             raise ReadError(path, "two entries flatten to the same name; pick one with --key", n)
         seen.add(n)
+        if isinstance(ref, tp.NumpyArray):
+            if ref.unsupported:
+                skipped[f"{inner}.{n}" if inner else n] = ref.unsupported
+            else:  # its bytes are in the pickle, already read
+                out.append(Tensor(n, dtypes.from_numpy(ref.dtype), ref.shape, ArraySource(ref.array),
+                                  {"role": role, "torch.numpy": "true"}))
+            continue
         dtype = ref.dtype.ir
         if dtype is None:
             skipped[f"{inner}.{n}" if inner else n] = f"tensor of torch.{ref.dtype.name}, which convert cannot hold"

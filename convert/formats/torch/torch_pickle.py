@@ -1,25 +1,33 @@
 """A restricted unpickler for PyTorch checkpoints.
 
-No code from a checkpoint ever runs. :class:`RestrictedUnpickler` is the pure-Python
-``pickle._Unpickler`` with three changes:
+No code from a checkpoint ever runs, and nothing it names is imported. :class:`RestrictedUnpickler`
+is the pure-Python ``pickle._Unpickler`` with these changes:
 
-* ``find_class`` answers only from :data:`ALLOWED`: the handful of globals a state_dict
-  needs (``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2/v3``,
-  ``_rebuild_parameter``, the ``torch.*Storage`` classes, torch dtypes, ``torch.Size``,
-  ``torch.device``, a few builtins, NumPy scalars). What it returns are *our own*
-  stand-ins (plain functions and small record classes defined here), never torch's or
-  anything importable: a tensor becomes a :class:`TensorRef` (storage key, offset,
-  shape, stride, dtype), a storage a :class:`StorageRef`. Anything else raises
-  :class:`RefusedGlobal` naming it.
-* ``BUILD`` only updates an ``OrderedDict``'s ``__dict__`` (torch stores module versions
-  there as ``_metadata``) or our own records; ``INST``/``OBJ``/``NEWOBJ``/``EXT*`` are refused
-  (a state_dict never uses them).
+* ``find_class`` answers from :data:`ALLOWED`: the globals a state_dict needs
+  (``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2/v3``, ``_rebuild_parameter``,
+  the ``torch.*Storage`` classes, torch dtypes, ``torch.Size``, ``torch.device``, a few builtins,
+  NumPy scalars and arrays). What it returns are *our own* stand-ins (plain functions and small
+  record classes defined here), never torch's or anything importable: a tensor becomes a
+  :class:`TensorRef` (storage key, offset, shape, stride, dtype), a storage a :class:`StorageRef`,
+  a NumPy array a :class:`NumpyArray` (dtype, shape, order and bytes taken from its pickled state
+  by hand; object and string dtypes are not read). Every other global (training checkpoints hold
+  ``argparse.Namespace``, OmegaConf configs, references to loss functions, classes of the training
+  code...) becomes a :class:`Stub`: its dotted name only. Calling or instantiating a stub
+  (``REDUCE``, ``NEWOBJ``, ``INST``/``OBJ``) makes an inert :class:`StubObject` that records the
+  arguments; ``BUILD``, ``APPEND`` and ``SETITEM`` on it record the state and items. The reader keeps
+  placeholders as text metadata and lists the globals met (``stubbed``); a file with no tensors
+  outside them is refused. With ``allow_globals=False`` (the small header pickles) any global is
+  refused with :class:`RefusedGlobal`.
+* ``BUILD`` otherwise only updates an ``OrderedDict``'s ``__dict__`` (torch stores module versions
+  there as ``_metadata``) or our own records; ``NEWOBJ`` of anything but a stub, and ``EXT*`` are
+  refused (a state_dict never uses them).
 * ``persistent_load`` turns torch's ``('storage', type, key, location, numel[, view])``
   ids into :class:`StorageRef` s.
 
-Because only stand-ins reach the stack, a ``REDUCE`` can only ever call one of the
-functions below. This mirrors ``torch.load(weights_only=True)``'s allowlist
-(torch/_weights_only_unpickler.py) without importing torch.
+Because only stand-ins reach the stack, a ``REDUCE`` can only ever call one of the functions
+below or record arguments in a placeholder. This mirrors ``torch.load(weights_only=True)``'s
+allowlist (torch/_weights_only_unpickler.py) without importing torch, and goes further than it
+where that refuses the whole file.
 
 The writer (:func:`state_dict_pickle`) emits, opcode by opcode, the protocol-2 pickle
 ``torch.save`` writes for a flat ``OrderedDict`` of tensors (no torch needed).
@@ -28,6 +36,7 @@ The writer (:func:`state_dict_pickle`) emits, opcode by opcode, the protocol-2 p
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import io
 import pickle
 import reprlib
@@ -35,7 +44,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ... import dtypes
-from ...errors import printable
+from ...errors import UnsupportedDTypeError, printable
 from ...lazy import np
 from ...wire import ProtoError, check_shape
 
@@ -142,9 +151,10 @@ class StorageRef:
         return self.numel * (self.dtype.itemsize if self.dtype is not None else 1)
 
 
-@dataclass
+@dataclass(eq=False)
 class TensorRef:
-    """A tensor as the pickle describes it: a strided view of a storage."""
+    """A tensor as the pickle describes it: a strided view of a storage (hashed by identity, as torch
+    hashes tensors: a pickle may hold them in a set or as dict keys)."""
 
     storage: StorageRef
     offset: int  # in elements of dtype
@@ -202,8 +212,96 @@ class _NumpyDType:
         except TypeError:
             raise PickleFormatError(f"unknown NumPy dtype {_short(self.spec)}") from None
         if dt.kind not in "biufc":
-            raise PickleFormatError(f"NumPy dtype {_short(self.spec)} is not a plain number")
+            raise PickleFormatError(f"NumPy dtype {dt} ({_short(self.spec)}) is not a plain number")
         return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+
+
+@dataclass(frozen=True)
+class Stub:
+    """A global the pickle names that convert does not load (a class or function of the training code,
+    ``argparse.Namespace``, ``os.system``...): kept as its dotted name, never imported. Calling it (a
+    ``REDUCE``) or instantiating it (``NEWOBJ``) only records the arguments in a :class:`StubObject`."""
+
+    qualname: str
+
+    def __call__(self, *args):
+        return StubObject(self.qualname, args)
+
+    def __str__(self) -> str:
+        return self.qualname
+
+
+@dataclass(eq=False)
+class StubObject:
+    """An inert placeholder for an object of a class convert does not load: the class's name, the
+    arguments it was made with, the state ``BUILD`` gave it, and what ``APPEND``/``SETITEM`` added."""
+
+    cls: str
+    args: tuple = ()
+    state: object = None
+    items: list = field(default_factory=list)
+    entries: list = field(default_factory=list)  # (key, value) pairs: keys need not be hashable
+
+    def append(self, value):
+        self.items.append(value)
+
+    def extend(self, values):
+        self.items.extend(values)
+
+    def __setitem__(self, key, value):
+        self.entries.append((key, value))
+
+    def __repr__(self) -> str:
+        return f"<{self.cls}>"
+
+
+@dataclass(eq=False)
+class NumpyArray:
+    """A NumPy array pickled in the checkpoint (``numpy.core.multiarray._reconstruct`` then ``BUILD``
+    with ``(version, shape, dtype, is_fortran, raw bytes)``), rebuilt from those parts by hand: its
+    bytes are inline in the pickle. ``unsupported`` says why one is not read (object or string dtype)."""
+
+    shape: tuple[int, ...] = ()
+    dtype: np.dtype | None = None
+    fortran: bool = False
+    data: bytes = b""
+    unsupported: str | None = "NumPy array without state"
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _NumpyDType)):
+            raise PickleFormatError(f"unexpected NumPy array state {_short(state)}")
+        _, shape, dtype, fortran, data = state
+        self.shape = _ints(shape, "shape")
+        try:
+            check_shape(self.shape)
+        except ProtoError as e:
+            raise PickleFormatError(str(e)) from None
+        self.fortran = bool(fortran)
+        try:
+            self.dtype = dtype.to_numpy()
+            dtypes.from_numpy(self.dtype)
+        except (PickleFormatError, UnsupportedDTypeError) as e:
+            self.unsupported = f"NumPy array of shape {list(self.shape)} not read: {e}"
+            return
+        if not isinstance(data, (bytes, bytearray)):
+            raise PickleFormatError("NumPy array data is not bytes")
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        if len(data) != numel * self.dtype.itemsize:
+            raise PickleFormatError(f"NumPy array of shape {list(self.shape)} and dtype {self.dtype} "
+                                    f"holds {len(data)} bytes")
+        self.data, self.unsupported = bytes(data), None
+
+    def array(self) -> np.ndarray:
+        """The values, C order, little-endian (what the IR holds)."""
+        flat = np.frombuffer(self.data, dtype=self.dtype)
+        arr = flat.reshape(self.shape, order="F" if self.fortran else "C")
+        return np.ascontiguousarray(arr, dtype=self.dtype.newbyteorder("<"))
+
+
+TENSORS = (TensorRef, NumpyArray)
+"""What the reader reads as a tensor (an unsupported NumPy array is then reported, not read)."""
 
 
 def _storage_class(name: str) -> StorageType:
@@ -293,6 +391,23 @@ def make_bytearray(data=b"", encoding=None):
     return bytearray(data) if encoding is None else bytearray(data, encoding)
 
 
+def make_defaultdict(default_factory=None):
+    # its items follow as SETITEMs; the factory (a global we do not load) is not needed to read them
+    return {}
+
+
+def jit_list(items):
+    # torch.jit._pickle.build_intlist & co.: TorchScript's typed lists are plain lists
+    if not isinstance(items, list):
+        raise PickleFormatError(f"expected a list, got {_short(items)}")
+    return items
+
+
+def jit_type_tag(value, type_str=None):
+    # torch.jit._pickle.restore_type_tag: the value, its TorchScript type only a hint
+    return value
+
+
 def make_size(dims=()):
     return tuple(dims)
 
@@ -323,6 +438,19 @@ def numpy_dtype(spec, align=False, copy=True):
     return _NumpyDType(spec)
 
 
+def numpy_reconstruct(stubbed: dict[str, int], *args):
+    # ndarray.__reduce__: _reconstruct(ndarray, (0,), b'b'); the values come with BUILD. Called any
+    # other way (a subclass, a masked array...), it is a global we do not load.
+    if len(args) != 3 or args[0] != _NDARRAY:
+        name = "numpy.core.multiarray._reconstruct"
+        stubbed[name] = stubbed.get(name, 0) + 1
+        return Stub(name)(*args)
+    return NumpyArray()
+
+
+_NDARRAY = "numpy.ndarray"
+
+
 def _torch_marker(name: str):
     return name  # torch.Tensor / Parameter as the new_type of _rebuild_from_type_v2
 
@@ -331,6 +459,7 @@ _REBUILD_FUNCS = {rebuild_tensor, rebuild_tensor_v2, rebuild_tensor_v3}
 
 ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): OrderedDict,
+    ("collections", "defaultdict"): make_defaultdict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
@@ -346,12 +475,17 @@ ALLOWED: dict[tuple[str, str], object] = {
     ("torch", "Tensor"): _torch_marker("Tensor"),
     ("torch.nn.parameter", "Parameter"): _torch_marker("Parameter"),
     ("torch", "Size"): make_size,
+    **{("torch.jit._pickle", f"build_{k}list"): jit_list for k in ("int", "float", "bool", "tensor", "double")},
+    ("torch.jit._pickle", "restore_type_tag"): jit_type_tag,
     ("torch", "device"): make_device,
     ("torch.storage", "UntypedStorage"): StorageType("UntypedStorage", None),
     ("torch.storage", "TypedStorage"): StorageType("UntypedStorage", None),
     ("numpy.core.multiarray", "scalar"): numpy_scalar,
     ("numpy._core.multiarray", "scalar"): numpy_scalar,
     ("numpy", "dtype"): numpy_dtype,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy.core.multiarray", "_reconstruct"): numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): numpy_reconstruct,
     **{("torch._utils", f): _unsupported(w) for f, w in (
         ("_rebuild_sparse_tensor", "sparse tensor"), ("_rebuild_qtensor", "quantized tensor"),
         ("_rebuild_nested_tensor", "nested tensor"), ("_rebuild_meta_tensor_no_storage", "meta tensor"),
@@ -375,10 +509,12 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True):
+    def __init__(self, file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True,
+                 stubbed: dict[str, int] | None = None):
         super().__init__(file, encoding="latin1")  # encoding for Python 2 str (legacy files)
         self.storages = {} if storages is None else storages
         self.allow_globals = allow_globals
+        self.stubbed = stubbed  # None: refuse every global not in ALLOWED (and NumPy arrays)
 
     def find_class(self, module: str, name: str):
         if self.proto < 3 and (module, name) in _compat_pickle.NAME_MAPPING:
@@ -387,14 +523,29 @@ class RestrictedUnpickler(pickle._Unpickler):
             module = _compat_pickle.IMPORT_MAPPING[module]
         if self.allow_globals:
             found = ALLOWED.get((module, name))
-            if found is not None:
+            if found is numpy_reconstruct and self.stubbed is not None:
+                return functools.partial(numpy_reconstruct, self.stubbed)
+            if found is not None and found is not numpy_reconstruct:
                 return found
+            if self.stubbed is not None:
+                qualname = printable(f"{module}.{name}")  # names from the file: no NUL or escape reaches a terminal
+                self.stubbed[qualname] = self.stubbed.get(qualname, 0) + 1
+                return Stub(qualname)
         raise RefusedGlobal(f"{module}.{name}")
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if not isinstance(args, tuple) or not callable(func):  # a placeholder object is not callable
+            raise PickleFormatError(f"the pickle calls {_short(func)}, which is not a function")
+        self.stack[-1] = func(*args)
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid:
             raise PickleFormatError(f"unexpected persistent id {_short(pid)}")
         kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+        if kind == "module" and self.stubbed is not None and len(pid) >= 2 and isinstance(pid[1], Stub):
+            return pid[1]  # ('module', cls, file, source): a legacy whole nn.Module names its class so
         if kind != "storage":
             # ('module', cls, file, source): a whole nn.Module was saved, not a state_dict.
             raise PickleFormatError(f"unexpected persistent id of kind {_short(kind)}")
@@ -435,8 +586,32 @@ class RestrictedUnpickler(pickle._Unpickler):
             inst.__setstate__(state)
         elif isinstance(inst, (TensorRef, Unsupported)):
             pass  # Python attributes of a tensor subclass: not part of the weights
+        elif isinstance(inst, StubObject):
+            inst.state = state
+        elif isinstance(inst, NumpyArray):
+            inst.__setstate__(state)
         else:
             raise PickleFormatError(f"BUILD on {type(inst).__name__}")
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack[-1]
+        if not isinstance(cls, Stub) or not isinstance(args, tuple):
+            self._refuse()
+        self.stack[-1] = StubObject(cls.qualname, args)
+
+    def load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack[-1]
+        if not isinstance(cls, Stub) or not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            self._refuse()
+        self.stack[-1] = StubObject(cls.qualname, args + ((kwargs,) if kwargs else ()))
+
+    def _instantiate(self, klass, args):  # INST and OBJ (protocols 0 and 1)
+        if not isinstance(klass, Stub):
+            self._refuse()
+        self.append(StubObject(klass.qualname, tuple(args)))
 
     def _refuse(self):
         raise PickleFormatError("the pickle constructs objects in a way a state_dict never does")
@@ -445,14 +620,18 @@ class RestrictedUnpickler(pickle._Unpickler):
         raise PickleFormatError("protocol 5 out-of-band buffers (a state_dict never uses them)")
 
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.REDUCE[0]] = load_reduce
     for _op in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
         dispatch[_op[0]] = _refuse_buffer
-    for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2, pickle.EXT4):
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):  # the extension registry: globals by number
         dispatch[_op[0]] = _refuse
     del _op
 
 
-def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True):
+def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True,
+         stubbed: dict[str, int] | None = None):
     """Unpickle one object from ``file`` (positioned just after it on return).
 
     Hostile pickles are refused before they cost memory or time: no read asks the file for
@@ -460,11 +639,15 @@ def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: 
     make the file object allocate that much up front), and the result must be a finite tree
     (see :func:`check_object_graph`).
 
+    ``stubbed`` (a dict) turns on placeholders: globals not in :data:`ALLOWED` become :class:`Stub` s,
+    counted in it by name, and NumPy arrays are read. Without it they are refused.
+
     Raises :class:`RefusedGlobal`, :class:`PickleFormatError` or :class:`DamagedPickle` (and
     OSError from ``file``), nothing else.
     """
     try:
-        obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals).load()
+        obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals,
+                                  stubbed=stubbed).load()
     except (RefusedGlobal, PickleFormatError, OSError):
         raise
     except Exception as e:  # noqa: BLE001 - pickle's machinery on malformed bytes: KeyError, IndexError, struct.error...
@@ -520,6 +703,8 @@ def check_object_graph(root) -> None:
             if oid in on_path:
                 raise PickleFormatError("the pickle holds an object that contains itself")
             children = _children(obj)
+            if isinstance(obj, NumpyArray) and obj.unsupported == NumpyArray.unsupported:
+                raise PickleFormatError("a NumPy array without its values (no BUILD after _reconstruct)")
             if children is None:
                 size[oid] = 1
                 continue
