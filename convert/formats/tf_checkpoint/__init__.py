@@ -280,6 +280,7 @@ _KERAS_SCOPE_RE = re.compile(
 _BERT_SLOT_RE = re.compile(r"/(adam|lamb)_[mv]$")
 _STEP_NAMES = {"global_step", "global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"}
 _OTHER_NAMES = {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
+_CONFIG_SUFFIX = "/.ATTRIBUTES/" + objects.CONFIG_ATTRIBUTE
 
 
 def role_of(name: str) -> str:
@@ -287,7 +288,7 @@ def role_of(name: str) -> str:
     (TF1 and Keras optimizers' slot names, TF2 object-graph keys)."""
     if name in _STEP_NAMES:
         return "step"
-    if name in _OTHER_NAMES:
+    if name in _OTHER_NAMES or name.endswith(_CONFIG_SUFFIX):
         return "other"
     if (_SLOT_RE.search(name) or _POWER_RE.search(name) or _KERAS_SCOPE_RE.match(name)
             or _BERT_SLOT_RE.search(name) or ".OPTIMIZER_SLOT" in name or name.startswith("optimizer/")):
@@ -295,12 +296,15 @@ def role_of(name: str) -> str:
     return "weight"
 
 
-def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str]) -> list[Tensor]:
+def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str],
+          node_names: dict[int, str] | None = None) -> list[Tensor]:
     """Checkpoint tensors with their roles and, unless ``names`` is "keys", the readable names of
-    a TF2 object graph (:func:`.objects.readable`; dropped copies are noted in ``metadata``)."""
+    a TF2 object graph (:func:`.objects.readable`; dropped copies are noted in ``metadata``, and
+    objects' configurations are put there); ``node_names``: a SavedModel's variable names by node."""
     tensors = [Tensor(t.name, t.dtype, t.shape, t.source, {"role": role_of(t.name)}) for t in tensors]
     if (names or "readable") == "readable":
-        tensors, copies = objects.readable(tensors, index)
+        tensors, copies, configs = objects.readable(tensors, index, node_names)
+        metadata.update(configs)
         if copies:
             metadata["tf.duplicate_keys_dropped"] = ",".join(copies)
     return tensors
