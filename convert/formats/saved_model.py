@@ -58,10 +58,10 @@ def detect(path: Path) -> bool:
     return root.is_dir() and ((root / _PB).is_file() or (root / "saved_model.pbtxt").is_file())
 
 
-def _saved_model_info(pb: Path) -> tuple[dict[str, str], dict[int, str]]:
+def _saved_model_info(pb: Path) -> tuple[dict[str, str], list[str] | None]:
     """Tags and signature names of each meta graph in ``saved_model.pb`` (for the metadata), and
-    the names its ``SavedObjectGraph`` gives the variable nodes, by node id (the first meta
-    graph that has one; TF2 only).
+    the name its ``SavedObjectGraph`` gives each node ("" but for variables; from the first meta
+    graph that has one; TF2 only, else None).
 
     tensorflow/core/protobuf: ``MetaGraphDef``: meta_info_def = 1 (tags = 4), signature_def = 5,
     object_graph_def = 7; ``SavedObjectGraph.nodes = 1``; ``SavedObject.variable = 7``;
@@ -71,7 +71,7 @@ def _saved_model_info(pb: Path) -> tuple[dict[str, str], dict[int, str]]:
         data = pb.read_bytes()
     except OSError as e:
         raise ReadError(pb, f"cannot read: {e.strerror}") from None
-    tags, sigs, names = [], [], {}
+    tags, sigs, names = [], [], None
     try:
         for num, wt, meta_graph in wire.iter_fields(data):
             if num != 2 or wt != wire.BYTES:  # SavedModel.meta_graphs
@@ -81,7 +81,7 @@ def _saved_model_info(pb: Path) -> tuple[dict[str, str], dict[int, str]]:
                     tags += [bytes(t).decode() for k, w2, t in wire.iter_fields(v) if k == 4 and w2 == wire.BYTES]
                 elif n == 5 and w == wire.BYTES:  # map<string, SignatureDef> entry: key = 1
                     sigs += [bytes(k_).decode() for k, w2, k_ in wire.iter_fields(v) if k == 1 and w2 == wire.BYTES]
-                elif n == 7 and w == wire.BYTES and not names:
+                elif n == 7 and w == wire.BYTES and names is None:
                     names = _variable_names(v)
     except (wire.ProtoError, UnicodeDecodeError) as e:
         raise CorruptFileError(pb, f"not a SavedModel protobuf ({e})") from None
@@ -93,16 +93,18 @@ def _saved_model_info(pb: Path) -> tuple[dict[str, str], dict[int, str]]:
     return out, names
 
 
-def _variable_names(object_graph) -> dict[int, str]:
-    """Node id -> ``SavedVariable.name`` of a ``SavedObjectGraph``'s variable nodes."""
-    names = {}
-    nodes = (v for n, w, v in wire.iter_fields(object_graph) if n == 1 and w == wire.BYTES)
-    for node_id, node in enumerate(nodes):
-        for n, w, v in wire.iter_fields(node):
-            if n == 7 and w == wire.BYTES:
-                name = [bytes(x).decode() for k, w2, x in wire.iter_fields(v) if k == 6 and w2 == wire.BYTES]
-                if name and name[-1]:
-                    names[node_id] = name[-1]
+def _variable_names(object_graph) -> list[str]:
+    """Per node of a ``SavedObjectGraph``, its ``SavedVariable.name`` ("" for other nodes)."""
+    names = []
+    for n, w, node in wire.iter_fields(object_graph):
+        if n != 1 or w != wire.BYTES:
+            continue
+        name = ""
+        for k, w2, v in wire.iter_fields(node):
+            if k == 7 and w2 == wire.BYTES:
+                name = next((bytes(x).decode() for f, w3, x in reversed(list(wire.iter_fields(v)))
+                             if f == 6 and w3 == wire.BYTES), "")
+        names.append(name)
     return names
 
 
@@ -116,7 +118,7 @@ def read(path: Path, names: str | None = None) -> TensorDict:
     root = _root(Path(path))
     metadata = {"source.format": NAME, "local.tf.saved_model_dir": str(root.resolve())}
     pb = root / _PB
-    node_names: dict[int, str] = {}
+    node_names = None
     if pb.is_file():
         info, node_names = _saved_model_info(pb)
         metadata.update(info)

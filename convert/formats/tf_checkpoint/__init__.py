@@ -297,7 +297,7 @@ def role_of(name: str) -> str:
 
 
 def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str],
-          node_names: dict[int, str] | None = None) -> list[Tensor]:
+          node_names: list[str] | None = None) -> list[Tensor]:
     """Checkpoint tensors with their roles and, unless ``names`` is "keys", the readable names of
     a TF2 object graph (:func:`.objects.readable`; dropped copies are noted in ``metadata``, and
     objects' configurations are put there); ``node_names``: a SavedModel's variable names by node."""

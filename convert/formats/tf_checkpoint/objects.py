@@ -123,12 +123,13 @@ def _model_nodes(nodes: list[_Node]) -> set[int]:
     return seen
 
 
-def readable(tensors: list[Tensor], path: str, node_names: dict[int, str] | None = None
+def readable(tensors: list[Tensor], path: str, node_names: list[str] | None = None
              ) -> tuple[list[Tensor], list[str], dict[str, str]]:
     """Rename object-graph keys to the variables' names and set their roles.
 
-    ``node_names`` (a SavedModel's: its ``SavedObjectGraph`` names each variable node, and its
-    node ids are those of the checkpoint's object graph) come before the checkpoint's full names.
+    ``node_names``, a name (or "") per node of a SavedModel's ``SavedObjectGraph``, whose nodes
+    are those of the checkpoint's object graph, come before the checkpoint's full names (when
+    the two graphs have as many nodes; otherwise they cannot be told apart and are ignored).
 
     ``tensors`` come in key order; the result keeps that order, without the object
     graph tensor itself, without Keras 3 ``export``'s second copies (see the module
@@ -150,7 +151,8 @@ def readable(tensors: list[Tensor], path: str, node_names: dict[int, str] | None
             local_names.setdefault(child, set()).add(local)
     slot_of = {slot: (orig, name) for node in nodes for orig, name, slot in node.slots}
     full_names = {i: a[1] for i, node in enumerate(nodes) for a in node.attributes if a[0] == "VARIABLE_VALUE"}
-    full_names.update({i: n for i, n in (node_names or {}).items() if n and i in full_names})
+    if node_names is not None and len(node_names) == len(nodes):
+        full_names.update({i: n for i, n in enumerate(node_names) if n and i in full_names})
     by_key: dict[str, tuple[str, str]] = {}
     config_keys: set[str] = set()
     for i, node in enumerate(nodes):
