@@ -24,7 +24,7 @@ import pytest
 import convert
 from convert.formats import tf_checkpoint as tfc
 
-from tf_helpers import assert_same
+from tf_helpers import assert_same, strip_full_names
 
 
 @pytest.fixture(scope="module")
@@ -159,29 +159,6 @@ def test_tf1_keras_configs_travel_as_safetensors_metadata(tf, tf1_keras_checkpoi
 
 
 # ---------------------------------------------------------------- item 8: Keras SavedModels
-
-def strip_full_names(tf, saved_model_dir) -> None:
-    """Rewrite ``variables/`` with every ``full_name`` of its object graph cleared, as in the
-    issue's SavedModels, whose bundles named variables only by object path; the rest (keys,
-    values, ``saved_model.pb``) stays, and TensorFlow loads the SavedModel as before."""
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
-
-    prefix = str(saved_model_dir / "variables" / "variables")
-    reader = tf.train.load_checkpoint(prefix)
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    for node in graph.nodes:
-        for attribute in node.attributes:
-            attribute.full_name = ""
-    values = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()}
-    values["_CHECKPOINTABLE_OBJECT_GRAPH"] = graph.SerializeToString()
-    for f in (saved_model_dir / "variables").iterdir():
-        f.unlink()
-    names = sorted(values)
-    with tf.device("/cpu:0"):
-        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                          tensors=[tf.constant(values[k]) for k in names])
-
 
 @pytest.mark.parametrize("optimizer", ["legacy", "adam"])
 @pytest.mark.parametrize("full_names", [True, False], ids=["tf2.21", "no-full-names"])

@@ -7,8 +7,9 @@ V2 checkpoint, see :mod:`convert.formats.tf_checkpoint`), ``assets/``, ``fingerp
 
 Reading: the variables bundle, named as the SavedModel names its variables (TF2): each by the
 ``name`` its ``SavedObjectGraph`` node in ``saved_model.pb`` holds (``dense/kernel``,
-``Adam/dense/kernel/m``; what ``tf.saved_model.load`` names the variable), the node ids being
-those of the bundle's object graph, else as :mod:`convert.formats.tf_checkpoint.objects` names
+``Adam/dense/kernel/m``; what ``tf.saved_model.load`` names the variable), its node matched to
+the bundle's object graph node as TensorFlow's loader matches them (child by local name from
+the root, slot variables by variable and slot name), else as :mod:`convert.formats.tf_checkpoint.objects` names
 checkpoint variables (which also drops Keras 3 ``export``'s second copy of every variable);
 or by their keys, which are the variable names (TF1 SavedModels).
 ``saved_model.pb`` contributes tags and signature names to the metadata only.
@@ -58,10 +59,11 @@ def detect(path: Path) -> bool:
     return root.is_dir() and ((root / _PB).is_file() or (root / "saved_model.pbtxt").is_file())
 
 
-def _saved_model_info(pb: Path) -> tuple[dict[str, str], list[str] | None]:
+def _saved_model_info(pb: Path) -> tuple[dict[str, str], tuple[list, list[str]] | None]:
     """Tags and signature names of each meta graph in ``saved_model.pb`` (for the metadata), and
-    the name its ``SavedObjectGraph`` gives each node ("" but for variables; from the first meta
-    graph that has one; TF2 only, else None).
+    its ``SavedObjectGraph``: the nodes' structure (:func:`.objects.parse_object_graph`) and the
+    name it gives each node ("" but for variables); from the first meta graph that has one (TF2
+    only, else None).
 
     tensorflow/core/protobuf: ``MetaGraphDef``: meta_info_def = 1 (tags = 4), signature_def = 5,
     object_graph_def = 7; ``SavedObjectGraph.nodes = 1``; ``SavedObject.variable = 7``;
@@ -82,8 +84,8 @@ def _saved_model_info(pb: Path) -> tuple[dict[str, str], list[str] | None]:
                 elif n == 5 and w == wire.BYTES:  # map<string, SignatureDef> entry: key = 1
                     sigs += [bytes(k_).decode() for k, w2, k_ in wire.iter_fields(v) if k == 1 and w2 == wire.BYTES]
                 elif n == 7 and w == wire.BYTES and names is None:
-                    names = _variable_names(v)
-    except (wire.ProtoError, UnicodeDecodeError) as e:
+                    names = (objects.parse_object_graph(v), _variable_names(v))
+    except (wire.ProtoError, UnicodeDecodeError, ValueError) as e:
         raise CorruptFileError(pb, f"not a SavedModel protobuf ({e})") from None
     out = {}
     if tags:
@@ -118,9 +120,9 @@ def read(path: Path, names: str | None = None) -> TensorDict:
     root = _root(Path(path))
     metadata = {"source.format": NAME, "local.tf.saved_model_dir": str(root.resolve())}
     pb = root / _PB
-    node_names = None
+    saved = None
     if pb.is_file():
-        info, node_names = _saved_model_info(pb)
+        info, saved = _saved_model_info(pb)
         metadata.update(info)
     elif not (root / "saved_model.pbtxt").is_file():
         raise ReadError(root, "not a SavedModel: no saved_model.pb")
@@ -132,7 +134,7 @@ def read(path: Path, names: str | None = None) -> TensorDict:
     if not has_table_magic(str(prefix) + ".index"):
         raise CorruptFileError(str(prefix) + ".index", "not a checkpoint index (no table magic)")
     tensors, _ = read_bundle(str(prefix))
-    return TensorDict(named(tensors, names, str(prefix) + ".index", metadata, node_names), metadata)
+    return TensorDict(named(tensors, names, str(prefix) + ".index", metadata, saved), metadata)
 
 
 # ---------------------------------------------------------------------------------------------- write

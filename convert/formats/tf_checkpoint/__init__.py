@@ -297,13 +297,13 @@ def role_of(name: str) -> str:
 
 
 def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str],
-          node_names: list[str] | None = None) -> list[Tensor]:
+          saved: tuple[list, list[str]] | None = None) -> list[Tensor]:
     """Checkpoint tensors with their roles and, unless ``names`` is "keys", the readable names of
     a TF2 object graph (:func:`.objects.readable`; dropped copies are noted in ``metadata``, and
-    objects' configurations are put there); ``node_names``: a SavedModel's variable names by node."""
+    objects' configurations are put there); ``saved``: a SavedModel's object graph and variable names (see :func:`.objects.readable`)."""
     tensors = [Tensor(t.name, t.dtype, t.shape, t.source, {"role": role_of(t.name)}) for t in tensors]
     if (names or "readable") == "readable":
-        tensors, copies, configs = objects.readable(tensors, index, node_names)
+        tensors, copies, configs = objects.readable(tensors, index, saved)
         metadata.update(configs)
         if copies:
             metadata["tf.duplicate_keys_dropped"] = ",".join(copies)

@@ -83,14 +83,15 @@ def _sub_fields(buf) -> tuple[dict[int, int], dict[int, str]]:
 
 
 def parse_object_graph(data: bytes) -> list[_Node]:
-    """Decode a serialized ``TrackableObjectGraph``."""
+    """Decode a serialized ``TrackableObjectGraph``, or the structure of a SavedModel's
+    ``SavedObjectGraph`` (its ``SavedObject`` s number children and slot variables alike)."""
     nodes = []
     for num, wt, val in wire.iter_fields(data):
         if num != 1 or wt != wire.BYTES:
             continue
         node = _Node()
         for n, w, v in wire.iter_fields(val):
-            if w != wire.BYTES:
+            if w != wire.BYTES or n not in (1, 2, 3):  # a SavedObject's other fields are not ours
                 continue
             ints, texts = _sub_fields(v)
             if n == 1:
@@ -123,13 +124,35 @@ def _model_nodes(nodes: list[_Node]) -> set[int]:
     return seen
 
 
-def readable(tensors: list[Tensor], path: str, node_names: list[str] | None = None
+def _same_objects(nodes: list[_Node], saved: list[_Node]) -> dict[int, int]:
+    """Checkpoint node -> SavedObjectGraph node, matched as TensorFlow's loader restores: from the
+    roots, child by local name, and slot variables by their variable and slot name."""
+    match, todo = {0: 0}, deque([0])
+    while todo:
+        i = todo.popleft()
+        j = match[i]
+        if not 0 <= j < len(saved):
+            continue
+        theirs = {local: child for child, local in saved[j].children}
+        for child, local in nodes[i].children:
+            if child not in match and local in theirs and 0 <= child < len(nodes):
+                match[child] = theirs[local]
+                todo.append(child)
+    for i, node in enumerate(nodes):
+        if i in match and 0 <= match[i] < len(saved):
+            theirs = {(orig, name): slot for orig, name, slot in saved[match[i]].slots}
+            for orig, name, slot in node.slots:
+                if orig in match and (match[orig], name) in theirs and 0 <= slot < len(nodes):
+                    match.setdefault(slot, theirs[(match[orig], name)])
+    return match
+
+
+def readable(tensors: list[Tensor], path: str, saved: tuple[list[_Node], list[str]] | None = None
              ) -> tuple[list[Tensor], list[str], dict[str, str]]:
     """Rename object-graph keys to the variables' names and set their roles.
 
-    ``node_names``, a name (or "") per node of a SavedModel's ``SavedObjectGraph``, whose nodes
-    are those of the checkpoint's object graph, come before the checkpoint's full names (when
-    the two graphs have as many nodes; otherwise they cannot be told apart and are ignored).
+    ``saved``: a SavedModel's ``SavedObjectGraph`` (its structure, and a name or "" per node):
+    the names it gives the variables come before the checkpoint's full names.
 
     ``tensors`` come in key order; the result keeps that order, without the object
     graph tensor itself, without Keras 3 ``export``'s second copies (see the module
@@ -151,8 +174,11 @@ def readable(tensors: list[Tensor], path: str, node_names: list[str] | None = No
             local_names.setdefault(child, set()).add(local)
     slot_of = {slot: (orig, name) for node in nodes for orig, name, slot in node.slots}
     full_names = {i: a[1] for i, node in enumerate(nodes) for a in node.attributes if a[0] == "VARIABLE_VALUE"}
-    if node_names is not None and len(node_names) == len(nodes):
-        full_names.update({i: n for i, n in enumerate(node_names) if n and i in full_names})
+    if saved is not None:
+        saved_nodes, saved_names = saved
+        for i, j in _same_objects(nodes, saved_nodes).items():
+            if i in full_names and 0 <= j < len(saved_names) and saved_names[j]:
+                full_names[i] = saved_names[j]
     by_key: dict[str, tuple[str, str]] = {}
     config_keys: set[str] = set()
     for i, node in enumerate(nodes):
