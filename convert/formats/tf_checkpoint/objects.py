@@ -27,7 +27,7 @@ keys are reported. Otherwise variables that share a name (TF's default ``Variabl
 metrics' ``count``) are distinct, and each is named by its object path.
 An object's other attributes are named by its path (the root's, whose path is empty, by its key).
 ``OBJECT_CONFIG_JSON`` attributes (TF 1.x wrote one for every object with a ``get_config``, so
-Keras 1.x ``save_weights`` checkpoints hold one per layer, optimizer and model) are the objects'
+tf.keras ``save_weights`` checkpoints of TF 1.x hold one per layer, optimizer and model) are the objects'
 configurations, not weights: they go to the metadata as ``tf.object_config.<object path>``
 (``tf.object_config`` for the root), the JSON text as TF stored it.
 Roles: variables reached from the root without passing through an ``optimizer`` edge are
