@@ -106,3 +106,26 @@ def test_a_source_without_the_constants_keeps_the_templates(control_flow_model, 
     before, after = onnx_tensors(control_flow_model), onnx_tensors(out)
     for name in set(before) - {"main_w"}:
         assert same_values(after[name], before[name]), name
+
+
+def test_constants_of_model_functions_go_back_into_them(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    fn = helper.make_function(
+        "custom", "AddBias", ["x"], ["y"],
+        [helper.make_node("Constant", [], ["bias"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
+         helper.make_node("Add", ["x", "bias"], ["y"])],
+        opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("AddBias", ["x"], ["y"], domain="custom")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, functions=[fn], ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    template = tmp_path / "f.onnx"
+    onnx.save(model, str(template))
+    out = tmp_path / "g.onnx"
+    onnx_format.write(TensorDict.from_arrays({"AddBias/bias": np.array([-4.0], np.float32)}), out, template=template)
+    written = onnx.load(str(out))
+    assert same_values(numpy_helper.to_array(written.functions[0].node[0].attribute[0].t), np.array([-4.0], np.float32))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"x": np.array([1.0], np.float32)})[0], [-3.0])
