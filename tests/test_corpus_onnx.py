@@ -131,6 +131,36 @@ def test_torch_exports_match_onnx(torch_exports):
     assert not any(os.path.basename(p).startswith("external.onnx.") for p in os.listdir(external.parent))
 
 
+@pytest.mark.parametrize("which", ["folded", "unfolded", "external"])
+def test_torch_exports_round_trip_through_safetensors_into_their_template(torch_exports, which, tmp_path):
+    """Everything read (initializers and Constant-node values) goes to safetensors and back into the
+    export as ``--template``: each value back in its place, and onnxruntime computes what it did."""
+    import subprocess
+    import sys
+
+    ort = pytest.importorskip("onnxruntime")
+    _, *models = torch_exports
+    model = dict(zip(["folded", "unfolded", "external"], models, strict=True))[which]
+    st, out = tmp_path / "w.safetensors", tmp_path / "back.onnx"
+    for argv in (["auto", model, "--to", "safetensors", "-o", st],
+                 ["auto", st, "--to", "onnx", "--template", model, "-o", out]):
+        res = subprocess.run([sys.executable, "-m", "convert", *map(str, argv)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    before, after = onnx_tensors(model), onnx_tensors(out)
+    assert set(after) == set(before) and any(t.op_type == "Constant" for t in onnx.load(str(out)).graph.node)
+    for name, value in before.items():
+        assert same_values(after[name], value), name
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32), "ids": np.array([[1, 2], [3, 4]])}
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (model, out)]
+    names = [i.name for i in sessions[0].get_inputs()]
+    feed = dict(zip(names, feed.values(), strict=True))
+    expected, got = (s.run(None, feed) for s in sessions)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
 def test_tf2onnx_export_matches_onnx(tmp_path):
     tf = pytest.importorskip("tensorflow")
     tf2onnx = pytest.importorskip("tf2onnx")

@@ -13,7 +13,7 @@ import pytest
 
 from convert.formats import tf_checkpoint as tfc
 
-from tf_helpers import assert_same, tf_value
+from tf_helpers import assert_same, strip_full_names, tf_value
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not CORPUS.is_dir():
@@ -192,3 +192,43 @@ def test_meta_graph_left_out_when_the_tensors_no_longer_fit_it(tmp_path):
         summary = convert.convert(examples / "model1", out, to="tf-ckpt", **kwargs)
         assert not list(out.glob("*.meta"))
         assert any("left out the .meta graph" in n for n in summary["outputs"][0]["notes"])
+
+
+SAVED_MODELS = sorted(p.parent for p in CORPUS.rglob("saved_model.pb")) if CORPUS.is_dir() else []
+
+
+@pytest.mark.parametrize("folder", SAVED_MODELS, ids=lambda p: str(p.relative_to(CORPUS)))
+def test_corpus_saved_model_variables_named_as_the_saved_model_names_them(tf, folder, tmp_path):
+    """TF2 SavedModels: each variable is named by its node in saved_model.pb's SavedObjectGraph
+    (decoded by TF's own classes; shared names fall back to the object path), also once the
+    bundle's own full names are gone (as in older SavedModels); values from TF's reader by key."""
+    import shutil
+
+    from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
+
+    from convert.formats import saved_model
+
+    prefix = str(folder / "variables" / "variables")
+    reader = tf.train.load_checkpoint(prefix)
+    td = saved_model.read(folder)
+    for name, t in td.items():
+        assert_same(t.numpy(), tf_value(tf, prefix, t.attrs.get("tf.key", name), t.dtype.numpy), name)
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((folder / "saved_model.pb").read_bytes())
+    graphs = [m.object_graph_def for m in proto.meta_graphs if m.HasField("object_graph_def")]
+    if not graphs:  # TF1: the keys are the names
+        assert sorted(td) == sorted(reader.get_variable_to_shape_map())
+        return
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    name_of = {a.checkpoint_key: graphs[0].nodes[i].variable.name for i, n in enumerate(graph.nodes)
+               for a in n.attributes}
+    shared = {n for n in name_of.values() if list(name_of.values()).count(n) > 1}
+    got = {t.attrs["tf.key"]: name for name, t in td.items()}
+    assert set(got) == set(name_of)
+    for key, name in name_of.items():
+        assert got[key] == (name if name not in shared else key.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE")), key
+    copy = tmp_path / "sm"
+    shutil.copytree(folder, copy)
+    strip_full_names(tf, copy)
+    assert list(saved_model.read(copy)) == list(td)

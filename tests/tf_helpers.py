@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -121,3 +123,26 @@ def run_without_tensorflow(args: list[str], workdir, cwd=None):
                          text=True, cwd=cwd)
     assert log.read_text() == "", f"the conversion tried to import: {log.read_text().split()}"
     return res
+
+
+def strip_full_names(tf, saved_model_dir: Path) -> None:
+    """Rewrite ``variables/`` with every ``full_name`` of its object graph cleared, as in the
+    issue's SavedModels, whose bundles named variables only by object path; the rest (keys,
+    values, ``saved_model.pb``) stays, and TensorFlow loads the SavedModel as before."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    prefix = str(saved_model_dir / "variables" / "variables")
+    reader = tf.train.load_checkpoint(prefix)
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    for node in graph.nodes:
+        for attribute in node.attributes:
+            attribute.full_name = ""
+    values = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()}
+    values["_CHECKPOINTABLE_OBJECT_GRAPH"] = graph.SerializeToString()
+    for f in (saved_model_dir / "variables").iterdir():
+        f.unlink()
+    names = sorted(values)
+    with tf.device("/cpu:0"):
+        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
+                          tensors=[tf.constant(values[k]) for k in names])

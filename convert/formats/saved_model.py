@@ -5,9 +5,13 @@ Layout (https://www.tensorflow.org/guide/saved_model, tensorflow/core/protobuf/s
 a ``SavedObjectGraph``), ``variables/variables.index`` + ``variables.data-*`` (an ordinary
 V2 checkpoint, see :mod:`convert.formats.tf_checkpoint`), ``assets/``, ``fingerprint.pb``.
 
-Reading: the variables bundle, named from its object graph (TF2; see
-:mod:`convert.formats.tf_checkpoint.objects`, which also drops Keras 3 ``export``'s second
-copy of every variable) or by their keys, which are the variable names (TF1 SavedModels).
+Reading: the variables bundle, named as the SavedModel names its variables (TF2): each by the
+``name`` its ``SavedObjectGraph`` node in ``saved_model.pb`` holds (``dense/kernel``,
+``Adam/dense/kernel/m``; what ``tf.saved_model.load`` names the variable), its node matched to
+the bundle's object graph node as TensorFlow's loader matches them (child by local name from
+the root, slot variables by variable and slot name), else as :mod:`convert.formats.tf_checkpoint.objects` names
+checkpoint variables (which also drops Keras 3 ``export``'s second copy of every variable);
+or by their keys, which are the variable names (TF1 SavedModels).
 ``saved_model.pb`` contributes tags and signature names to the metadata only.
 
 Writing needs TensorFlow (a SavedModel holds a graph, and only TensorFlow builds one):
@@ -55,13 +59,21 @@ def detect(path: Path) -> bool:
     return root.is_dir() and ((root / _PB).is_file() or (root / "saved_model.pbtxt").is_file())
 
 
-def _signatures(pb: Path) -> dict[str, str]:
-    """Tags and signature names of each meta graph in ``saved_model.pb`` (for the metadata)."""
+def _saved_model_info(pb: Path) -> tuple[dict[str, str], tuple[list, list[str]] | None]:
+    """Tags and signature names of each meta graph in ``saved_model.pb`` (for the metadata), and
+    its ``SavedObjectGraph``: the nodes' structure (:func:`.objects.parse_object_graph`) and the
+    name it gives each node ("" but for variables); from the first meta graph that has one (TF2
+    only, else None).
+
+    tensorflow/core/protobuf: ``MetaGraphDef``: meta_info_def = 1 (tags = 4), signature_def = 5,
+    object_graph_def = 7; ``SavedObjectGraph.nodes = 1``; ``SavedObject.variable = 7``;
+    ``SavedVariable.name = 6``.
+    """
     try:
         data = pb.read_bytes()
     except OSError as e:
         raise ReadError(pb, f"cannot read: {e.strerror}") from None
-    tags, sigs = [], []
+    tags, sigs, names = [], [], None
     try:
         for num, wt, meta_graph in wire.iter_fields(data):
             if num != 2 or wt != wire.BYTES:  # SavedModel.meta_graphs
@@ -71,14 +83,31 @@ def _signatures(pb: Path) -> dict[str, str]:
                     tags += [bytes(t).decode() for k, w2, t in wire.iter_fields(v) if k == 4 and w2 == wire.BYTES]
                 elif n == 5 and w == wire.BYTES:  # map<string, SignatureDef> entry: key = 1
                     sigs += [bytes(k_).decode() for k, w2, k_ in wire.iter_fields(v) if k == 1 and w2 == wire.BYTES]
-    except (wire.ProtoError, UnicodeDecodeError) as e:
+                elif n == 7 and w == wire.BYTES and names is None:
+                    names = (objects.parse_object_graph(v), _variable_names(v))
+    except (wire.ProtoError, UnicodeDecodeError, ValueError) as e:
         raise CorruptFileError(pb, f"not a SavedModel protobuf ({e})") from None
     out = {}
     if tags:
         out["tf.saved_model.tags"] = ",".join(dict.fromkeys(tags))
     if sigs:
         out["tf.saved_model.signatures"] = ",".join(dict.fromkeys(sigs))
-    return out
+    return out, names
+
+
+def _variable_names(object_graph) -> list[str]:
+    """Per node of a ``SavedObjectGraph``, its ``SavedVariable.name`` ("" for other nodes)."""
+    names = []
+    for n, w, node in wire.iter_fields(object_graph):
+        if n != 1 or w != wire.BYTES:
+            continue
+        name = ""
+        for k, w2, v in wire.iter_fields(node):
+            if k == 7 and w2 == wire.BYTES:
+                name = next((bytes(x).decode() for f, w3, x in reversed(list(wire.iter_fields(v)))
+                             if f == 6 and w3 == wire.BYTES), "")
+        names.append(name)
+    return names
 
 
 def read(path: Path, names: str | None = None) -> TensorDict:
@@ -91,8 +120,10 @@ def read(path: Path, names: str | None = None) -> TensorDict:
     root = _root(Path(path))
     metadata = {"source.format": NAME, "local.tf.saved_model_dir": str(root.resolve())}
     pb = root / _PB
+    saved = None
     if pb.is_file():
-        metadata.update(_signatures(pb))
+        info, saved = _saved_model_info(pb)
+        metadata.update(info)
     elif not (root / "saved_model.pbtxt").is_file():
         raise ReadError(root, "not a SavedModel: no saved_model.pb")
     prefix = root / "variables" / "variables"
@@ -103,7 +134,7 @@ def read(path: Path, names: str | None = None) -> TensorDict:
     if not has_table_magic(str(prefix) + ".index"):
         raise CorruptFileError(str(prefix) + ".index", "not a checkpoint index (no table magic)")
     tensors, _ = read_bundle(str(prefix))
-    return TensorDict(named(tensors, names, str(prefix) + ".index", metadata), metadata)
+    return TensorDict(named(tensors, names, str(prefix) + ".index", metadata, saved), metadata)
 
 
 # ---------------------------------------------------------------------------------------------- write

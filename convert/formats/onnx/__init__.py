@@ -76,9 +76,16 @@ Writing with a template (``--template graph.onnx``)
     tensor must be a template initializer: missing, mismatched, ambiguous *and extra* tensors
     are all listed in one :class:`~convert.errors.WriteError` (extra ones are an
     error because silently dropping a weight hides mapping mistakes; drop them with
-    a mapping rule). Constant nodes, subgraphs, opsets, producer and metadata of the
-    template are kept as they are; template tensors kept that used external data are
-    loaded inline so the output does not depend on the template's files.
+    a mapping rule). Source tensors named as :func:`read` names the template's other
+    tensors (Constant-node values, subgraph initializers, sparse tensors, function
+    constants) go back there, in the form the template had (``value``, ``value_floats``...;
+    a sparse tensor keeps its bytes when its values are unchanged, else holds the new
+    non-zero entries), so that a round trip of everything ``read`` returned (ONNX ->
+    safetensors -> ONNX ``--template``) gives the template's values back; they match by
+    exact name only, and a source without them (a state dict) keeps the template's.
+    Nodes, opsets, producer and metadata of the template are kept as they are; template
+    tensors kept that used external data are loaded inline so the output does not depend
+    on the template's files.
 """
 
 from __future__ import annotations

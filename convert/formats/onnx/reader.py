@@ -117,14 +117,21 @@ class _GraphReader:
         self.file_sizes: dict[Path, int] = {}
         self.raw_regions: list[tuple[int, int] | None] = []
         self.constants = True
+        # where each tensor outside the main graph's initializers lives in the model: the
+        # TensorProto (subgraph initializer, Constant ``value``), the SparseTensorProto, or the
+        # (node, attribute) of a Constant's other forms; a template write puts new values there
+        self.places: dict[str, object] = {}
 
     def walk(self, graph, scope: str, origin: str | None) -> None:
         main = not scope and origin is None
         for index, init in enumerate(graph.initializer):
             region = self.raw_regions[index] if main else None
             self.add(_text(init.name, self.path), init, scope, origin, "initializer", "weight", region)
+            if not main:
+                self.places[self.tensors[-1].name] = init
         for sparse in graph.sparse_initializer:
             self.add_sparse(_text(sparse.values.name, self.path), sparse, scope, origin, "sparse_initializer", "weight")
+            self.places[self.tensors[-1].name] = sparse
         self.walk_nodes(graph.node, scope, origin)
 
     def walk_function(self, fn) -> None:
@@ -223,9 +230,13 @@ class _GraphReader:
     def add_constant(self, name: str, node, scope: str, origin: str | None) -> None:
         for attr in node.attribute:
             if attr.name == "value":
-                return self.add(name, attr.t, scope, origin, "constant", "other")
+                self.add(name, attr.t, scope, origin, "constant", "other")
+                self.places[self.tensors[-1].name] = attr.t
+                return None
             if attr.name == "sparse_value":
-                return self.add_sparse(name, attr.sparse_tensor, scope, origin, "constant", "other")
+                self.add_sparse(name, attr.sparse_tensor, scope, origin, "constant", "other")
+                self.places[self.tensors[-1].name] = attr.sparse_tensor
+                return None
             simple = {
                 "value_float": (np.float32, lambda a: a.f, ()),
                 "value_floats": (np.float32, lambda a: list(a.floats), None),
@@ -249,6 +260,7 @@ class _GraphReader:
                 attrs = {"role": "other", "onnx.kind": "constant", "origin": origin or "constant"}
                 self.tensors.append(Tensor(name, dtypes.from_numpy(arr.dtype), arr.shape,
                                            ArraySource(lambda arr=arr: arr), attrs))
+                self.places[name] = (node, attr)
                 return None
         raise CorruptFileError(self.path, "Constant node without a value attribute", name)
 

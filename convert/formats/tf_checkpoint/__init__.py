@@ -284,6 +284,7 @@ _OPTIMIZER_RE = re.compile("|".join(f"(?:{r.pattern})" for r in (_SLOT_RE, _POWE
                            + r"|\.OPTIMIZER_SLOT|^optimizer/")
 _STEP_NAMES = {"global_step", "global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"}
 _OTHER_NAMES = {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
+_CONFIG_SUFFIX = "/.ATTRIBUTES/" + objects.CONFIG_ATTRIBUTE
 
 
 def role_of(name: str) -> str:
@@ -291,7 +292,7 @@ def role_of(name: str) -> str:
     (TF1 and Keras optimizers' slot names, TF2 object-graph keys)."""
     if name in _STEP_NAMES:
         return "step"
-    if name in _OTHER_NAMES:
+    if name in _OTHER_NAMES or name.endswith(_CONFIG_SUFFIX):
         return "other"
     if _OPTIMIZER_RE.search(name):
         return "optimizer"
@@ -306,13 +307,16 @@ def role_attrs(name: str) -> Mapping[str, str]:
     return _ROLE_ATTRS[role_of(name)]
 
 
-def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str]) -> list[Tensor]:
+def named(tensors: list[Tensor], names: str | None, index: str, metadata: dict[str, str],
+          saved: tuple[list, list[str]] | None = None) -> list[Tensor]:
     """Checkpoint tensors with their roles (unless read with :func:`role_attrs`) and, unless ``names``
     is "keys", the readable names of a TF2 object graph (:func:`.objects.readable`; dropped copies
-    are noted in ``metadata``)."""
+    are noted in ``metadata``, and objects' configurations are put there); ``saved``: a
+    SavedModel's object graph and variable names (see :func:`.objects.readable`)."""
     tensors = [t if "role" in t.attrs else t.with_attrs(role=role_of(t.name)) for t in tensors]
     if (names or "readable") == "readable":
-        tensors, copies = objects.readable(tensors, index)
+        tensors, copies, configs = objects.readable(tensors, index, saved)
+        metadata.update(configs)
         if copies:
             metadata["tf.duplicate_keys_dropped"] = ",".join(copies)
     return tensors

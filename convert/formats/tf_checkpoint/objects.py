@@ -17,13 +17,19 @@ know (``seq/conv/kernel``) live only in the scalar string tensor
 Decoded by hand with :mod:`.protowire` for the same reason as the other messages: TF's
 classes ship only inside ``tensorflow``.
 
-Naming: a variable's ``full_name``; for a slot variable without one,
+Naming: a variable's name in a SavedModel's ``SavedObjectGraph`` (when reading a SavedModel),
+else its ``full_name``; for a slot variable without either,
 ``<its variable's name>/<slot name>``; otherwise the key with ``/.ATTRIBUTES/...`` cut
 and the key escaping (``.S`` for ``/``, ``..`` for ``.``) undone. Keras 3 ``model.export``
 saves each variable twice under the same full name: when every name has exactly two copies
 (same dtype, shape and stored crc32c), the copy whose key comes first is kept and the dropped
 keys are reported. Otherwise variables that share a name (TF's default ``Variable``, two
 metrics' ``count``) are distinct, and each is named by its object path.
+An object's other attributes are named by its path (the root's, whose path is empty, by its key).
+``OBJECT_CONFIG_JSON`` attributes (TF 1.x wrote one for every object with a ``get_config``, so
+tf.keras ``save_weights`` checkpoints of TF 1.x hold one per layer, optimizer and model) are the objects'
+configurations, not weights: they go to the metadata as ``tf.object_config.<object path>``
+(``tf.object_config`` for the root), the JSON text as TF stored it.
 Roles: variables reached from the root without passing through an ``optimizer`` edge are
 weights; the others, and slot variables, are optimizer state; ``save_counter`` and
 iteration counters are steps.
@@ -47,6 +53,8 @@ NAMES_OPTION = Option("--names", "read", str, "TF2 object-based checkpoints: nam
 
 GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _ATTR_SUFFIX = re.compile(r"/\.ATTRIBUTES/[^/]+$")
+CONFIG_ATTRIBUTE = "OBJECT_CONFIG_JSON"
+CONFIG_METADATA = "tf.object_config"
 _STEP_LOCAL_NAMES = {"save_counter", "iterations", "_iterations", "iter", "step", "global_step"}
 
 
@@ -75,14 +83,15 @@ def _sub_fields(buf) -> tuple[dict[int, int], dict[int, str]]:
 
 
 def parse_object_graph(data: bytes) -> list[_Node]:
-    """Decode a serialized ``TrackableObjectGraph``."""
+    """Decode a serialized ``TrackableObjectGraph``, or the structure of a SavedModel's
+    ``SavedObjectGraph`` (its ``SavedObject`` s number children and slot variables alike)."""
     nodes = []
     for num, wt, val in wire.iter_fields(data):
         if num != 1 or wt != wire.BYTES:
             continue
         node = _Node()
         for n, w, v in wire.iter_fields(val):
-            if w != wire.BYTES:
+            if w != wire.BYTES or n not in (1, 2, 3):  # a SavedObject's other fields are not ours
                 continue
             ints, texts = _sub_fields(v)
             if n == 1:
@@ -115,17 +124,45 @@ def _model_nodes(nodes: list[_Node]) -> set[int]:
     return seen
 
 
-def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]:
+def _same_objects(nodes: list[_Node], saved: list[_Node]) -> dict[int, int]:
+    """Checkpoint node -> SavedObjectGraph node, matched as TensorFlow's loader restores: from the
+    roots, child by local name, and slot variables by their variable and slot name."""
+    match, todo = {0: 0}, deque([0])
+    while todo:
+        i = todo.popleft()
+        j = match[i]
+        if not 0 <= j < len(saved):
+            continue
+        theirs = {local: child for child, local in saved[j].children}
+        for child, local in nodes[i].children:
+            if child not in match and local in theirs and 0 <= child < len(nodes):
+                match[child] = theirs[local]
+                todo.append(child)
+    for i, node in enumerate(nodes):
+        if i in match and 0 <= match[i] < len(saved):
+            theirs = {(orig, name): slot for orig, name, slot in saved[match[i]].slots}
+            for orig, name, slot in node.slots:
+                if orig in match and (match[orig], name) in theirs and 0 <= slot < len(nodes):
+                    match.setdefault(slot, theirs[(match[orig], name)])
+    return match
+
+
+def readable(tensors: list[Tensor], path: str, saved: tuple[list[_Node], list[str]] | None = None
+             ) -> tuple[list[Tensor], list[str], dict[str, str]]:
     """Rename object-graph keys to the variables' names and set their roles.
 
+    ``saved``: a SavedModel's ``SavedObjectGraph`` (its structure, and a name or "" per node):
+    the names it gives the variables come before the checkpoint's full names.
+
     ``tensors`` come in key order; the result keeps that order, without the object
-    graph tensor itself and without Keras 3 ``export``'s second copies (see the module
-    docstring), whose keys are returned as the second item.
+    graph tensor itself, without Keras 3 ``export``'s second copies (see the module
+    docstring), whose keys are returned as the second item, and without the objects'
+    ``OBJECT_CONFIG_JSON`` strings, returned as metadata entries, the third item.
     Without an object graph the tensors are returned unchanged.
     """
     graph = next((t for t in tensors if t.name == GRAPH_KEY and t.dtype.kind == "string" and t.numel == 1), None)
     if graph is None:
-        return tensors, []
+        return tensors, [], {}
     try:
         nodes = parse_object_graph(graph.numpy().reshape(-1)[0])
     except (ProtoError, IndexError, ValueError) as e:
@@ -137,13 +174,21 @@ def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]
             local_names.setdefault(child, set()).add(local)
     slot_of = {slot: (orig, name) for node in nodes for orig, name, slot in node.slots}
     full_names = {i: a[1] for i, node in enumerate(nodes) for a in node.attributes if a[0] == "VARIABLE_VALUE"}
+    if saved is not None:
+        saved_nodes, saved_names = saved
+        for i, j in _same_objects(nodes, saved_nodes).items():
+            if i in full_names and 0 <= j < len(saved_names) and saved_names[j]:
+                full_names[i] = saved_names[j]
     by_key: dict[str, tuple[str, str]] = {}
+    config_keys: set[str] = set()
     for i, node in enumerate(nodes):
-        for attr_name, full_name, key in node.attributes:
+        for attr_name, _, key in node.attributes:
+            if attr_name == CONFIG_ATTRIBUTE:
+                config_keys.add(key)
             if attr_name != "VARIABLE_VALUE":
-                name = unescape_key(key)
-            elif full_name:
-                name = full_name
+                name = unescape_key(key) or key
+            elif full_names.get(i):
+                name = full_names[i]
             elif i in slot_of and full_names.get(slot_of[i][0]):
                 name = f"{full_names[slot_of[i][0]]}/{slot_of[i][1]}"
             else:
@@ -155,7 +200,13 @@ def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]
             else:
                 role = "optimizer"
             by_key[key] = (name, role)
-    named = [(t, *by_key.get(t.name, (t.name, t.attrs.get("role", "weight")))) for t in tensors if t.name != GRAPH_KEY]
+    configs: dict[str, str] = {}
+    for t in tensors:
+        if t.name in config_keys and t.dtype.kind == "string" and t.shape == ():
+            obj = unescape_key(t.name)
+            configs[f"{CONFIG_METADATA}.{obj}" if obj else CONFIG_METADATA] = _text(t.numpy().reshape(-1)[0])
+    named = [(t, *by_key.get(t.name, (t.name, t.attrs.get("role", "weight")))) for t in tensors
+             if t.name != GRAPH_KEY and not (t.name in config_keys and t.dtype.kind == "string" and t.shape == ())]
     groups: dict[str, list[Tensor]] = {}
     for t, name, _ in named:
         groups.setdefault(name, []).append(t)
@@ -177,7 +228,7 @@ def readable(tensors: list[Tensor], path: str) -> tuple[list[Tensor], list[str]]
                                    "(read with --names keys)", GRAPH_KEY)
         taken.add(final)
         out.append(Tensor(final, t.dtype, t.shape, t.source, {**t.attrs, "role": role, "tf.key": t.name}))
-    return out, dropped
+    return out, dropped, configs
 
 
 def _same_data(a: Tensor, b: Tensor) -> bool:
