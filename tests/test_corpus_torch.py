@@ -1,4 +1,4 @@
-"""Real PyTorch files from ../shared/corpus and tests/corpus: each must read, and equal what torch reads.
+"""Real PyTorch files from ../shared/corpus and tests/data/torch: each must read, and equal what torch reads.
 
 All three are named ``model.ckpt``, like several TensorFlow V1 checkpoints there: the
 content decides. The test also runs the reader with torch blocked from importing, so the
@@ -83,9 +83,9 @@ def test_detect_only_torch_files(path):
     assert pt.detect(path) is expected
 
 
-# ---- files kept with the tests (tests/corpus): kinds ../shared/corpus lacks --------------------------
+# ---- files kept with the tests (tests/data/torch): kinds ../shared/corpus lacks --------------------------
 
-LOCAL = Path(__file__).resolve().parent / "corpus"
+LOCAL = Path(__file__).resolve().parent / "data" / "torch"
 SCRIPTS = ["tarekbzahid+nn_adder@9000012e24f7/model_scripted.pt", "fer-oliveiraa+aula_iris@ebe08b1dcc2f/model_scripted.pt"]
 LIGHTNING = "annshorn+EyeTrackDiagError@d1357d76ee03/weights/read_features_last.ckpt"
 
