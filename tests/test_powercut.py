@@ -8,7 +8,7 @@ state a power cut at that point may leave is constructed, and:
   never a partial or mixed one (for an output with companion files, or a folder replaced
   where ``renameat2`` is missing, the output may be missing with either's companions beside
   it: the next conversion puts the previous output back). The new and previous outputs are
-  read by the framework or the format's own library (safetensors, TensorFlow, torch, onnx)
+  read by the framework or the format's own library (safetensors, TensorFlow, torch, onnx, gguf, NumPy)
   and must hold the tensors written;
 * each distinct state (what the next conversion can observe: the outputs and any staging
   folder's journal, old outputs and staged names) is put on disk, and there: the output is
@@ -143,6 +143,8 @@ WRITERS = {
     "onnx": Writer("onnx", "out.onnx"),
     "onnx-external": Writer("onnx", "out.onnx", ("--external-data-threshold", "0"), ("out.onnx.data",)),
     "saved-model": Writer("saved-model", "out_sm", folder=True),
+    "gguf": Writer("gguf", "out.gguf"),
+    "npz": Writer("npz", "out.npz"),
 }
 
 
@@ -195,6 +197,13 @@ def oracle(key: str, path: Path) -> dict[str, np.ndarray]:
         import torch
 
         return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+    if w.fmt == "gguf":
+        import gguf
+
+        return {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    if w.fmt == "npz":
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
     if w.fmt == "onnx":
         import onnx
         from onnx import numpy_helper
@@ -508,6 +517,10 @@ SCENARIOS = [
     pytest.param("onnx-external", True, False, id="onnx-external-force", marks=pytest.mark.slow),
     pytest.param("saved-model", False, False, id="saved-model-new", marks=pytest.mark.slow),
     pytest.param("saved-model", True, False, id="saved-model-force", marks=pytest.mark.slow),
+    pytest.param("gguf", False, False, id="gguf-new", marks=pytest.mark.slow),
+    pytest.param("gguf", True, False, id="gguf-force", marks=pytest.mark.slow),
+    pytest.param("npz", False, False, id="npz-new", marks=pytest.mark.slow),
+    pytest.param("npz", True, False, id="npz-force", marks=pytest.mark.slow),
     # where renameat2 is missing: link(2) for a new file, two renames to replace a folder
     pytest.param("safetensors", False, True, id="safetensors-new-fallback", marks=pytest.mark.slow),
     pytest.param("safetensors", True, True, id="safetensors-force-fallback", marks=pytest.mark.slow),
