@@ -63,6 +63,9 @@ FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("tflite", "convert.formats.tflite", aliases=("litert",), needs_to_read=(("flatbuffers", "tflite"),)),
     FormatInfo("gguf", "convert.formats.gguf", needs_to_write=(("gguf", "gguf"),),
                optional=(("gguf", "gguf", "--dtype (dequantizing quantized tensors)"),)),
+    FormatInfo("keras", "convert.formats.keras", aliases=("h5", "keras3", "hdf5"),
+               needs_to_read=(("h5py", "keras"),), needs_to_write=(("h5py", "keras"),),
+               writer_aliases={"keras-legacy": "legacy", "keras2": "legacy"}),
 )
 
 

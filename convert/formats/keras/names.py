@@ -106,11 +106,14 @@ def _layer_list(inner: dict) -> list[dict]:
     return [entry for entry in layers if isinstance(entry, dict)] if isinstance(layers, list) else []
 
 
+def join(*parts: str) -> str:
+    return "/".join(x for x in parts if x)
+
+
 def _name_children(cfg: dict, inner: dict, path: str, prefix: list[str], saveables: dict[str, Saveable],
                    out: Naming, trainable: bool) -> None:
     """The sub-saveables of a layer or model at ``path``."""
     cls = str(cfg.get("class_name", ""))
-    join = (lambda *p: "/".join(x for x in p if x))
     if cls in _MODELS or "layers" in inner:
         used: dict[str, int] = {}
         for entry in _layer_list(inner):

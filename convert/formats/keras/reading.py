@@ -17,10 +17,11 @@ NAME = "keras"
 WEIGHTS_MEMBER = "model.weights.h5"
 CONFIG_MEMBER = "config.json"
 METADATA_MEMBER = "metadata.json"
-_MAX_JSON = 64 << 20
+MAX_JSON = 64 << 20
 _STEP_NAMES = {"iteration", "iterations", "iter"}
 KERAS3_PATH = re.compile(r"(?:.+/)?vars/\d+")
-_LEGACY_LAYERS = "_layer_checkpoint_dependencies"  # tf.keras 2.13's .keras files say this for "layers"
+_LEGACY_LAYERS = "_layer_checkpoint_dependencies"
+NOTE = "local.note.keras.names"  # convert.api.READ_NOTE: shown to the user, never written  # tf.keras 2.13's .keras files say this for "layers"
 
 
 @dataclass
@@ -107,11 +108,11 @@ def _named_keras3(found: Found, keys: bool, config: dict | None, where: hdf5.Whe
     elif config is not None:
         readable, optimizer = _config_names(tensors, config)
         readable.update(optimizer)
-        order = {p: i for i, p in enumerate(readable)}
+        order = {p: i for i, p in enumerate(readable)}  # the model's order (model.weights), then the optimizer's
         meta["keras.names"] = "config"
         unnamed = [t.name for t in tensors if t.name not in readable]
         if unnamed:
-            meta["keras.note"] = (f"{len(unnamed)} variables keep their HDF5 paths: their layers' variables are not "
+            meta[NOTE] = (f"{len(unnamed)} variables keep their HDF5 paths: their layers' variables are not "
                                   f"known to convert or do not fit the config ({', '.join(unnamed[:5])}"
                                   f"{', ...' if len(unnamed) > 5 else ''})")
     elif tensors and all(t.attrs.get("keras.name") for t in tensors) and \
@@ -120,7 +121,7 @@ def _named_keras3(found: Found, keys: bool, config: dict | None, where: hdf5.Whe
         meta["keras.names"] = "stored"
     else:
         meta["keras.names"] = "keys"
-        meta["keras.note"] = ("tensors are named by their HDF5 paths: a Keras 3 .weights.h5 stores variables by "
+        meta[NOTE] = ("tensors are named by their HDF5 paths: a Keras 3 .weights.h5 stores variables by "
                               "position only, and their names come from the model's config.json, which this "
                               "file does not include (read the .keras file or its unzipped folder instead)")
     out = []
@@ -131,7 +132,7 @@ def _named_keras3(found: Found, keys: bool, config: dict | None, where: hdf5.Whe
             attrs["role"] = "step"
         out.append(Tensor(name, t.dtype, t.shape, t.source, attrs))
     if order:
-        out.sort(key=lambda t: order.get(t.attrs["keras.path"], len(order)))
+        out.sort(key=lambda t: order.get(t.attrs["keras.path"], len(order)))  # stable: the rest in path order
     found.tensors = out
     if len({t.name for t in out}) != len(out):
         raise CorruptFileError(where.shown, "two variables resolve to the same name; read with --names keys")
@@ -157,9 +158,10 @@ def _config_names(tensors: list[Tensor], config: dict) -> tuple[dict[str, str], 
     naming = names.name_model(config, saveables)
     by_path = {t.attrs["keras.path"]: t for t in tensors}
     readable = {}
-    for t in tensors:
-        name = naming.names.get(_canonical(t.attrs["keras.path"]))
-        if name is not None:
+    by_canonical = {_canonical(t.attrs["keras.path"]): t for t in tensors}
+    for path, name in naming.names.items():  # in config order
+        t = by_canonical.get(path)
+        if t is not None:
             readable[t.name] = name
             shapes[name] = t.shape
     opt = sorted((p for p in by_path if p.startswith("optimizer/vars/")), key=_index)
@@ -262,8 +264,8 @@ def load_json(raw: bytes, shown: str, what: str) -> dict:
 
 def _read_json_file(path: Path) -> dict:
     try:
-        if path.stat().st_size > _MAX_JSON:
-            raise CorruptFileError(path, f"larger than {_MAX_JSON >> 20} MiB")
+        if path.stat().st_size > MAX_JSON:
+            raise CorruptFileError(path, f"larger than {MAX_JSON >> 20} MiB")
         raw = path.read_bytes()
     except OSError as e:
         raise ReadError(path, f"cannot read: {e.strerror}") from None
@@ -313,10 +315,10 @@ def read_archive(path: Path, keys: bool) -> TensorDict:
         config = metadata = None
         try:
             if CONFIG_MEMBER in members:
-                if members[CONFIG_MEMBER].file_size > _MAX_JSON:
-                    raise CorruptFileError(path, f"{CONFIG_MEMBER} is larger than {_MAX_JSON >> 20} MiB")
+                if members[CONFIG_MEMBER].file_size > MAX_JSON:
+                    raise CorruptFileError(path, f"{CONFIG_MEMBER} is larger than {MAX_JSON >> 20} MiB")
                 config = load_json(zf.read(CONFIG_MEMBER), str(path), CONFIG_MEMBER)
-            if METADATA_MEMBER in members and members[METADATA_MEMBER].file_size <= _MAX_JSON:
+            if METADATA_MEMBER in members and members[METADATA_MEMBER].file_size <= MAX_JSON:
                 metadata = load_json(zf.read(METADATA_MEMBER), str(path), METADATA_MEMBER)
         except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as e:  # a bad CRC, a truncated member
             raise CorruptFileError(path, f"damaged archive ({e})") from None
