@@ -150,7 +150,8 @@ def _name_children(cfg: dict, inner: dict, path: str, prefix: list[str], saveabl
 def _name_layer(cfg: dict, inner: dict, path: str, prefix: list[str], saveables: dict[str, Saveable], out: Naming,
                 trainable: bool, default_name: str | None = None) -> None:
     here = saveables.get(path)
-    name = (here.name if here is not None and here.name else None) or inner.get("name") or default_name \
+    stored = here.name if here is not None and here.name and "/" not in here.name else None
+    name = stored or inner.get("name") or default_name \
         or path.rsplit("/", 1)[-1]
     name = str(name)
     trainable = trainable and inner.get("trainable", True) is not False

@@ -79,10 +79,22 @@ def prepare(td: TensorDict, template: str | os.PathLike | None = None, template_
         raise WriteError(None, f"template: {e}") from None
     if not tmpl.metadata.get("keras.layout", "").startswith(("keras", "folder", "weights", "sharded")):
         raise UsageError(f"template {template} is a legacy Keras HDF5 file; give a Keras 3 .keras or .weights.h5")
+    td = _by_keras_path(td, tmpl)
     out, resolution = resolve(td, tmpl, template_name=os.fspath(template), fill=template_fill)
-    tensors = [t.with_attrs(**{"keras.path": tmpl[t.name].attrs["keras.path"]}) for t in out.values()]
+    tensors = [t.with_attrs(**{k: tmpl[t.name].attrs[k] for k in ("keras.path", "keras.layer") if k in tmpl[t.name].attrs})
+               for t in out.values()]
     metadata = {**td.metadata, TEMPLATE_KEY: os.path.abspath(template)}
     return out.replace(tensors, metadata), resolution
+
+
+def _by_keras_path(td: TensorDict, tmpl: TensorDict) -> TensorDict:
+    """Tensors read from a Keras 3 file named as the template's variable at the same Keras path
+    (class-based paths are the same in every instance of a model; layer names are not), when
+    that names no other source tensor."""
+    at = {t.attrs.get("keras.path"): t.name for t in tmpl.values() if KERAS3_PATH.fullmatch(t.attrs.get("keras.path", ""))}
+    renamed = [t.renamed(at[t.attrs["keras.path"]]) if t.attrs.get("keras.path") in at else t for t in td.values()]
+    names = [t.name for t in renamed]
+    return td.replace(renamed) if len(set(names)) == len(names) else td
 
 
 def _prepared(td: TensorDict, template, template_fill: bool) -> TensorDict:
@@ -169,7 +181,7 @@ def _vars_names(f, placed: list[tuple[Tensor, str]]) -> None:
         group_path = where.rsplit("/", 1)[0]
         group = f[group_path] if group_path else f
         if "name" not in group.attrs:
-            layer = t.attrs.get("keras.layer") or t.name.rsplit("/", 1)[0] or group_path
+            layer = t.attrs.get("keras.layer") or t.name.rpartition("/")[0].rpartition("/")[2] or "model"
             group.attrs["name"] = layer
 
 

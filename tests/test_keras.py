@@ -1,0 +1,277 @@
+"""Keras files: every layout read equal to Keras's own ``get_weights()`` (Keras 3 with the TF
+backend, tf_keras for the legacy format), writers checked by Keras's ``load_weights`` /
+``load_model`` and by h5py (the contract)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import convert
+from convert import registry
+from convert.errors import ConvertError
+
+from contract import FormatContract
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+ROOT = Path(__file__).resolve().parent.parent
+h5py = pytest.importorskip("h5py")
+
+
+def _train_one_step(model, inputs, outputs) -> None:
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(inputs, outputs, epochs=1, batch_size=len(outputs), verbose=0)
+
+
+def _mixed_model(keras, seed: int = 0):
+    """Conv2D, BatchNormalization, Dense, Embedding, LSTM, LayerNormalization: a Functional model."""
+    keras.utils.set_random_seed(seed)
+    img = keras.Input((8, 8, 3), name="image")
+    tok = keras.Input((5,), dtype="int32", name="tokens")
+    x = keras.layers.Conv2D(4, 3)(img)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(6)(x)
+    y = keras.layers.Embedding(20, 6)(tok)
+    y = keras.layers.LSTM(7)(y)
+    y = keras.layers.LayerNormalization()(y)
+    z = keras.layers.Dense(3)(keras.layers.Concatenate()([x, y]))
+    return keras.Model([img, tok], z)
+
+
+def _data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(4, 8, 8, 3)).astype("f4"), rng.integers(0, 20, (4, 5))], rng.normal(size=(4, 3)).astype("f4")
+
+
+@pytest.fixture(scope="module")
+def keras3():
+    return pytest.importorskip("keras")
+
+
+@pytest.fixture(scope="module")
+def saved(keras3, tmp_path_factory):
+    """The trained model saved in every Keras 3 layout, with Keras's own view of it."""
+    d = tmp_path_factory.mktemp("keras3")
+    model = _mixed_model(keras3)
+    _train_one_step(model, *_data())
+    model.save(d / "m.keras")
+    model.save_weights(d / "m.weights.h5")
+    (d / "sharded").mkdir()
+    model.save_weights(d / "sharded" / "model.weights.json", max_shard_size=0.000002)  # ~2 KB: several shards
+    model.save(d / "legacy.h5")  # Keras 3's legacy HDF5 saving (keras.src.legacy.saving)
+    with zipfile.ZipFile(d / "m.keras") as zf:
+        zf.extractall(d / "unzipped")
+    expected = {
+        "names": [w.path for w in model.weights],
+        "values": [np.asarray(v) for v in model.get_weights()],
+        "optimizer": {v.path: np.asarray(v.numpy()) for v in model.optimizer.variables},
+    }
+    return d, expected
+
+
+def _weights(td):
+    return [t for t in td.values() if t.attrs["role"] == "weight"]
+
+
+@pytest.mark.parametrize("layout", ["m.keras", "unzipped", "legacy.h5"])
+def test_named_layouts_read_as_keras_sees_them(saved, layout):
+    d, want = saved
+    td = convert.read(d / layout)
+    assert td.metadata["source.format"] == "keras"
+    weights = _weights(td)
+    assert [t.name for t in weights] == want["names"]
+    for t, arr in zip(weights, want["values"], strict=True):
+        np.testing.assert_array_equal(t.numpy(), arr, err_msg=t.name)
+    optimizer = {t.name: t for t in td.values() if t.attrs["role"] in ("optimizer", "step")}
+    assert set(optimizer) == set(want["optimizer"])
+    for name, arr in want["optimizer"].items():
+        np.testing.assert_array_equal(optimizer[name].numpy(), arr, err_msg=name)
+    assert td["adam/iteration"].attrs["role"] == "step"
+
+
+@pytest.mark.parametrize("layout", ["m.weights.h5", "sharded", "sharded/model.weights.json"])
+def test_bare_weights_read_by_hdf5_path_with_a_note(saved, layout):
+    d, want = saved
+    td = convert.read(d / layout)
+    assert any(k.startswith("local.note.") and "config.json" in v for k, v in td.metadata.items())
+    assert "layers/conv2d/vars/0" in td and "layers/lstm/cell/vars/1" in td
+    got = sorted((t.numpy() for t in _weights(td)), key=lambda a: (a.shape, a.tobytes()))
+    exp = sorted(want["values"], key=lambda a: (a.shape, a.tobytes()))
+    assert len(got) == len(exp)
+    for a, b in zip(got, exp, strict=True):
+        np.testing.assert_array_equal(a, b)
+    opt = [t for t in td.values() if t.attrs["role"] == "optimizer"]
+    assert len(opt) == len(want["optimizer"])
+
+
+def test_names_keys_and_contiguous_datasets_are_file_regions(saved):
+    d, _ = saved
+    td = convert.read(d / "m.keras", names="keys")
+    assert "layers/conv2d/vars/0" in td
+    with h5py.File(d / "unzipped" / "model.weights.h5") as f:
+        for name, t in td.items():
+            np.testing.assert_array_equal(t.numpy(), f[name][()])
+    assert all(type(t.source).__name__ == "FileRegion" for t in td.values() if t.numel)
+
+
+def test_weights_only_leaves_out_the_optimizer(saved, tmp_path):
+    d, want = saved
+    out = tmp_path / "w.safetensors"
+    convert.convert(d / "m.keras", out, to="safetensors", weights_only=True)
+    from safetensors.numpy import load_file
+
+    got = load_file(out)
+    assert sorted(got) == sorted(want["names"])
+
+
+def test_tf_keras_legacy_h5_reads_as_tf_keras_sees_it(tmp_path):
+    tf_keras = pytest.importorskip("tf_keras")
+    model = _mixed_model(tf_keras)
+    _train_one_step(model, *_data())
+    model.save(tmp_path / "m.h5")
+    model.save_weights(tmp_path / "w.h5")
+    names = [w.name.removesuffix(":0") for w in model.weights]
+    for path in ("m.h5", "w.h5"):
+        td = convert.read(tmp_path / path)
+        weights = _weights(td)
+        assert [t.name for t in weights] == names, path
+        for t, arr in zip(weights, model.get_weights(), strict=True):
+            np.testing.assert_array_equal(t.numpy(), arr, err_msg=t.name)
+    td = convert.read(tmp_path / "m.h5")
+    opt = {t.name: t.attrs["role"] for t in td.values() if t.attrs["role"] != "weight"}
+    assert len(opt) == len(model.optimizer.variables()) and "step" in opt.values()
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+def test_weights_h5_written_loads_into_keras(saved, keras3, tmp_path):
+    d, want = saved
+    out = tmp_path / "out.weights.h5"
+    convert.convert(d / "m.keras", out, to="keras")
+    fresh = _mixed_model(keras3, seed=5)
+    fresh.load_weights(out)
+    for a, b in zip(fresh.get_weights(), want["values"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_foreign_names_written_on_a_template_load_into_keras(saved, keras3, tmp_path):
+    """A source without Keras paths (safetensors, other names' order) is resolved against the template."""
+    d, want = saved
+    st = tmp_path / "w.safetensors"
+    convert.convert(d / "m.keras", st, to="safetensors", weights_only=True)
+    keras3.backend.clear_session()  # a new process's layer names: conv2d, dense, dense_1...
+    other = _mixed_model(keras3, seed=7)
+    _train_one_step(other, *_data(1))
+    other.save(tmp_path / "template.keras")
+    out = tmp_path / "out.weights.h5"
+    convert.convert(st, out, to="keras", write_opts={"template": str(tmp_path / "template.keras")})
+    keras3.backend.clear_session()
+    fresh = _mixed_model(keras3, seed=9)
+    fresh.load_weights(out)
+    for a, b in zip(fresh.get_weights(), want["values"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    out2 = tmp_path / "out.keras"
+    convert.convert(st, out2, to="keras:keras", write_opts={"template": str(tmp_path / "template.keras")})
+    loaded = keras3.models.load_model(out2)
+    for a, b in zip(loaded.get_weights(), want["values"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_keras_writer_needs_a_template(saved, tmp_path):
+    d, _ = saved
+    with pytest.raises(ConvertError, match="--template"):
+        convert.convert(d / "m.keras", tmp_path / "o.keras", to="keras:keras")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_legacy_writer_loads_into_tf_keras(tmp_path):
+    tf_keras = pytest.importorskip("tf_keras")
+    model = _mixed_model(tf_keras)
+    _train_one_step(model, *_data())
+    model.save(tmp_path / "m.h5")
+    out = tmp_path / "w.h5"
+    convert.convert(tmp_path / "m.h5", out, to="keras-legacy", weights_only=True)
+    fresh = _mixed_model(tf_keras, seed=3)
+    fresh.load_weights(out)
+    for a, b in zip(fresh.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class TestKerasContract(FormatContract):
+    FORMAT = "keras"
+
+    def oracle_read(self, path):
+        out = {}
+        with h5py.File(path) as f:
+            def visit(_, obj):
+                if isinstance(obj, h5py.Dataset):
+                    value = obj[()]
+                    if obj.attrs.get("dtype") == "bfloat16":  # as Keras's H5IOStore reads it
+                        import ml_dtypes
+                        value = np.asarray(value).view(ml_dtypes.bfloat16)
+                    out[obj.attrs["name"]] = np.asarray(value)
+            f.visititems(visit)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- without Keras
+
+def test_reading_needs_neither_tensorflow_nor_keras(saved):
+    d, want = saved
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "tf_keras", "torch"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import convert
+for p in ("m.keras", "unzipped", "m.weights.h5", "legacy.h5", "sharded"):
+    td = convert.read({str(d)!r} + "/" + p)
+    print(p, len(td), float(sum(t.numpy().astype("f8").sum() for t in td.values())))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 5
+
+
+def test_without_h5py_says_what_to_install(saved):
+    d, _ = saved
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "h5py":
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import convert
+from convert.errors import MissingDependencyError
+try:
+    convert.read({str(d / 'm.weights.h5')!r})
+except MissingDependencyError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "ckpt-convert[keras]" in out.stdout, out.stdout
+
+
+# ------------------------------------------------------------------------------------------- detection
+
+def test_detect_tells_keras_hdf5_from_other_hdf5(saved, tmp_path):
+    d, _ = saved
+    for p in ("m.keras", "unzipped", "m.weights.h5", "legacy.h5", "sharded", "sharded/model.weights.json"):
+        assert registry.detect(d / p).name == "keras", p
+    other = tmp_path / "data.h5"
+    with h5py.File(other, "w") as f:
+        f["images"] = np.zeros((2, 2))
+    assert not registry.get("keras").format.detect(other)
+    with pytest.raises(ConvertError, match="not Keras weights.*images"):
+        convert.read(other)
