@@ -275,3 +275,50 @@ def test_detect_tells_keras_hdf5_from_other_hdf5(saved, tmp_path):
     assert not registry.get("keras").format.detect(other)
     with pytest.raises(ConvertError, match="not Keras weights.*images"):
         convert.read(other)
+
+
+# ------------------------------------------------------------------------------------ keras-to-torch
+
+def _cnn(keras, seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((10, 10, 3)), keras.layers.Conv2D(4, 3, name="conv1"), keras.layers.BatchNormalization(name="bn1"),
+        keras.layers.ReLU(), keras.layers.Conv2D(6, 3, padding="same", name="conv2"),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(5, name="fc")], name="cnn")
+
+
+def _torch_cnn():
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e-3)
+            self.conv2, self.fc = nn.Conv2d(4, 6, 3, padding=1), nn.Linear(6, 5)
+
+        def forward(self, x):
+            x = self.conv2(self.bn1(self.conv1(x)).relu())
+            return self.fc(x.mean(dim=(2, 3)))
+    return Net().eval()
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_keras_cnn_to_torch_gives_keras_outputs(keras3, tmp_path, trained):
+    torch = pytest.importorskip("torch")
+    model = _cnn(keras3)
+    rng = np.random.default_rng(3)
+    x = rng.random((4, 10, 10, 3), dtype=np.float32)
+    if trained:  # moving statistics and biases move away from their initial values; the optimizer has state
+        _train_one_step(model, x, rng.normal(size=(4, 5)).astype("f4"))
+    want = np.asarray(model(x, training=False))
+    model.save(tmp_path / "m.keras")
+    extra = ["--weights-only"] if trained else []
+    out = subprocess.run([sys.executable, "-m", "convert", "keras", str(tmp_path / "m.keras"), "--to", "torch",
+                          "--map", "keras-to-torch", "-o", str(tmp_path / "m.pt"), *extra],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    net = _torch_cnn()
+    net.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
+    with torch.no_grad():
+        got = net(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy())).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
