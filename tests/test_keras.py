@@ -5,6 +5,7 @@ backend, tf_keras for the legacy format), writers checked by Keras's ``load_weig
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -322,3 +323,92 @@ def test_keras_cnn_to_torch_gives_keras_outputs(keras3, tmp_path, trained):
     with torch.no_grad():
         got = net(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy())).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- hostile files
+
+def _keras3_file(path: Path, build) -> Path:
+    """A Keras 3 .weights.h5 with one honest layer and whatever ``build(f)`` adds."""
+    with h5py.File(path, "w") as f:
+        f.create_group("layers/dense/vars")["0"] = np.ones((2, 2), np.float32)
+        build(f)
+    return path
+
+
+def _external_link(f):
+    f["layers/dense/vars"]["1"] = h5py.ExternalLink("/etc/passwd", "/x")
+
+
+def _external_storage(f):
+    f["layers/dense/vars"].create_dataset("1", (4,), np.float32, external=[("/etc/hostname", 0, 16)])
+
+
+def _virtual(f, outside="/tmp/elsewhere.h5"):
+    layout = h5py.VirtualLayout((4,), np.float32)
+    layout[:] = h5py.VirtualSource(outside, "data", (4,))
+    f["layers/dense/vars"].create_virtual_dataset("1", layout, fillvalue=0)
+
+
+def _huge(f):
+    f["layers/dense/vars"].create_dataset("1", (1 << 40,), np.float32, chunks=(1 << 20,))
+
+
+def _soft(f):
+    f["layers/dense/vars"]["1"] = h5py.SoftLink("/layers/dense/vars/0")
+
+
+HOSTILE = {
+    "external link": (_external_link, "external link"),
+    "external raw storage": (_external_storage, "external files"),
+    "virtual dataset": (_virtual, "virtual"),
+    "huge claimed shape": (_huge, "claims"),
+    "soft link": (_soft, "soft link"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_hdf5_is_one_line_naming_the_file(tmp_path, case):
+    from fuzzing import exercise, one_line_naming, run_guarded
+
+    build, expected = HOSTILE[case]
+    path = _keras3_file(tmp_path / "hostile.weights.h5", build)
+    error = run_guarded(lambda: exercise(path, "keras"), max_bytes=16 << 20)
+    assert isinstance(error, ConvertError), case
+    one_line_naming(error, tmp_path)
+    assert expected in str(error), str(error)
+
+
+def test_zip_path_traversal_and_shards_outside_are_refused(saved, tmp_path):
+    d, _ = saved
+    evil = tmp_path / "evil.keras"
+    with zipfile.ZipFile(d / "m.keras") as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        dst.writestr("../../outside.txt", b"x")
+    with pytest.raises(ConvertError, match="path traversal") as e:
+        convert.read(evil)
+    assert str(evil) in str(e.value)
+    shard_dir = tmp_path / "sh"
+    shutil.copytree(d / "sharded", shard_dir)
+    index = shard_dir / "model.weights.json"
+    index.write_text(index.read_text().replace('"model_00000.weights.h5"', '"../m.weights.h5"'))
+    shutil.copy(d / "m.weights.h5", tmp_path / "m.weights.h5")
+    with pytest.raises(ConvertError, match="refused") as e:
+        convert.read(index)
+    assert str(index) in str(e.value)
+
+
+def test_truncated_and_damaged_files_fail_in_one_line_on_the_command_line(saved, tmp_path):
+    d, _ = saved
+    for name in ("m.keras", "m.weights.h5", "legacy.h5"):
+        data = (d / name).read_bytes()
+        for i, blob in enumerate((data[: len(data) // 2], data[: len(data) - 3000])):
+            victim = tmp_path / f"{i}.{name}"
+            victim.write_bytes(blob)
+            out = subprocess.run([sys.executable, "-m", "convert", "keras", str(victim), "--to", "safetensors",
+                                  "-o", str(tmp_path / f"{i}{name}.safetensors")],
+                                 capture_output=True, text=True, cwd=ROOT)
+            assert out.returncode == 1, (name, out.stdout)
+            lines = out.stderr.strip().splitlines()
+            assert len(lines) == 1 and str(victim) in lines[0], out.stderr
+    assert not list(tmp_path.glob("*.safetensors"))
