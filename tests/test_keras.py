@@ -412,3 +412,35 @@ def test_truncated_and_damaged_files_fail_in_one_line_on_the_command_line(saved,
             lines = out.stderr.strip().splitlines()
             assert len(lines) == 1 and str(victim) in lines[0], out.stderr
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------- files written by others
+
+DATA = ROOT / "tests" / "data" / "keras"
+
+
+@pytest.mark.parametrize("stem", ["KERAS_3layer_batch_norm", "KERAS_conv2d_model"])
+def test_real_legacy_weights_read_as_tf_keras_loads_them(stem):
+    tf_keras = pytest.importorskip("tf_keras")
+    model = tf_keras.models.model_from_json((DATA / f"{stem}.json").read_text())
+    model.load_weights(DATA / f"{stem}_weights.h5")
+    td = convert.read(DATA / f"{stem}_weights.h5")
+    assert td.metadata["keras.layout"] == "legacy-h5-weights"
+    assert list(td) == [w.name.removesuffix(":0") for w in model.weights]
+    for t, arr in zip(td.values(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(t.numpy(), arr, err_msg=t.name)
+
+
+def test_real_qkeras_keras_file_reads_as_h5py_sees_it():
+    path = DATA / "qkeras-v3_3layer.keras"
+    td = convert.read(path)
+    assert list(td) == [f"{layer}/{var}" for layer in ("fc1", "fc2", "fc3", "output") for var in ("kernel", "bias")]
+    assert "QDense as Dense" in td.metadata["local.note.keras.names_config"]
+    import io
+
+    with zipfile.ZipFile(path) as zf, h5py.File(io.BytesIO(zf.read("model.weights.h5"))) as f:
+        datasets = {}
+        f.visititems(lambda name, obj: datasets.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    assert len(datasets) == len(td)
+    for t in td.values():
+        np.testing.assert_array_equal(t.numpy(), datasets[t.attrs["keras.path"]], err_msg=t.name)

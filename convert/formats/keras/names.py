@@ -32,10 +32,6 @@ def snake_case(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _opt(c: dict, key: str, default=True) -> list:
-    return [] if not c.get(key, default) else [None]
-
-
 def _kernel_bias(c: dict) -> list[str]:
     return ["kernel"] + (["bias"] if c.get("use_bias", True) else [])
 
@@ -88,6 +84,9 @@ class Naming:
     """Readable names of trainable variables, in the model's order (for the optimizer)."""
     unknown: list[str] = field(default_factory=list)
     """Layers whose variables could not be named."""
+    by_base: list[str] = field(default_factory=list)
+    """Layers of a class convert does not know named as the built-in class its name ends with
+    (QKeras's ``QDense`` as ``Dense``), their variables' count fitting."""
 
 
 def name_model(config: dict, saveables: dict[str, Saveable]) -> Naming:
@@ -160,6 +159,11 @@ def _name_layer(cfg: dict, inner: dict, path: str, prefix: list[str], saveables:
         cls = str(cfg.get("class_name", ""))
         guess = _VARIABLES.get(cls)
         var_names = guess(inner) if guess is not None else None
+        if guess is None:  # a subclass by its name (QDense, QConv2D, QBatchNormalization): if its count fits
+            base = next((k for k in sorted(_VARIABLES, key=len, reverse=True) if cls.endswith(k)), None)
+            var_names = _VARIABLES[base](inner) if base else None
+            if var_names is not None and len(var_names) == here.count:
+                out.by_base.append(f"{'/'.join(chain)} ({cls} as {base})")
         if var_names is None or len(var_names) != here.count:
             out.unknown.append("/".join(chain))
             var_names = [str(i) for i in range(here.count)]

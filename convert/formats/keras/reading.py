@@ -106,11 +106,20 @@ def _named_keras3(found: Found, keys: bool, config: dict | None, where: hdf5.Whe
     if keys:
         meta["keras.names"] = "keys"
     elif config is not None:
-        readable, optimizer = _config_names(tensors, config)
+        readable, optimizer, naming = _config_names(tensors, config)
         readable.update(optimizer)
         order = {p: i for i, p in enumerate(readable)}  # the model's order (model.weights), then the optimizer's
         meta["keras.names"] = "config"
         unnamed = [t.name for t in tensors if t.name not in readable]
+        notes = []
+        if naming.by_base:
+            notes.append(f"layers of classes convert does not know, named as the built-in class their name ends "
+                         f"with: {', '.join(naming.by_base[:5])}{', ...' if len(naming.by_base) > 5 else ''}")
+        if naming.unknown:
+            notes.append(f"variables of layers convert cannot name are numbered: {', '.join(naming.unknown[:5])}"
+                         f"{', ...' if len(naming.unknown) > 5 else ''}")
+        if notes:
+            meta[NOTE + "_config"] = "; ".join(notes)
         if unnamed:
             meta[NOTE] = (f"{len(unnamed)} variables keep their HDF5 paths: their layers' variables are not "
                                   f"known to convert or do not fit the config ({', '.join(unnamed[:5])}"
@@ -139,7 +148,7 @@ def _named_keras3(found: Found, keys: bool, config: dict | None, where: hdf5.Whe
     return found
 
 
-def _config_names(tensors: list[Tensor], config: dict) -> tuple[dict[str, str], dict[str, str]]:
+def _config_names(tensors: list[Tensor], config: dict) -> tuple[dict[str, str], dict[str, str], names.Naming]:
     saveables: dict[str, names.Saveable] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for t in tensors:
@@ -171,7 +180,7 @@ def _config_names(tensors: list[Tensor], config: dict) -> tuple[dict[str, str], 
                                    [by_path[p].shape == () for p in opt], naming.trainable, shapes)
         if got is not None and not set(got) & set(readable.values()):
             optimizer = dict(zip(opt, got, strict=True))
-    return readable, optimizer
+    return readable, optimizer, naming
 
 
 def _canonical(path: str) -> str:
