@@ -323,6 +323,18 @@ def test_keras_cnn_to_torch_gives_keras_outputs(keras3, tmp_path, trained):
     with torch.no_grad():
         got = net(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy())).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # and back: torch names to Keras's by torch-to-tf1 (kernel/bias, gamma/beta/moving_*), into the
+    # template's layout, which a fresh model's load_weights accepts
+    back = tmp_path / "back.weights.h5"
+    out = subprocess.run([sys.executable, "-m", "convert", "torch", str(tmp_path / "m.pt"), "--to", "keras",
+                          "--map", "torch-to-tf1", "--template", str(tmp_path / "m.keras"), "-o", str(back)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    fresh = _cnn(keras3, seed=11)
+    fresh.load_weights(back)
+    np.testing.assert_allclose(np.asarray(fresh(x, training=False)), want, atol=1e-6, rtol=0)
+    for a, b in zip(fresh.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------- hostile files
