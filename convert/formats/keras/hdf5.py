@@ -280,7 +280,8 @@ def dataset_tensor(name: str, ds, where: Where, attrs: dict[str, str], file_size
     stored = ds.id.get_storage_size()
     if dtype.kind != "string":
         nbytes = numel * dtype.itemsize
-        if layout == h5py.h5d.CONTIGUOUS and plist.get_nfilters() == 0 and raw:
+        # a byte range of the input only when the HDF5 bytes are the file's (or a stored zip member's)
+        if layout == h5py.h5d.CONTIGUOUS and plist.get_nfilters() == 0 and raw and where.member is None:
             offset = ds.id.get_offset()
             if offset is not None and nbytes:
                 if stored != nbytes:

@@ -41,6 +41,8 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 OPTIONS = (
     Option("--template", "write", str, "resolve the tensors' names against an existing model and write into "
            "its layout: keras: a .keras file or folder (or .weights.h5) whose config and variables are used"),
+    Option("--max-shard-size", "write", str, "keras: a folder of Keras 3 sharded weights (model.weights.json and "
+           "model_0000N.weights.h5, what load_weights('.../model.weights.json') reads) with shards of at most this size"),
     Option("--template-fill", "write", bool, "with --template: write the template's own values for the "
            "optimizer slots and step counters the source lacks"),
 )
@@ -190,22 +192,62 @@ def write_weights_file(td: TensorDict, path: Path) -> list[str]:
     with _new_file(path) as f:
         _write_datasets(f, placed, path)
         _vars_names(f, placed)
-    notes = []
-    if guessed:
-        notes.append(f"{len(guessed)} tensors have no Keras path (e.g. {', '.join(guessed[:3])}) and were written "
-                     "under layers/<scope>/vars/<i> by their names; Keras's load_weights finds a model's variables "
-                     "by class-based paths: give --template m.keras to write into a model's layout")
-    return notes
+    return write_weights_notes(guessed)
+
+
+def write_weights_notes(guessed: list[str]) -> list[str]:
+    if not guessed:
+        return []
+    return [f"{len(guessed)} tensors have no Keras path (e.g. {', '.join(guessed[:3])}) and were written "
+            "under layers/<scope>/vars/<i> by their names; Keras's load_weights finds a model's variables "
+            "by class-based paths: give --template m.keras to write into a model's layout"]
 
 
 def write_weights(td: TensorDict, path: os.PathLike | str, template=None, template_fill: bool = False,
-                  **opts) -> WriteReport:
-    """Write a Keras 3 ``.weights.h5`` at ``path`` (see the module docstring)."""
+                  max_shard_size: str | None = None, **opts) -> WriteReport:
+    """Write a Keras 3 ``.weights.h5`` at ``path`` (see the module docstring), or with
+    ``max_shard_size`` a folder of sharded weights as Keras 3.9+ writes them."""
     if opts:
         raise UsageError(f"keras writer does not take option(s) {', '.join(sorted(opts))}")
     td = _prepared(td, template, template_fill)
-    notes = write_weights_file(td, Path(path))
+    if max_shard_size is None:
+        notes = write_weights_file(td, Path(path))
+    else:
+        notes = write_sharded(td, Path(path), max_shard_size)
     return {"notes": notes} if notes else {}
+
+
+def write_sharded(td: TensorDict, folder: Path, max_shard_size: str) -> list[str]:
+    """``model.weights.json`` (``weight_map``: each ``/.../vars`` group -> the shards holding its
+    variables) and ``model_0000N.weights.h5`` in a new folder, shards filled in order up to the size."""
+    import json
+
+    from ..safetensors import parse_size
+
+    limit = parse_size(max_shard_size)
+    placed, guessed = _layout(td, folder)
+    shards: list[list[tuple[Tensor, str]]] = [[]]
+    used = 0
+    for t, where in placed:
+        if shards[-1] and used + t.nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append((t, where))
+        used += t.nbytes
+    folder.mkdir()
+    weight_map: dict[str, list[str]] = {}
+    for i, shard in enumerate(shards):
+        name = f"model_{i:05d}.weights.h5"
+        with _new_file(folder / name) as f:
+            _write_datasets(f, shard, folder / name)
+            _vars_names(f, shard)
+        for _, where in shard:
+            files = weight_map.setdefault("/" + where.rsplit("/", 1)[0], [])
+            if name not in files:
+                files.append(name)
+    index = {"metadata": {"total_size": td.nbytes}, "weight_map": weight_map}
+    (folder / "model.weights.json").write_text(json.dumps(index, indent=4) + "\n", "utf-8")
+    return write_weights_notes(guessed)
 
 
 # ------------------------------------------------------------------------------------------- .keras
