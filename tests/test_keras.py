@@ -222,6 +222,29 @@ class TestKerasContract(FormatContract):
         return out
 
 
+class TestKerasLegacyContract(FormatContract):
+    FORMAT = "keras-legacy"
+
+    def oracle_read(self, path):
+        """As tf_keras's hdf5_format.load_weights_from_hdf5_group walks the file: layer_names, then
+        each layer's weight_names, then optimizer_weights."""
+        out = {}
+        with h5py.File(path) as f:
+            groups = [f[name] for name in f.attrs["layer_names"]]
+            if "optimizer_weights" in f:
+                groups.append(f["optimizer_weights"])
+            for g in groups:
+                for name in g.attrs["weight_names"]:
+                    name = name.decode() if isinstance(name, bytes) else name
+                    value = g[name]
+                    arr = np.asarray(value[()])
+                    if value.attrs.get("dtype") == "bfloat16":
+                        import ml_dtypes
+                        arr = arr.view(ml_dtypes.bfloat16)
+                    out[name] = arr
+        return out
+
+
 # ---------------------------------------------------------------------------------------- without Keras
 
 def test_reading_needs_neither_tensorflow_nor_keras(saved):

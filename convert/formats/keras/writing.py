@@ -316,6 +316,7 @@ def write_legacy(td: TensorDict, path: os.PathLike | str, **opts) -> WriteReport
     with _new_file(out) as f:
         f.attrs["layer_names"] = [n.encode() for n in layers]
         f.attrs["backend"] = b"tensorflow"
+        # a Keras 2 version: without one, tf_keras's loader takes the file for Keras 1's and converts kernels
         f.attrs["keras_version"] = b"2.21.0"
         for layer, tensors in layers.items():
             g = _group(f, layer, hdf5.h5py_module())
