@@ -53,7 +53,7 @@ def _is_zip_keras(path: Path) -> bool:
                 return False
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
-    except (OSError, zipfile.BadZipFile, ValueError):
+    except reading.ZIP_ERRORS:
         return False
     return reading.WEIGHTS_MEMBER in names and reading.CONFIG_MEMBER in names
 

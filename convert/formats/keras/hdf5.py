@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,11 +144,12 @@ class Where:
                 f = h5py.File(handle if handle is not None else self.path, "r", locking=False)
             except FileNotFoundError:
                 raise ReadError(self.shown, "no such file") from None
-            except (OSError, ValueError, zipfile.BadZipFile, KeyError, RuntimeError) as e:
+            except (OSError, ValueError, zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError, EOFError,
+                    zlib.error) as e:
                 raise self.error(f"not a readable HDF5 file ({_short(e)})") from None
             try:
                 yield f
-            except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, zlib.error) as e:
                 if isinstance(e, ConvertError):
                     raise
                 raise self.error(f"damaged HDF5 file ({_short(e)})") from None

@@ -6,6 +6,7 @@ import json
 import re
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ MAX_JSON = 64 << 20
 _STEP_NAMES = {"iteration", "iterations", "iter"}
 KERAS3_PATH = re.compile(r"(?:.+/)?vars/\d+")
 _LEGACY_LAYERS = "_layer_checkpoint_dependencies"
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError, EOFError, zlib.error)
+"""What zipfile raises on a damaged archive (an unknown 'version needed', a bad CRC, bad deflate data)."""
 NOTE = "local.note.keras.names"  # convert.api.READ_NOTE: shown to the user, never written  # tf.keras 2.13's .keras files say this for "layers"
 
 
@@ -311,7 +314,7 @@ def read_archive(path: Path, keys: bool) -> TensorDict:
     size = path.stat().st_size
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except ZIP_ERRORS as e:
         raise CorruptFileError(path, f"not a readable zip archive ({e})") from None
     with zf:
         check_members(zf, path)
@@ -329,7 +332,7 @@ def read_archive(path: Path, keys: bool) -> TensorDict:
                 config = load_json(zf.read(CONFIG_MEMBER), str(path), CONFIG_MEMBER)
             if METADATA_MEMBER in members and members[METADATA_MEMBER].file_size <= MAX_JSON:
                 metadata = load_json(zf.read(METADATA_MEMBER), str(path), METADATA_MEMBER)
-        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as e:  # a bad CRC, a truncated member
+        except ZIP_ERRORS as e:
             raise CorruptFileError(path, f"damaged archive ({e})") from None
         info = members[WEIGHTS_MEMBER]
         label = f"{path}:{WEIGHTS_MEMBER}"
@@ -427,7 +430,7 @@ def read(path: Path, names_mode: str | None) -> TensorDict:
         raise ReadError(path, "no such file or directory")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head == b"PK\x03\x04" or (head[:2] == b"PK" and zipfile.is_zipfile(path)):
+    if head[:2] == b"PK":
         return read_archive(path, keys)
     if path.name.endswith(".json"):
         return _result(read_sharded(path, keys, None), "sharded", None, None)

@@ -260,10 +260,13 @@ def _template_members(template: Path) -> list[tuple[str, bytes]]:
             if (template / name).is_file():
                 out.append((name, (template / name).read_bytes()))
         return out
-    with zipfile.ZipFile(template) as zf:
-        reading.check_members(zf, template)
-        return [(i.filename, zf.read(i)) for i in zf.infolist()
-                if i.filename != reading.WEIGHTS_MEMBER and not i.is_dir()]
+    try:
+        with zipfile.ZipFile(template) as zf:
+            reading.check_members(zf, template)
+            return [(i.filename, zf.read(i)) for i in zf.infolist()
+                    if i.filename != reading.WEIGHTS_MEMBER and not i.is_dir()]
+    except reading.ZIP_ERRORS as e:
+        raise WriteError(None, f"template {template}: not a readable zip archive ({e})") from None
 
 
 def write_keras(td: TensorDict, path: os.PathLike | str, template=None, template_fill: bool = False,
