@@ -47,6 +47,7 @@ TARGETS = {
     "torch_zip": (("torch_zip", "corpus_torch_zip"), "raw"),
     "torch_zip_pickle": (("torch_zip", "corpus_torch_zip"), "pickle"),
     "torch_legacy": (("torch_legacy", "corpus_torch_legacy"), "raw"),
+    "keras": (("keras_zip", "keras_weights", "keras_legacy", "keras_sharded"), "raw"),
 }
 MAX_BYTES = {"onnx": 320 << 20}  # a sparse tensor may legitimately densify to 256 MiB (onnx._SPARSE_FLOOR)
 DEFAULT_MAX_BYTES = 64 << 20
