@@ -524,3 +524,13 @@ def test_chunked_compressed_and_big_endian_datasets_read_as_h5py_reads_them(tmp_
         got = td[name].numpy()
         assert got.dtype == arr.dtype.newbyteorder("<")
         np.testing.assert_array_equal(got, arr)
+
+
+def test_legacy_writer_loads_into_keras3_legacy_loader(saved, keras3, tmp_path):
+    d, want = saved
+    out = tmp_path / "w.h5"
+    convert.convert(d / "m.keras", out, to="keras-legacy", weights_only=True)
+    fresh = _mixed_model(keras3, seed=4)
+    fresh.load_weights(out)  # an .h5 that is not .weights.h5: keras.src.legacy.saving.legacy_h5_format
+    for a, b in zip(fresh.get_weights(), want["values"], strict=True):
+        np.testing.assert_array_equal(a, b)
