@@ -534,3 +534,33 @@ def test_legacy_writer_loads_into_keras3_legacy_loader(saved, keras3, tmp_path):
     fresh.load_weights(out)  # an .h5 that is not .weights.h5: keras.src.legacy.saving.legacy_h5_format
     for a, b in zip(fresh.get_weights(), want["values"], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_nested_wrapped_and_attention_layers_named_as_keras_names_them(keras3, tmp_path):
+    """Bidirectional GRU, MultiHeadAttention, TimeDistributed, SeparableConv1D, GroupNormalization, a nested
+    Sequential, options that drop variables (use_bias=False, center=False), SGD with momentum."""
+    keras3.utils.set_random_seed(0)
+    inner = keras3.Sequential([keras3.Input((6,)), keras3.layers.Dense(5), keras3.layers.Dense(4, use_bias=False)],
+                              name="inner")
+    tok = keras3.Input((7,), dtype="int32")
+    x = keras3.layers.Embedding(30, 6)(tok)
+    x = keras3.layers.Bidirectional(keras3.layers.GRU(3, return_sequences=True))(x)
+    x = keras3.layers.MultiHeadAttention(2, 4)(x, x)
+    x = keras3.layers.TimeDistributed(keras3.layers.Dense(6))(x)
+    x = keras3.layers.SeparableConv1D(6, 2)(keras3.layers.Conv1D(6, 2)(x))
+    x = keras3.layers.GlobalAveragePooling1D()(keras3.layers.GroupNormalization(2)(x))
+    x = keras3.layers.PReLU()(keras3.layers.LayerNormalization(center=False)(inner(x)))
+    model = keras3.Model(tok, x)
+    model.compile(optimizer=keras3.optimizers.SGD(momentum=0.9), loss="mse")
+    model.fit(np.ones((2, 7), "int32"), np.zeros((2, 4), "f4"), epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    td = convert.read(tmp_path / "m.keras")
+    assert not [k for k in td.metadata if k.startswith("local.note.")]
+    weights = _weights(td)
+    assert [t.name for t in weights] == [w.path for w in model.weights]
+    for t, arr in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(t.numpy(), arr, err_msg=t.name)
+    optimizer = {t.name: t.numpy() for t in td.values() if t.attrs["role"] != "weight"}
+    assert set(optimizer) == {v.path for v in model.optimizer.variables}
+    for v in model.optimizer.variables:
+        np.testing.assert_array_equal(optimizer[v.path], v.numpy(), err_msg=v.path)

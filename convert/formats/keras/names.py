@@ -64,7 +64,9 @@ _NON_TRAINABLE = {"moving_mean", "moving_variance"}
 _MODELS = {"Functional", "Sequential", "Model"}
 _RNN_CELLS = {"LSTM": "LSTMCell", "GRU": "GRUCell", "SimpleRNN": "SimpleRNNCell",
               "ConvLSTM1D": "ConvLSTMCell", "ConvLSTM2D": "ConvLSTMCell", "ConvLSTM3D": "ConvLSTMCell"}
-_ATTENTION = {"_query_dense": "query", "_key_dense": "key", "_value_dense": "value", "_output_dense": "attention_output"}
+# MultiHeadAttention's EinsumDense sublayers: attribute (the HDF5 group; "_query_dense" before Keras 3.?)
+# -> layer name, in the order Keras creates them
+_ATTENTION = {"query_dense": "query", "key_dense": "key", "value_dense": "value", "output_dense": "attention_output"}
 
 
 @dataclass
@@ -141,6 +143,8 @@ def _name_children(cfg: dict, inner: dict, path: str, prefix: list[str], saveabl
     elif cls in ("MultiHeadAttention", "GroupedQueryAttention"):
         use_bias = inner.get("use_bias", True)
         for attr, default in _ATTENTION.items():
+            if join(path, attr) not in saveables and join(path, "_" + attr) in saveables:
+                attr = "_" + attr
             _name_layer({"class_name": "EinsumDense", "config": {"bias_axes": "x" if use_bias else None}},
                         {"bias_axes": "x" if use_bias else None}, join(path, attr), prefix, saveables, out,
                         trainable, default_name=default)
