@@ -564,3 +564,18 @@ def test_nested_wrapped_and_attention_layers_named_as_keras_names_them(keras3, t
     assert set(optimizer) == {v.path for v in model.optimizer.variables}
     for v in model.optimizer.variables:
         np.testing.assert_array_equal(optimizer[v.path], v.numpy(), err_msg=v.path)
+
+
+def test_tf_keras_dot_keras_file_reads_as_tf_keras_sees_it(tmp_path):
+    """tf_keras's own .keras format (Keras 2.13+ saving): no 'name' attributes, metrics state saved."""
+    tf_keras = pytest.importorskip("tf_keras")
+    model = _mixed_model(tf_keras)
+    _train_one_step(model, *_data())
+    model.save(tmp_path / "m.keras")
+    td = convert.read(tmp_path / "m.keras")
+    weights = _weights(td)
+    assert [t.name for t in weights] == [w.name.removesuffix(":0") for w in model.weights]
+    for t, arr in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(t.numpy(), arr, err_msg=t.name)
+    opt = [t for t in td.values() if t.attrs["role"] == "optimizer"]
+    assert len(opt) == len(model.optimizer.variables())

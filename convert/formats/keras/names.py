@@ -125,16 +125,18 @@ def _name_children(cfg: dict, inner: dict, path: str, prefix: list[str], saveabl
             group = base if n is None else f"{base}_{n + 1}"
             _name_layer(entry, sub, join(path, "layers", group), prefix, saveables, out, trainable)
         return
-    if cls in _RNN_CELLS:
-        _name_layer({"class_name": _RNN_CELLS[cls], "config": inner}, inner, join(path, "cell"), prefix, saveables,
+    if cls in _RNN_CELLS:  # the cell is named "lstm_cell" whatever the layer's name (the layer's options are its)
+        cell = {k: v for k, v in inner.items() if k != "name"}
+        _name_layer({"class_name": _RNN_CELLS[cls], "config": cell}, cell, join(path, "cell"), prefix, saveables,
                     out, trainable, default_name=f"{snake_case(cls)}_cell")
     elif cls == "Bidirectional":
         for attr, key, side in (("forward_layer", "layer", "forward"), ("backward_layer", "backward_layer", "backward")):
             sub = inner.get(key) or inner.get("layer")
             if isinstance(sub, dict):
                 subc = sub.get("config") if isinstance(sub.get("config"), dict) else {}
-                _name_layer(sub, subc, join(path, attr), prefix, saveables, out, trainable,
-                            default_name=f"{side}_{subc.get('name', attr)}")
+                name = str(subc.get("name", attr))  # Keras 3 configs say "forward_gru", tf_keras's "gru"
+                _name_layer(sub, {k: v for k, v in subc.items() if k != "name"}, join(path, attr), prefix, saveables,
+                            out, trainable, default_name=name if name.startswith(side + "_") else f"{side}_{name}")
     elif cls in ("TimeDistributed", "Wrapper"):
         sub = inner.get("layer")
         if isinstance(sub, dict):

@@ -93,6 +93,8 @@ def _collect_keras3(f, where: hdf5.Where, file_size: int, out: list[Tensor]) -> 
 def _role(path: str) -> str:
     if path.startswith("optimizer/"):
         return "optimizer"
+    if path.startswith("metrics/"):  # tf_keras's .keras files keep the compiled metrics' state (total, count)
+        return "other"
     return "weight"
 
 
