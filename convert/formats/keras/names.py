@@ -9,8 +9,13 @@ variable names are not stored at all. So readable names need the config: walking
 model's ``config.layers`` in order and numbering the class names as Keras does gives each
 group its layer (name, class, options); the class and its options (``use_bias``,
 ``center``, ``scale``...) give the variables' names, which this module knows for Keras's
-built-in layers (:data:`_VARIABLES`). A layer it does not know, or whose variable count
-does not fit, keeps ``<layer name>/<index>`` names and is listed in a note.
+built-in layers (:data:`_VARIABLES`); a class it does not know whose name ends with a known
+one's (QKeras's ``QDense``) is named as that one when the count fits, with a note. Sublayers
+are followed as Keras nests them: an RNN's ``cell`` (``lstm/lstm_cell/kernel``),
+Bidirectional's ``forward_layer``/``backward_layer``, TimeDistributed's ``layer``,
+MultiHeadAttention's ``query_dense``... (``query/kernel``), nested models' ``layers``.
+A layer it cannot name keeps ``<layer name>/<index>`` names and is listed in a note. Checked
+against Keras 3.15's ``variable.path`` and tf_keras 2.21's ``variable.name`` (tests/test_keras.py).
 
 Optimizer variables (``optimizer/vars/N``) are named as Keras names them
 (``adam/iteration``, ``adam/conv2d_kernel_momentum``) when the optimizer class is known,
@@ -64,7 +69,8 @@ _NON_TRAINABLE = {"moving_mean", "moving_variance"}
 _MODELS = {"Functional", "Sequential", "Model"}
 _RNN_CELLS = {"LSTM": "LSTMCell", "GRU": "GRUCell", "SimpleRNN": "SimpleRNNCell",
               "ConvLSTM1D": "ConvLSTMCell", "ConvLSTM2D": "ConvLSTMCell", "ConvLSTM3D": "ConvLSTMCell"}
-# MultiHeadAttention's EinsumDense sublayers: attribute (the HDF5 group; "_query_dense" before Keras 3.?)
+# MultiHeadAttention's EinsumDense sublayers: attribute (the HDF5 group; Keras 3.15 says "query_dense",
+# older ones may say "_query_dense": both are looked for)
 # -> layer name, in the order Keras creates them
 _ATTENTION = {"query_dense": "query", "key_dense": "key", "value_dense": "value", "output_dense": "attention_output"}
 
@@ -74,7 +80,7 @@ class Saveable:
     """A group of the weights file that holds a ``vars`` group (or has children that do)."""
 
     path: str  # "layers/lstm/cell" ("" for the model)
-    name: str | None  # the 'name' attribute Keras 3.? writes on the vars group
+    name: str | None  # the 'name' attribute Keras 3.15 writes on the vars group (the layer's name); tf_keras writes none
     count: int  # datasets in its vars group
 
 

@@ -20,7 +20,6 @@ CONFIG_MEMBER = "config.json"
 METADATA_MEMBER = "metadata.json"
 MAX_JSON = 64 << 20
 _STEP_NAMES = {"iteration", "iterations", "iter"}
-KERAS3_PATH = re.compile(r"(?:.+/)?vars/\d+")
 _LEGACY_LAYERS = "_layer_checkpoint_dependencies"
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError, EOFError, zlib.error)
 """What zipfile raises on a damaged archive (an unknown 'version needed', a bad CRC, bad deflate data)."""
