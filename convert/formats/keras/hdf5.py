@@ -28,7 +28,7 @@ import os
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Any
 
 from ... import dtypes
 from ...errors import ConvertError, CorruptFileError, MissingDependencyError, ReadError
-from ...ir import ArraySource, FileRegion, Tensor
+from ...ir import CHUNK, ArraySource, FileRegion, Tensor
 from ...lazy import np
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -298,10 +298,47 @@ def dataset_tensor(name: str, ds, where: Where, attrs: dict[str, str], file_size
                               f"stores {stored} bytes; refused", name)
     elif numel > max(FLOOR // 8, EXPANSION * stored):
         raise where.error(f"dataset '{path_in_file}' claims {numel} strings but stores {stored} bytes", name)
-    return Tensor(name, dtype, shape, ArraySource(_reader(where, path_in_file, dtype, name)), attrs)
+    return Tensor(name, dtype, shape, _reader(where, path_in_file, dtype, name), attrs)
 
 
-def _reader(where: Where, path_in_file: str, dtype: dtypes.DType, name: str) -> Callable[[], Any]:
+def _convert(arr, dtype: dtypes.DType):
+    arr = np.asarray(arr)
+    if dtype.kind == "string":
+        return np.array(arr, dtype=object).reshape(arr.shape)
+    if dtype.name == "bfloat16":
+        return np.ascontiguousarray(arr).view(np.uint8).view(dtype.numpy).reshape(arr.shape)
+    return arr.astype(dtype.numpy, copy=False)
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetSource(ArraySource):
+    """A dataset h5py reads (chunked, compressed, big-endian...): the whole array for ``array()``,
+    slabs of whole rows along the first axis for ``chunks()`` (a copy needs memory of one piece)."""
+
+    where: Where | None = None
+    path_in_file: str = ""
+    dtype: dtypes.DType | None = None
+    label: str = ""
+
+    def chunks(self, nbytes: int, size: int = CHUNK):
+        assert self.where is not None and self.dtype is not None
+        with self.where.open() as f:
+            ds = f[self.path_in_file]
+            if not ds.shape or ds.shape[0] <= 1:
+                yield from super().chunks(nbytes, size)
+                return
+            row = max(1, nbytes // ds.shape[0])
+            step = max(1, size // row)
+            for start in range(0, ds.shape[0], step):
+                try:
+                    piece = ds[start:start + step]
+                except (OSError, RuntimeError, ValueError) as e:
+                    raise self.where.error(f"cannot read dataset '{self.path_in_file}' ({_short(e)})",
+                                           self.label) from None
+                yield np.ascontiguousarray(_convert(piece, self.dtype)).reshape(-1).view(np.uint8)
+
+
+def _reader(where: Where, path_in_file: str, dtype: dtypes.DType, name: str) -> DatasetSource:
     def produce():
         with where.open() as f:
             ds = f[path_in_file]
@@ -309,10 +346,5 @@ def _reader(where: Where, path_in_file: str, dtype: dtypes.DType, name: str) -> 
                 arr = ds[()]
             except (OSError, RuntimeError, ValueError) as e:
                 raise where.error(f"cannot read dataset '{path_in_file}' ({_short(e)})", name) from None
-        arr = np.asarray(arr)
-        if dtype.kind == "string":
-            return np.array(arr, dtype=object).reshape(arr.shape)
-        if dtype.name == "bfloat16":
-            return np.ascontiguousarray(arr).view(np.uint8).view(dtype.numpy).reshape(arr.shape)
-        return arr.astype(dtype.numpy, copy=False)
-    return produce
+        return _convert(arr, dtype)
+    return DatasetSource(produce, where, path_in_file, dtype, name)
