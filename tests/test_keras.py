@@ -582,3 +582,20 @@ def test_tf_keras_dot_keras_file_reads_as_tf_keras_sees_it(tmp_path):
         np.testing.assert_array_equal(t.numpy(), arr, err_msg=t.name)
     opt = [t for t in td.values() if t.attrs["role"] == "optimizer"]
     assert len(opt) == len(model.optimizer.variables())
+
+
+def test_zip_bomb_weights_member_is_refused(saved, tmp_path):
+    d, _ = saved
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(d / "m.keras") as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename != "model.weights.h5":
+                dst.writestr(info.filename, src.read(info))
+        with dst.open("model.weights.h5", "w", force_zip64=True) as f:
+            zeros = bytes(16 << 20)
+            for _ in range(20):  # 320 MiB of zeros: ~320 KB deflated
+                f.write(zeros)
+    from fuzzing import run_guarded
+
+    error = run_guarded(lambda: convert.read(bomb), max_bytes=16 << 20)
+    assert isinstance(error, ConvertError) and "zip bomb" in str(error) and str(bomb) in str(error)

@@ -344,7 +344,10 @@ def read_archive(path: Path, keys: bool) -> TensorDict:
             if start + info.file_size > size:
                 raise CorruptFileError(path, f"{WEIGHTS_MEMBER} lies past the end of the archive (truncated?)")
             where = hdf5.Where(path, start, info.file_size, label=label)
-        else:
+        else:  # a compressed member: refuse what decompresses to far more than it stores (Keras does too)
+            if info.file_size > max(hdf5.FLOOR, hdf5.EXPANSION * max(1, info.compress_size)):
+                raise CorruptFileError(path, f"{WEIGHTS_MEMBER} claims {info.file_size} bytes from "
+                                             f"{info.compress_size} compressed (a zip bomb?); refused")
             where = hdf5.Where(path, member=WEIGHTS_MEMBER, label=label)
     found = read_hdf5(where, info.file_size, keys, config if is_keras_config(config) else None)
     return _result(found, "keras", config, metadata)
