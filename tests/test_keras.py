@@ -81,7 +81,7 @@ def _weights(td):
     return [t for t in td.values() if t.attrs["role"] == "weight"]
 
 
-@pytest.mark.parametrize("layout", ["m.keras", "unzipped", "legacy.h5"])
+@pytest.mark.parametrize("layout", ["m.keras", "unzipped", "unzipped/model.weights.h5", "legacy.h5"])
 def test_named_layouts_read_as_keras_sees_them(saved, layout):
     d, want = saved
     td = convert.read(d / layout)

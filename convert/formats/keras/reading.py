@@ -437,10 +437,22 @@ def read(path: Path, names_mode: str | None) -> TensorDict:
     if head[:2] == b"PK":
         return read_archive(path, keys)
     if path.name.endswith(".json"):
-        return _result(read_sharded(path, keys, None), "sharded", None, None)
+        config = _sibling_config(path)
+        return _result(read_sharded(path, keys, config), "sharded", config, None)
     offset = hdf5.signature_at(path)
     if offset is None:
         raise CorruptFileError(path, "not an HDF5 file (no HDF5 signature), a .keras zip or a .weights.json map")
-    found = read_hdf5(hdf5.Where(path), path.stat().st_size, keys, None)
+    config = _sibling_config(path)
+    found = read_hdf5(hdf5.Where(path), path.stat().st_size, keys, config)
+    if config is not None:  # the weights of an unzipped .keras folder, named from its config
+        return _result(found, "folder", config, None)
     meta = {"source.format": NAME, **found.metadata}
     return TensorDict(found.tensors, meta)
+
+
+def _sibling_config(path: Path) -> dict | None:
+    """An unzipped .keras folder's config.json beside its model.weights.h5 (or a sharded map's)."""
+    if path.name not in (WEIGHTS_MEMBER, "model.weights.json") or not (path.parent / CONFIG_MEMBER).is_file():
+        return None
+    config = _read_json_file(path.parent / CONFIG_MEMBER)
+    return config if is_keras_config(config) else None
