@@ -64,6 +64,9 @@ FORMATS: tuple[FormatInfo, ...] = (
     FormatInfo("gguf", "convert.formats.gguf", needs_to_write=(("gguf", "gguf"),),
                optional=(("gguf", "gguf", "--dtype (dequantizing quantized tensors)"),)),
     FormatInfo("npz", "convert.formats.npz", aliases=("numpy",)),
+    FormatInfo("keras", "convert.formats.keras", aliases=("h5", "keras3", "hdf5"),
+               needs_to_read=(("h5py", "keras"),), needs_to_write=(("h5py", "keras"),),
+               writer_aliases={"keras-legacy": "legacy", "keras2": "legacy"}),
 )
 
 

@@ -196,6 +196,34 @@ def _onnx_seeds(root: Path) -> list[Seed]:
     return seeds
 
 
+def _keras_seeds(root: Path) -> list[Seed]:
+    """Keras 3 (TF backend) after one training step: a .keras zip, a .weights.h5, legacy HDF5
+    (Keras 3's legacy saving) and sharded weights; none if Keras is not installed."""
+    try:
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+        import keras
+    except ImportError:
+        return []
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((2, 6), np.float32), np.zeros((2, 2), np.float32), epochs=1, verbose=0)
+    seeds = []
+    for name, target, save in (("keras_zip", "m.keras", model.save), ("keras_weights", "m.weights.h5", model.save_weights),
+                               ("keras_legacy", "m.h5", model.save)):
+        d = root / name
+        d.mkdir()
+        save(d / target)
+        seeds.append(Seed(name, "keras", d, target, (target,)))
+    d = root / "keras_sharded"
+    d.mkdir()
+    model.save_weights(d / "model.weights.json", max_shard_size=0.0000005)
+    seeds.append(Seed("keras_sharded", "keras", d, "model.weights.json",
+                      tuple(sorted(p.name for p in d.iterdir()))))
+    return seeds
+
+
 def _safetensors_seeds(root: Path) -> list[Seed]:
     """safetensors.numpy.save_file: one file with metadata, and a two-shard folder with its index."""
     import json
@@ -264,7 +292,8 @@ def _corpus_seeds(root: Path) -> list[Seed]:
 
 
 GENERATED = ("safetensors", "safetensors_sharded", "onnx_inline", "onnx_external", "torch_zip", "torch_legacy",
-             "torch_lightning", "torch_script", "tf_v2", "tf_v1", "saved_model")
+             "torch_lightning", "torch_script", "tf_v2", "tf_v1", "saved_model", "keras_zip", "keras_weights",
+             "keras_legacy", "keras_sharded")
 SEED_NAMES = GENERATED + tuple(c[0] for c in _CORPUS_SEEDS)
 """The seeds made here, known without writing them; :func:`seed_names` adds those the formats' test
 files declare (``FormatContract.SEEDS``)."""
@@ -293,7 +322,7 @@ def make_seeds(root: Path) -> list[Seed]:
     if key not in _CACHE:
         root.mkdir(parents=True, exist_ok=True)
         seeds = [*_safetensors_seeds(root), *_onnx_seeds(root), *_torch_seeds(root), *_tf_seeds(root),
-                 *_corpus_seeds(root), *_declared_seeds(root)]
+                 *_keras_seeds(root), *_corpus_seeds(root), *_declared_seeds(root)]
         for seed in seeds:  # every seed must read cleanly, or the tests below prove nothing
             exercise(seed.path, seed.format)
         _CACHE[key] = seeds

@@ -52,6 +52,7 @@ TARGETS = {
     "torch_lightning_pickle": (("torch_lightning",), "pickle"),
     "torch_script": (("torch_script",), "raw"),
     "torch_script_pickle": (("torch_script",), "pickle"),
+    "keras": (("keras_zip", "keras_weights", "keras_legacy", "keras_sharded"), "raw"),
 }
 TARGETS.update((k, v) for c in contract.declared() for k, v in c.FUZZ.items())  # the formats' own (contract.py)
 MAX_BYTES = {"onnx": 320 << 20}  # a sparse tensor may legitimately densify to 256 MiB (onnx._SPARSE_FLOOR)
