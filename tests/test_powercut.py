@@ -8,7 +8,7 @@ state a power cut at that point may leave is constructed, and:
   never a partial or mixed one (for an output with companion files, or a folder replaced
   where ``renameat2`` is missing, the output may be missing with either's companions beside
   it: the next conversion puts the previous output back). The new and previous outputs are
-  read by the framework or the format's own library (safetensors, TensorFlow, torch, onnx, gguf, NumPy)
+  read by the framework or the format's own library (safetensors, TensorFlow, torch, onnx, gguf, NumPy, h5py)
   and must hold the tensors written;
 * each distinct state (what the next conversion can observe: the outputs and any staging
   folder's journal, old outputs and staged names) is put on disk, and there: the output is
@@ -145,6 +145,8 @@ WRITERS = {
     "saved-model": Writer("saved-model", "out_sm", folder=True),
     "gguf": Writer("gguf", "out.gguf"),
     "npz": Writer("npz", "out.npz"),
+    "keras": Writer("keras", "out.weights.h5"),
+    "keras-legacy": Writer("keras-legacy", "out.h5"),
 }
 
 
@@ -197,6 +199,10 @@ def oracle(key: str, path: Path) -> dict[str, np.ndarray]:
         import torch
 
         return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+    if w.fmt.startswith("keras"):  # h5py, as the format's contract reads it
+        from contract import oracle as contract_oracle
+
+        return contract_oracle(w.fmt)(path)
     if w.fmt == "gguf":
         import gguf
 
@@ -521,6 +527,10 @@ SCENARIOS = [
     pytest.param("gguf", True, False, id="gguf-force", marks=pytest.mark.slow),
     pytest.param("npz", False, False, id="npz-new", marks=pytest.mark.slow),
     pytest.param("npz", True, False, id="npz-force", marks=pytest.mark.slow),
+    pytest.param("keras", False, False, id="keras-new", marks=pytest.mark.slow),
+    pytest.param("keras", True, False, id="keras-force", marks=pytest.mark.slow),
+    pytest.param("keras-legacy", False, False, id="keras-legacy-new", marks=pytest.mark.slow),
+    pytest.param("keras-legacy", True, False, id="keras-legacy-force", marks=pytest.mark.slow),
     # where renameat2 is missing: link(2) for a new file, two renames to replace a folder
     pytest.param("safetensors", False, True, id="safetensors-new-fallback", marks=pytest.mark.slow),
     pytest.param("safetensors", True, True, id="safetensors-force-fallback", marks=pytest.mark.slow),
