@@ -208,6 +208,15 @@ def remove_stale_stages(folder: Path) -> list[Path]:
             if os.path.lexists(path / _JOURNAL):  # killed while publishing
                 with _folder_lock(folder):
                     _recover(path, folder, m["output"])
+                    # Settled (undone, or found complete): the journal goes for good before
+                    # anything else of the stage does. Else a power cut could keep the journal
+                    # and lose the old copies it lists, and a later recovery, finding the output
+                    # moved aside by the next publication, would put back half of an old one.
+                    try:
+                        os.unlink(path / _JOURNAL)
+                    except FileNotFoundError:
+                        pass
+                    _fsync_quietly(path)
             remove(path)
             removed.append(path)
         finally:
