@@ -13,7 +13,8 @@ with ``convert.convert`` to the target, and then:
   one in ``docs/matrix.md``, which this test writes when ``CONVERT_WRITE_MATRIX=1`` (run the whole
   file then, slow pairs included: ``pytest tests/test_matrix.py``).
 
-A new format needs nothing here: its registry row makes its pairs, its test file's contract gives the
+A new format needs nothing here: its registry row makes its pairs (a writer that ``needs_template``
+is left out: it writes only into a given model), its test file's contract gives the
 oracle; only ``docs/matrix.md`` is regenerated. Pairs with SavedModel (TensorFlow writes and loads a
 model for each) are ``slow``.
 """
@@ -38,7 +39,7 @@ REGENERATE = os.environ.get("CONVERT_WRITE_MATRIX") == "1"
 SLOW = ("saved-model",)
 
 DESTINATIONS = [info.name if w is info.format.writers[0] else f"{info.name}:{w.id}"
-                for info in registry.FORMATS for w in info.format.writers]
+                for info in registry.FORMATS for w in info.format.writers if not w.needs_template]
 PAIRS = [(a, b) for a in DESTINATIONS for b in DESTINATIONS if a != b]
 COLUMNS = ("from", "to", "cannot carry", "the error the user gets (every_dtype sample)", "other samples", "metadata")
 

@@ -150,6 +150,9 @@ class Writer:
     summary notes that they were written as separate copies."""
     shards: ShardWriter | None = None
     """How this writer writes one output in parallel pieces (``--split shards``); None: it cannot."""
+    needs_template: bool = False
+    """True when this writer writes only on a ``--template`` (a ``.keras`` file takes its model's
+    config from one); the tests' cross-format matrix leaves it out."""
 
 
 @dataclass(frozen=True)

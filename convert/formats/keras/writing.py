@@ -336,7 +336,7 @@ WRITERS = (
     Writer("weights", write_weights, holds, suffix=".weights.h5", prepare=prepare, takes_template=accepts_template,
            description="a Keras 3 .weights.h5 (model.load_weights); with --template m.keras in its layout"),
     Writer("keras", write_keras, holds, suffix=".keras", prepare=prepare, takes_template=accepts_template,
-           description="a .keras file: --template's config and metadata with these weights"),
+           needs_template=True, description="a .keras file: --template's config and metadata with these weights"),
     Writer("legacy", write_legacy, holds, suffix=".h5",
            description="legacy Keras 2 / tf_keras HDF5 weights (save_weights('w.h5'))"),
 )
