@@ -33,8 +33,9 @@ import struct
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import CorruptFileError, ReadError, UsageError, WriteError
+from ..errors import CorruptFileError, ReadError, WriteError
 from ..ir import FileRegion, Tensor, TensorDict
+from ..units import parse_size
 from .base import Format, Option, ShardWriter, Writer
 
 NAME = "safetensors"
@@ -220,7 +221,7 @@ def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None
     if max_shard_size is None:
         _write_file(list(td.values()), metadata, path)
         return
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "--max-shard-size")
     shards: list[list[Tensor]] = [[]]
     used = 0
     for t in td.values():
@@ -276,21 +277,6 @@ def _commit(td: TensorDict, shards) -> list[tuple[str, bytes]]:
     total = sum(t.nbytes for _, tensors in shards for t, _ in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     return [("model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode("utf-8"))]
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000 (units as transformers reads them)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise UsageError(f"--max-shard-size: cannot read size '{text}' (examples: 5GB, 500MB, 2GiB)")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise UsageError(f"--max-shard-size: '{text}' must be positive")
-    return size
 
 
 FORMAT = Format(

@@ -1,0 +1,57 @@
+"""The static checks of `make lint` that CI runs too (CI runs `make test` only): mypy over the
+package, which checks every adapter's FORMAT against the contract of convert/formats/base.py,
+and the import layers of pyproject.toml ([tool.importlinter]), checked by lint-imports.
+
+Each check is also shown to fail on a broken case, so that a passing run means something.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+
+
+def test_mypy_passes_over_the_package():
+    r = _run(sys.executable, "-m", "mypy")  # [tool.mypy] in pyproject.toml: files = convert
+    assert r.returncode == 0, f"mypy found type errors (make lint):\n{r.stdout}{r.stderr}"
+
+
+def test_mypy_refuses_an_adapter_whose_functions_do_not_fit_the_contract(tmp_path):
+    # detect takes a Path and returns a bool (base.Detect); a write that takes no path does not fit base.Write.
+    program = ("from pathlib import Path\n"
+               "from convert.formats.base import Format, Writer, holds_all\n"
+               "def detect(path: Path) -> str: return ''\n"
+               "def write(td: object) -> None: ...\n"
+               "FORMAT = Format('x', 'y', detect, None, writers=(Writer('', write, holds_all),))\n")
+    (tmp_path / "bad_adapter.py").write_text(program)
+    r = _run(sys.executable, "-m", "mypy", str(tmp_path / "bad_adapter.py"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert 'Argument 3 to "Format" has incompatible type' in r.stdout, r.stdout
+    assert 'Argument 2 to "Writer" has incompatible type' in r.stdout, r.stdout
+
+
+def test_import_layers_and_no_cycles():
+    r = _run(str(BIN / "lint-imports"), "--no-cache", "--no-logo")
+    assert r.returncode == 0, f"lint-imports: an import breaks the layers of pyproject.toml:\n{r.stdout}{r.stderr}"
+    assert "Contracts: 2 kept, 0 broken." in r.stdout, r.stdout
+
+
+def test_import_layers_refuse_a_lower_layer_importing_a_higher_one(tmp_path):
+    shutil.copytree(ROOT / "convert", tmp_path / "convert", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    ir = tmp_path / "convert" / "ir.py"
+    ir.write_text(ir.read_text() + "\n\ndef _late():\n    from . import api  # noqa\n")
+    r = _run(str(BIN / "lint-imports"), "--no-cache", "--no-logo", cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "convert.ir -> convert.api" in r.stdout, r.stdout
