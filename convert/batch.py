@@ -154,7 +154,7 @@ def jobs_from_file(path: os.PathLike | str, defaults: Mapping[str, Any] | None =
                 continue
             try:
                 doc = json.loads(line)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 raise UsageError(f"{p}:{n}: not a JSON object ({e.msg})") from None
             jobs.append(job_from_dict(doc, defaults, f"{p}:{n}", base))
     else:

@@ -53,7 +53,7 @@ class Source:
         """
         crc = written = 0
         for piece in self.chunks(nbytes):
-            out.write(piece)
+            out.write(piece)  # type: ignore[arg-type]  # numpy's stubs give ndarray the buffer protocol (PEP 688) on Python >= 3.12 only
             crc = google_crc32c.extend(crc, piece)
             written += len(piece)
             if progress:
@@ -76,7 +76,7 @@ class Source:
         view = memoryview(buf)
         pos = 0
         for piece in self.chunks(nbytes):
-            view[pos:pos + len(piece)] = piece
+            view[pos:pos + len(piece)] = piece  # type: ignore[assignment]  # numpy's stubs give ndarray the buffer protocol (PEP 688) on Python >= 3.12 only
             pos += len(piece)
         return decode(dtype, buf, shape)
 
@@ -185,7 +185,7 @@ class FileRegion(Source):
             if done != self.length:
                 raise CorruptFileError(self.path, "file is truncated", self.label)
             out.seek(start + done)
-            return self.crc32c if vouched else self._checked(sums[0], f)
+            return self.crc32c if vouched and self.crc32c is not None else self._checked(sums[0], f)
 
     def _check_length(self, nbytes: int) -> None:
         if nbytes != self.length:
@@ -196,17 +196,18 @@ class FileRegion(Source):
         if end > os.fstat(f.fileno()).st_size:  # a map past the end would crash
             raise CorruptFileError(self.path, "file is truncated", self.label)
 
-    def _pread(self, f: BinaryIO, start: int, end: int) -> bytes:
+    def _pread(self, f: BinaryIO | None, start: int, end: int) -> bytes:
+        assert f is not None  # None only for subclasses that read without a local file (remote objects)
         data = os.pread(f.fileno(), end - start, start)
         if len(data) != end - start:
             raise CorruptFileError(self.path, "file is truncated", self.label)
         return data
 
-    def _outer(self, f: BinaryIO) -> int | None:
+    def _outer(self, f: BinaryIO | None) -> int | None:
         """With a ``span``: the CRC-32C of its bytes before the region, to be extended over the region."""
         return None if self.span is None else google_crc32c.value(self._pread(f, self.span[0], self.offset))
 
-    def _checked(self, sums: Checksums, f: BinaryIO) -> int:
+    def _checked(self, sums: Checksums, f: BinaryIO | None) -> int:
         """``sums.crc32c``, once every checksum the file holds for the region matched."""
         got_c = sums.crc32c
         if self.span is not None:
@@ -215,6 +216,7 @@ class FileRegion(Source):
             if want is not None and got != want:
                 raise CorruptFileError(self.path, f"checksum mismatch ({kind} {got:#010x}, expected {want:#010x})",
                                        self.label)
+        assert sums.crc32c is not None  # the sums of a region are always taken with crc32c
         return sums.crc32c
 
 
@@ -396,7 +398,7 @@ class Tensor:
     def tobytes(self) -> bytes:
         if isinstance(self.source, FileRegion):
             return self.source.read()
-        return b"".join(self.chunks())
+        return b"".join(self.chunks())  # type: ignore[arg-type]  # numpy's stubs give ndarray the buffer protocol (PEP 688) on Python >= 3.12 only
 
     def renamed(self, name: str) -> Tensor:
         return replace(self, name=name)
