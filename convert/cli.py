@@ -20,8 +20,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from . import api, registry, storage
 from .errors import ConvertError, UsageError, pip_install, printable

@@ -30,6 +30,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from .. import dtypes
@@ -232,7 +233,7 @@ def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None
         used += t.nbytes
     path.mkdir()
     n = len(shards)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
         _write_file(shard, metadata, path / name)
@@ -268,7 +269,7 @@ def _shard_name(td: TensorDict, k: int, n: int) -> str:
     return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _write_shard(tensors: list[Tensor], path: Path, td: TensorDict) -> list:
+def _write_shard(tensors: Sequence[Tensor], path: Path, td: TensorDict) -> list:
     return _write_file(list(tensors), td.portable_metadata, path)
 
 

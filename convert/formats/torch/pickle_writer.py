@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import builtins
 import io
 import pickle
 import struct
@@ -64,7 +65,7 @@ class _Emitter:
             data = pickle.encode_long(v)
             self.out.write(pickle.LONG1 + bytes([len(data)]) + data)
 
-    def int_tuple(self, values: Iterable[int]):
+    def int_tuple(self, values: Iterable[builtins.int]):
         values = tuple(values)
         if not values:
             self.out.write(pickle.EMPTY_TUPLE)

@@ -32,7 +32,9 @@ import io
 import pickle
 import reprlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ... import dtypes
 from ...errors import printable
@@ -373,7 +375,11 @@ for _alias, _name in _DTYPE_ALIASES.items():
 class RestrictedUnpickler(pickle._Unpickler):
     """Unpickles only what a torch state_dict needs; see the module docstring."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch: ClassVar[dict[int, Callable[[Any], Any]]] = dict(pickle._Unpickler.dispatch)
+    # pickle._Unpickler's pure-Python state, which its stubs do not declare
+    stack: list[Any]
+    proto: int
+    append: Callable[[Any], None]
 
     def __init__(self, file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True):
         super().__init__(file, encoding="latin1")  # encoding for Python 2 str (legacy files)
@@ -509,7 +515,7 @@ def check_object_graph(root) -> None:
     size: dict[int, int] = {}  # id -> nodes of the subtree, once finished
     on_path: set[int] = set()
     keep = []  # the objects whose ids are in use: they must stay alive while we look
-    stack = [(root, None)]
+    stack: list[tuple[Any, list | None]] = [(root, None)]
     slots = 0  # child slots of the distinct containers: the size of the pickle as written
     while stack:
         obj, kids = stack.pop()
