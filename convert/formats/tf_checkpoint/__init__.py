@@ -230,10 +230,10 @@ def expand(path: os.PathLike | str, step: int | None = None, all_steps: bool = F
         return [(_label(loc), loc.concrete)]
     out = []
     for s in state_paths(d, st):
-        loc = _locate_in_state(d, s)
-        if loc is None:
+        found = _locate_in_state(d, s)
+        if found is None:
             raise ReadError(d, f"the '{STATE_FILE}' file lists checkpoint '{s}', which is not there")
-        out.append((_label(loc), loc.concrete))
+        out.append((_label(found), found.concrete))
     return out
 
 

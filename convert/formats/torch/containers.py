@@ -218,6 +218,7 @@ def _load_legacy(path: str) -> _Loaded:
             ref = storages.get(key)
             if ref is None:
                 raise CorruptFileError(path, f"storage '{key}' is listed but no tensor uses it")
+            assert ref.dtype is not None  # a legacy file's storages are typed
             f.seek(pos)
             head = f.read(8)
             if len(head) != 8:

@@ -118,6 +118,7 @@ def state_dict_pickle(entries: Iterable[tuple[str, StorageOut, tuple[int, ...]]]
         e.glob("collections", "OrderedDict")
         e.op(pickle.EMPTY_TUPLE + pickle.REDUCE)
         if not storage_class:
+            assert storage.dtype.torch is not None  # the core refused, before writing, what torch cannot hold
             e.glob("torch", storage.dtype.torch)
         e.op(pickle.TUPLE + pickle.REDUCE)
         batch += 1

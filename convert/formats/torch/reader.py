@@ -27,6 +27,7 @@ def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: st
     storage = ref.storage
     base = ref.offset * itemsize
     if storage.view_of is not None:
+        assert storage.dtype is not None  # a legacy view's storage is typed
         base += storage.view_offset * storage.dtype.itemsize
     numel = math.prod(ref.shape)
     if numel == 0:

@@ -205,7 +205,7 @@ class _NumpyDType:
             raise PickleFormatError(f"unknown NumPy dtype {_short(self.spec)}") from None
         if dt.kind not in "biufc":
             raise PickleFormatError(f"NumPy dtype {_short(self.spec)} is not a plain number")
-        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt  # type: ignore[arg-type]  # checked: "<" or ">"
 
 
 def _storage_class(name: str) -> StorageType:
