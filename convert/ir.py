@@ -137,8 +137,10 @@ class FileRegion(Source):
         self._check_length(nbytes)
         with _open(self.path, self.label) as f:
             self._check_size(f)
-            return self._checked(mapped_checksums(f.fileno(), self.offset, self.length, self.crc32 is not None,
-                                                  outer=self._outer(f)), f)
+            crc = self._checked(mapped_checksums(f.fileno(), self.offset, self.length, self.crc32 is not None,
+                                                 outer=self._outer(f)), f)
+        assert crc is not None  # taken with crc32c (mapped_checksums' default)
+        return crc
 
     def copy_into(self, out: BinaryIO, nbytes: int, progress: Callable[[int], None] | None = None,
                   verified_after: bool = False) -> int:
@@ -185,7 +187,9 @@ class FileRegion(Source):
             if done != self.length:
                 raise CorruptFileError(self.path, "file is truncated", self.label)
             out.seek(start + done)
-            return self.crc32c if vouched and self.crc32c is not None else self._checked(sums[0], f)
+            crc = self.crc32c if vouched else self._checked(sums[0], f)
+            assert crc is not None  # vouched: the file's CRC-32C; else taken with crc32c (True above)
+            return crc
 
     def _check_length(self, nbytes: int) -> None:
         if nbytes != self.length:
@@ -207,7 +211,7 @@ class FileRegion(Source):
         """With a ``span``: the CRC-32C of its bytes before the region, to be extended over the region."""
         return None if self.span is None else google_crc32c.value(self._pread(f, self.span[0], self.offset))
 
-    def _checked(self, sums: Checksums, f: BinaryIO | None) -> int:
+    def _checked(self, sums: Checksums, f: BinaryIO | None) -> int | None:
         """``sums.crc32c``, once every checksum the file holds for the region matched."""
         got_c = sums.crc32c
         if self.span is not None:
@@ -216,7 +220,6 @@ class FileRegion(Source):
             if want is not None and got != want:
                 raise CorruptFileError(self.path, f"checksum mismatch ({kind} {got:#010x}, expected {want:#010x})",
                                        self.label)
-        assert sums.crc32c is not None  # the sums of a region are always taken with crc32c
         return sums.crc32c
 
 
