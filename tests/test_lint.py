@@ -45,6 +45,36 @@ def test_mypy_refuses_an_adapter_whose_functions_do_not_fit_the_contract(tmp_pat
     assert 'Argument 2 to "Writer" has incompatible type' in r.stdout, r.stdout
 
 
+def test_every_adapter_function_is_annotated_so_that_mypy_checks_it():
+    """mypy takes an unannotated function as fitting any Protocol: the contract check means
+    something only if what each FORMAT hands the core is annotated, every parameter and the result."""
+    import inspect
+
+    from convert import registry
+
+    untyped = []
+    for info in registry.FORMATS:
+        fmt = info.format
+        functions = {"detect": fmt.detect, "read": fmt.read, "expand": fmt.expand}
+        for w in fmt.writers:
+            for hook in ("write", "series", "prepare", "takes_template", "read_back"):
+                functions[f"writer {w.id!r} {hook}"] = getattr(w, hook)
+            if w.shards is not None:
+                for hook in ("shard_name", "write_shard", "commit"):
+                    functions[f"writer {w.id!r} shards.{hook}"] = getattr(w.shards, hook)
+        for what, fn in functions.items():
+            if fn is None:
+                continue
+            sig = inspect.signature(fn)
+            bare = [p for p, v in sig.parameters.items()
+                    if v.annotation is inspect.Parameter.empty and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+            if bare or sig.return_annotation is inspect.Signature.empty:
+                untyped.append(f"{info.name} {what} ({fn.__module__}.{fn.__qualname__}): "
+                               f"{'parameters ' + ', '.join(bare) if bare else ''} "
+                               f"{'no return type' if sig.return_annotation is inspect.Signature.empty else ''}")
+    assert not untyped, "annotate these (convert/formats/base.py):\n" + "\n".join(untyped)
+
+
 def test_import_layers_and_no_cycles():
     r = _run(str(BIN / "lint-imports"), "--no-cache", "--no-logo")
     assert r.returncode == 0, f"lint-imports: an import breaks the layers of pyproject.toml:\n{r.stdout}{r.stderr}"

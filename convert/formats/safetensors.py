@@ -273,7 +273,7 @@ def _write_shard(tensors: Sequence[Tensor], path: Path, td: TensorDict) -> list:
     return _write_file(list(tensors), td.portable_metadata, path)
 
 
-def _commit(td: TensorDict, shards) -> list[tuple[str, bytes]]:
+def _commit(td: TensorDict, shards: Sequence[tuple[str, Sequence[tuple[Tensor, list]]]]) -> list[tuple[str, bytes]]:
     weight_map = {t.name: name for name, tensors in shards for t, _ in tensors}
     total = sum(t.nbytes for _, tensors in shards for t, _ in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

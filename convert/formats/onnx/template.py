@@ -9,7 +9,7 @@ from pathlib import Path
 from ... import dtypes
 from ...errors import ConvertError, ReadError, UnsupportedDTypeError, UsageError, WriteError
 from ...ir import Source, Tensor, TensorDict
-from ...template import resolve
+from ...template import Resolution, resolve
 from .reader import _EXTERNAL, _load_model, _onnx_type_name
 from .walk import detect
 
@@ -48,7 +48,8 @@ def _resolved(td: TensorDict, template: Path, out: Path | None):
     return tmpl, resolved, resolution
 
 
-def prepare(td: TensorDict, template: str | os.PathLike | None = None, graph: bool = False, **_: object):
+def prepare(td: TensorDict, template: str | os.PathLike | None = None, graph: bool = False,
+            **_: object) -> tuple[TensorDict, Resolution | None]:
     """``td`` resolved against ``template``'s initializers, as :func:`.writer.write` will write it,
     and the resolution; ``(td, None)`` without a template."""
     if template is None:

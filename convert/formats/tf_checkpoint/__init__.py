@@ -431,7 +431,7 @@ def _write_shard(tensors: Sequence[Tensor], path: Path, td: TensorDict) -> list:
     return write_data_shard(list(tensors), str(path))
 
 
-def _commit(td: TensorDict, shards) -> list[tuple[str, bytes]]:
+def _commit(td: TensorDict, shards: Sequence[tuple[str, Sequence[tuple[Tensor, list]]]]) -> list[tuple[str, bytes]]:
     prefix = _prefix_for(td)
     shard_of = {t.name: k for k, (_, tensors) in enumerate(shards) for t, _ in tensors}
     placed = [(t, entry) for _, tensors in shards for t, entry in tensors]
