@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -24,13 +22,11 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
 
 
-@pytest.mark.slow  # ~30 s without mypy's cache (.mypy_cache), as on CI
 def test_mypy_passes_over_the_package():
     r = _run(sys.executable, "-m", "mypy")  # [tool.mypy] in pyproject.toml: files = convert
     assert r.returncode == 0, f"mypy found type errors (make lint):\n{r.stdout}{r.stderr}"
 
 
-@pytest.mark.slow
 def test_mypy_refuses_an_adapter_whose_functions_do_not_fit_the_contract(tmp_path):
     # detect takes a Path and returns a bool (base.Detect); a write that takes no path does not fit base.Write.
     program = ("from pathlib import Path\n"
