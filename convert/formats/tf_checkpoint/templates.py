@@ -22,7 +22,6 @@ from ...ir import Source, Tensor, TensorDict
 from ...template import Resolution, resolve
 from ..base import Option
 from . import metagraph
-from .roles import role_of
 
 OPTIONS = (
     Option("--template", "write", str, "resolve the tensors' names against an existing model and write into "
@@ -78,6 +77,8 @@ def read_template(path: os.PathLike | str) -> TensorDict:
 
 def _graph_variables(p: Path) -> TensorDict:
     """A ``.meta`` alone: the variables its saver restores, without values."""
+    from . import role_of
+
     try:
         variables = metagraph.parse(p.read_bytes()).variables(restored=True)
     except OSError as e:
