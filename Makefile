@@ -75,8 +75,15 @@ test: install browser
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" -x
 
+# Style (ruff), types over the package (mypy: every adapter's FORMAT against the contract of
+# convert/formats/base.py), the import layers (lint-imports; pyproject.toml lists them) and no
+# import cycle between modules, a package's own included (tests/test_lint.py).
+# tests/test_lint.py runs the last two in `make test`, so CI checks them too.
 lint: install
 	$(BIN)/ruff check convert tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_lint.py -k "cycle_between_modules or cycle_check"
 
 # The Python API reference (docs/, from the docstrings, by Sphinx) into site/: -W -n fails on any
 # warning, a broken reference among them (tests/test_docs.py runs the same build in `make test`).

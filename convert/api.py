@@ -11,11 +11,12 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 
 from . import compare, dtypes, fileio, registry, storage
-from .errors import ConvertError, UsageError, VerificationError, WriteError
+from .errors import ConvertError, ReadError, UsageError, VerificationError, WriteError
 from .formats.base import Format, Writer, WriteReport
 from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest, digest_many, open_files
 from .lazy import np
@@ -256,7 +257,7 @@ def resolve_template(td: TensorDict, template: PathLike, to: str | None = None, 
 
 def _rename_path(e: ConvertError, old: str, new: str) -> None:
     e.args = tuple(a.replace(old, new) if isinstance(a, str) else a for a in e.args)
-    if isinstance(getattr(e, "path", None), str):
+    if isinstance(e, (ReadError, WriteError)) and e.path is not None:
         e.path = e.path.replace(old, new)
 
 
@@ -327,7 +328,8 @@ def _patterns(regexes: Iterable[str | re.Pattern]) -> list[re.Pattern]:
     try:
         return [re.compile(p) for p in regexes]
     except re.error as e:
-        raise UsageError(f"bad regular expression '{e.pattern}': {e}") from None
+        pattern = e.pattern if isinstance(e.pattern, str) else repr(e.pattern)
+        raise UsageError(f"bad regular expression '{pattern}': {e}") from None
 
 
 def select(td: TensorDict, include: Iterable[str | re.Pattern] = (), exclude: Iterable[str | re.Pattern] = (),
@@ -454,10 +456,11 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
     patterns = _patterns(include), _patterns(exclude)
     if dtype:
         _float_dtype(dtype)
+    rule_sets: Sequence = maps
     if maps:
         from . import mapping
 
-        maps = [mapping.load(m) for m in maps]  # once, and a bad rule file fails before any reading
+        rule_sets = [mapping.load(m) for m in maps]  # once, and a bad rule file fails before any reading
     expand = src_info.format.expand
     jobs: list[tuple[str | None, Path]]
     if read_opts.get("all_steps"):
@@ -485,10 +488,10 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         td = select(td, *patterns, weights_only)
         if not td and source_count:
             raise UsageError(f"{src}: no tensor is left after --include/--exclude/--weights-only")
-        td, report = apply_maps(td, maps)
+        td, report = apply_maps(td, rule_sets)
         if dtype:
             td = cast_floating(td, dtype)
-        info = {"source": str(path), "source_format": src_info.name, "source_tensors": source_count,
+        info: dict[str, Any] = {"source": str(path), "source_format": src_info.name, "source_tensors": source_count,
                 # what the reader had to say (a stale state file...) comes before the writer's notes
                 "read_notes": [v for k, v in td.metadata.items() if k.startswith(READ_NOTE)]}
         if step is not None:
@@ -552,7 +555,7 @@ def inspect(path: PathLike, format: str | None = None, *, verify: bool = False,
     tensors = [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "bytes": t.nbytes,
                 **{k: v for k, v in t.attrs.items()}} for t in td.values()]
     report = {"path": str(path), "format": info.name, "tensors": tensors, "count": len(tensors),
-              "total_bytes": sum(t["bytes"] for t in tensors), "metadata": dict(td.metadata)}
+              "total_bytes": sum(t.nbytes for t in td.values()), "metadata": dict(td.metadata)}
     if verify:
         done, total = 0, td.nbytes
         for t in td.values():

@@ -57,6 +57,7 @@ from typing import Any, Protocol
 
 from . import __version__, api, registry, storage
 from .errors import ConvertError, ReadError, UsageError, WriteError
+from .units import parse_size
 
 RECORD_VERSION = 1
 BASE_MEMORY = 256 << 20
@@ -153,7 +154,7 @@ def jobs_from_file(path: os.PathLike | str, defaults: Mapping[str, Any] | None =
                 continue
             try:
                 doc = json.loads(line)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 raise UsageError(f"{p}:{n}: not a JSON object ({e.msg})") from None
             jobs.append(job_from_dict(doc, defaults, f"{p}:{n}", base))
     else:
@@ -317,10 +318,8 @@ def _steps(source: str, src_format: str, read_options: Mapping[str, Any]) -> lis
 def parse_memory(value: Any, where: str = "--memory") -> int:
     if isinstance(value, int) and value > 0:
         return value
-    from .formats.safetensors import parse_size  # the one size parser (5GB, 500MiB)
-
     try:
-        return parse_size(str(value))
+        return parse_size(str(value), where)
     except UsageError:
         raise UsageError(f"{where}: cannot read memory size '{value}' (examples: 2GB, 512MiB)") from None
 

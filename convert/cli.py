@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from . import api, registry, storage
 from .errors import ConvertError, UsageError, pip_install, printable
@@ -124,7 +125,7 @@ def _split(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -264,7 +265,7 @@ def cmd_formats(argv: list[str]) -> int:
     p = _Parser(prog="convert formats", description="Formats, and whether they can be read and written here.")
     _common(p)
     args = p.parse_args(argv)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in registry.FORMATS:
         fmt = info.format
         row = {"name": info.name, "aliases": [*info.aliases, *info.writer_aliases], "description": fmt.description,
@@ -440,7 +441,7 @@ def cmd_version(argv: list[str]) -> int:
     needs = registry.dependencies()
     needs.setdefault(report.NEEDS, []).append("--report")
     dists = importlib.metadata.packages_distributions()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (module, extra), uses in needs.items():
         version = None
         if importlib.util.find_spec(module) is not None:

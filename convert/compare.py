@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -139,17 +140,18 @@ def diff(a: TensorDict, b: TensorDict, atol: float = 0.0, rtol: float = 0.0) -> 
 
 def compare(ta: Tensor, tb: Tensor, atol: float = 0.0, rtol: float = 0.0) -> TensorDiff:
     """Compare two tensors' values (the name is ``ta``'s)."""
-    base = dict(name=ta.name, dtype_a=ta.dtype.name, dtype_b=tb.dtype.name, shape_a=ta.shape, shape_b=tb.shape)
+    diff = functools.partial(TensorDiff, name=ta.name, dtype_a=ta.dtype.name, dtype_b=tb.dtype.name,
+                             shape_a=ta.shape, shape_b=tb.shape)
     if ta.shape != tb.shape:
-        return TensorDiff(**base)
+        return diff()
     kinds = {ta.dtype.kind, tb.dtype.kind}
     if "string" in kinds:
         if kinds != {"string"}:
-            return TensorDiff(**base, note="string and numeric tensors cannot be compared")
+            return diff(note="string and numeric tensors cannot be compared")
         va, vb = ta.numpy().reshape(-1), tb.numpy().reshape(-1)
         bad = int(sum(x != y for x, y in zip(va, vb, strict=False)))
         worst = 0.0 if not bad else float("inf")
-        return TensorDiff(**base, max_abs=worst, max_rel=worst, mismatched=bad, mean_abs=worst, mean_rel=worst)
+        return diff(max_abs=worst, max_rel=worst, mismatched=bad, mean_abs=worst, mean_rel=worst)
     max_abs = max_rel = sum_abs = sum_rel = 0.0
     bad = size = 0
     for err, rel, y in errors(ta, tb):
@@ -162,7 +164,7 @@ def compare(ta: Tensor, tb: Tensor, atol: float = 0.0, rtol: float = 0.0) -> Ten
         with np.errstate(invalid="ignore", over="ignore"):
             bad += int(np.count_nonzero(~((err == 0) | (err <= atol + rtol * np.abs(y)))))
     n = max(size, 1)
-    return TensorDiff(**base, max_abs=max_abs, max_rel=max_rel, mismatched=bad, mean_abs=sum_abs / n,
+    return diff(max_abs=max_abs, max_rel=max_rel, mismatched=bad, mean_abs=sum_abs / n,
                       mean_rel=sum_rel / n)
 
 

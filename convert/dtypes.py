@@ -244,6 +244,7 @@ def encode(arr: np.ndarray) -> np.ndarray:
 
 
 def _dequantize(dtype: DType, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    assert dtype.block is not None and dtype.gguf is not None  # a GGML block-quantized row has both
     if not shape or shape[-1] % dtype.block[0]:
         raise UnsupportedDTypeError(f"a {dtype} tensor's last dimension must be a multiple of {dtype.block[0]}, "
                            f"not shape {list(shape)}")

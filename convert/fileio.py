@@ -54,7 +54,7 @@ from .errors import WriteError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # no file locks there
 
 _counter = itertools.count()
 _STAGE = re.compile(r"\.(?P<output>.+)\.convert-tmp-(?P<pid>\d+)-\d+")
@@ -480,8 +480,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
-        for s in dict.fromkeys(caught):
-            signal.raise_signal(s)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 @contextmanager

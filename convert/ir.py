@@ -56,7 +56,7 @@ class Source:
         """
         crc = written = 0
         for piece in self.chunks(nbytes):
-            out.write(piece)
+            out.write(piece)  # type: ignore[arg-type]  # numpy's stubs give ndarray the buffer protocol (PEP 688) on Python >= 3.12 only
             crc = google_crc32c.extend(crc, piece)
             written += len(piece)
             if progress:
@@ -91,7 +91,7 @@ class Source:
         view = memoryview(buf)
         pos = 0
         for piece in self.chunks(nbytes):
-            view[pos:pos + len(piece)] = piece
+            view[pos:pos + len(piece)] = piece  # type: ignore[assignment]  # numpy's stubs give ndarray the buffer protocol (PEP 688) on Python >= 3.12 only
             pos += len(piece)
         return decode(dtype, buf, shape)
 
@@ -159,8 +159,10 @@ class FileRegion(Source):
             return google_crc32c.value(self._small())
         with _open(self.path, self.label) as f:
             self._check_size(f)
-            return self._checked(mapped_checksums(f.fileno(), self.offset, self.length, self.crc32 is not None,
-                                                  outer=self._outer(f)), f)
+            crc = self._checked(mapped_checksums(f.fileno(), self.offset, self.length, self.crc32 is not None,
+                                                 outer=self._outer(f)), f)
+        assert crc is not None  # taken with crc32c (mapped_checksums' default)
+        return crc
 
     def copy_into(self, out: BinaryIO, nbytes: int, progress: Callable[[int], None] | None = None,
                   verified_after: bool = False) -> int:
@@ -213,7 +215,9 @@ class FileRegion(Source):
             if done != self.length:
                 raise CorruptFileError(self.path, "file is truncated", self.label)
             out.seek(start + done)
-            return self.crc32c if vouched else self._checked(sums[0], f)
+            crc = self.crc32c if vouched else self._checked(sums[0], f)
+            assert crc is not None  # vouched: the file's CRC-32C; else taken with crc32c (True above)
+            return crc
 
     def _small(self) -> bytes:
         """The bytes of a small region (no ``span``) in one ``pread``, checked."""
@@ -241,17 +245,18 @@ class FileRegion(Source):
         if end > os.fstat(f.fileno()).st_size:  # a map past the end would crash
             raise CorruptFileError(self.path, "file is truncated", self.label)
 
-    def _pread(self, f: BinaryIO, start: int, end: int) -> bytes:
+    def _pread(self, f: BinaryIO | None, start: int, end: int) -> bytes:
+        assert f is not None  # None only for subclasses that read without a local file (remote objects)
         data = os.pread(f.fileno(), end - start, start)
         if len(data) != end - start:
             raise CorruptFileError(self.path, "file is truncated", self.label)
         return data
 
-    def _outer(self, f: BinaryIO) -> int | None:
+    def _outer(self, f: BinaryIO | None) -> int | None:
         """With a ``span``: the CRC-32C of its bytes before the region, to be extended over the region."""
         return None if self.span is None else google_crc32c.value(self._pread(f, self.span[0], self.offset))
 
-    def _checked(self, sums: Checksums, f: BinaryIO | None) -> int:
+    def _checked(self, sums: Checksums, f: BinaryIO | None) -> int | None:
         """``sums.crc32c``, once every checksum the file holds for the region matched."""
         got_c = sums.crc32c
         if self.span is not None:
@@ -608,7 +613,7 @@ class Tensor:
     def tobytes(self) -> bytes:
         if isinstance(self.source, FileRegion):
             return self.source.read()
-        return b"".join(self.chunks())
+        return b"".join(self.chunks())  # type: ignore[arg-type]  # numpy's stubs give ndarray the buffer protocol (PEP 688) on Python >= 3.12 only
 
     def renamed(self, name: str) -> Tensor:
         return self._but(name=name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 
 def lazy_module(name: str) -> ModuleType:
@@ -26,4 +27,7 @@ def lazy_module(name: str) -> ModuleType:
     return module
 
 
-np = lazy_module("numpy")
+if TYPE_CHECKING:  # the type checker sees the real module and its annotations
+    import numpy as np
+else:
+    np = lazy_module("numpy")

@@ -75,7 +75,7 @@ def diff_page(report: DiffReport, a: TensorDict, b: TensorDict, label_a: str = "
     The worst tensors are read again for their error histograms."""
     verdict = "agree" if report.ok else "differ"
     compared = [t for t in report.tensors if t.max_abs is not None]
-    worst = max((t.max_abs for t in compared), default=0.0)
+    worst = max((t.max_abs for t in compared if t.max_abs is not None), default=0.0)
     summary = (f"{len(report.tensors)} tensors compared, {len(report.differing)} differ, "
                f"{len(report.only_in_a)} only in A, {len(report.only_in_b)} only in B; "
                f"max abs error {_num(worst)} (atol {report.atol:g}, rtol {report.rtol:g})")
@@ -180,7 +180,7 @@ def _histogram_figure(report: DiffReport, a: TensorDict, b: TensorDict) -> str:
 
     candidates = [t for t in report.tensors  # values compared, some differ, numbers on both sides
                   if t.max_abs and "string" not in (a[t.name].dtype.kind, b[t.name].dtype.kind)]
-    worst = sorted(candidates, key=lambda t: -t.max_abs)[:WORST]
+    worst = sorted(candidates, key=lambda t: -(t.max_abs or 0.0))[:WORST]
     if not worst:
         return "<p>Every value compared is equal: there is no error to show.</p>"
     edges = np.arange(_LOG_MIN * _BINS_PER_DECADE, _LOG_MAX * _BINS_PER_DECADE + 1) / _BINS_PER_DECADE

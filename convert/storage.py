@@ -86,7 +86,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import google_crc32c
 
@@ -109,7 +109,7 @@ _configured: dict[str, Any] = {}
 
 # ------------------------------------------------------------------ what is remote
 
-def protocol(path: os.PathLike | str) -> str | None:
+def protocol(path: os.PathLike | str | RemotePath) -> str | None:
     """The URL scheme of ``path`` (``"s3"``), or None for a local path (``file://`` included)."""
     if isinstance(path, RemotePath):
         return path.protocol
@@ -121,7 +121,7 @@ def protocol(path: os.PathLike | str) -> str | None:
     return m["protocol"].lower()
 
 
-def is_remote(path: os.PathLike | str) -> bool:
+def is_remote(path: os.PathLike | str | RemotePath) -> bool:
     return protocol(path) is not None
 
 
@@ -132,7 +132,7 @@ def local(path: os.PathLike | str) -> Path:
     return Path(s[m.end():] if m else s)
 
 
-def as_path(path: os.PathLike | str) -> Path | RemotePath:
+def as_path(path: os.PathLike | str | RemotePath) -> Path | RemotePath:
     """``pathlib.Path`` for a local path, :class:`RemotePath` for a URL."""
     if isinstance(path, RemotePath):
         return path
@@ -154,7 +154,7 @@ def configure(options: Mapping[str, Any] | str | None) -> None:
     if isinstance(options, str):
         try:
             options = json.loads(options)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise UsageError(f"--storage-options is not valid JSON ({e.msg})") from None
     if options is not None and not isinstance(options, Mapping):
         raise UsageError("--storage-options must be a JSON object")
@@ -172,7 +172,7 @@ def _env_options() -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise UsageError(f"{ENV_OPTIONS} is not valid JSON ({e.msg})") from None
     if not isinstance(value, dict):
         raise UsageError(f"{ENV_OPTIONS} must be a JSON object")
@@ -411,7 +411,8 @@ class RemotePath:
                               cache_type="readahead", **kwargs)
         if self._output is None:
             raise WriteError(redact(str(self)), "remote outputs are written through storage.atomic_output only")
-        return self._output.open(self, mode)
+        # the upload is written as a file (write, tell, flush, close), not a whole BinaryIO
+        return cast(BinaryIO, self._output.open(self, mode))
 
     def read_bytes(self) -> bytes:
         return self._call("read", self.fs.cat_file, self.path)
@@ -542,7 +543,7 @@ def open_input(path: os.PathLike | str) -> BinaryIO:
     try:
         return p.open("rb")
     except OSError as e:
-        raise ReadError(p, f"cannot open: {e.strerror or e}") from None
+        raise ReadError(redact(str(p)) if isinstance(p, RemotePath) else p, f"cannot open: {e.strerror or e}") from None
 
 
 # ------------------------------------------------------------------ fingerprints
@@ -558,8 +559,8 @@ def fingerprint(paths: Iterable[os.PathLike | str]) -> list[list]:
             if not p.exists():
                 continue
             found = p.files() if p.is_dir() else [(p, p.stat())]
-            for f, st in found:
-                rows[str(f)] = [str(f), st.st_size, st.etag or st.st_mtime]
+            for rf, rst in found:
+                rows[str(rf)] = [str(rf), rst.st_size, rst.etag or rst.st_mtime]
             continue
         if p.is_dir():
             files = [Path(root, n) for root, _, names in os.walk(p) for n in names]
@@ -792,7 +793,7 @@ def readable(tmp: os.PathLike | str | RemotePath) -> Path | RemotePath:
 def atomic_output(dest: os.PathLike | str | RemotePath, force: bool = False,
                   commit: Iterable[str] = ()) -> Iterator[Path | RemotePath]:
     """:func:`convert.fileio.atomic_output` for a local path, :func:`atomic_remote_output` for a URL."""
-    if is_remote(dest):
+    if isinstance(dest, RemotePath) or is_remote(dest):
         with atomic_remote_output(dest, force, commit) as tmp:
             yield tmp
     else:

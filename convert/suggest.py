@@ -30,7 +30,7 @@ _SYNONYMS = [
     (r"(?<![a-z])(?:b|biases|beta|output_bias)(?![a-z])", "bias"),
 ]
 # Layout changes between TF and torch, most usual first: dense, conv1d, conv2d both ways, conv3d both ways.
-_KNOWN_PERMS = {2: [(1, 0)], 3: [(2, 1, 0)], 4: [(3, 2, 0, 1), (2, 3, 1, 0)], 5: [(4, 3, 0, 1, 2), (2, 3, 4, 1, 0)]}
+_KNOWN_PERMS: dict[int, list[tuple[int, ...]]] = {2: [(1, 0)], 3: [(2, 1, 0)], 4: [(3, 2, 0, 1), (2, 3, 1, 0)], 5: [(4, 3, 0, 1, 2), (2, 3, 4, 1, 0)]}
 
 
 def _tokens(name: str) -> list[str]:

@@ -208,8 +208,8 @@ def resolve(td: TensorDict, template: TensorDict, *, path: os.PathLike | str | N
         tensors.append(t if source == tname else t.renamed(tname))
     problems += [f"extra '{n}' ({_spec(td[n])}) is not in the template" for n in left]
     if problems:
-        n = len(problems)
-        raise WriteError(path, f"tensors do not fit template {name} ({n} problem{'s' if n > 1 else ''}; drop or rename "
+        count = len(problems)
+        raise WriteError(path, f"tensors do not fit template {name} ({count} problem{'s' if count > 1 else ''}; drop or rename "
                          "with a mapping, or leave tensors out with --exclude / --weights-only): " + "; ".join(problems))
     return td.replace(tensors), Resolution(name, len(template), tuple(matches), tuple(filled), tuple(unfilled))
 

@@ -107,6 +107,7 @@ def iter_raw_fields(buf):
         num, wt = key >> 3, key & 7
         if num == 0:
             raise ProtoError("field number 0")
+        val: int | memoryview
         if wt == VARINT:
             val, pos = read_varint(mv, pos)
         elif wt == FIXED64:
@@ -198,8 +199,8 @@ def decode_varints(buf, convert: Callable[[np.ndarray], np.ndarray] | None = Non
     at a time, so that the 64-bit temporaries never span the whole buffer."""
     b = np.frombuffer(buf, dtype=np.uint8)
     if b.size == 0:
-        out = np.zeros(0, dtype=np.uint64)
-        return convert(out) if convert else out
+        empty = np.zeros(0, dtype=np.uint64)
+        return convert(empty) if convert else empty
     if b[-1] & 0x80:
         raise ProtoError("truncated packed varints")
     windows, start = [], 0
@@ -212,7 +213,7 @@ def decode_varints(buf, convert: Callable[[np.ndarray], np.ndarray] | None = Non
             stop = stop - 16 + int(ends[-1]) + 1
         windows.append((start, stop))
         start = stop
-    out = None
+    out: np.ndarray | None = None
     pos = 0
     for start, stop in windows:  # into one array of the final dtype: no list of parts to concatenate
         raw = _decode_window(b[start:stop])
@@ -223,6 +224,7 @@ def decode_varints(buf, convert: Callable[[np.ndarray], np.ndarray] | None = Non
         if out is not part:
             out[pos:pos + part.size] = part
         pos += part.size
+    assert out is not None  # b is not empty: there is a window
     return out
 
 

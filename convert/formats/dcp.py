@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .. import dtypes
 from ..errors import ConvertError, CorruptFileError, ReadError
@@ -492,14 +492,16 @@ def read(path: os.PathLike | str, **_opts) -> TensorDict:
         if not isinstance(entries, dict):
             raise tp.PickleFormatError("state_dict_metadata is not a dict")
         plan = _plan(meta, entries, storage)
-    tensors, extras, skipped = [], {}, {}
-    for name, kind, value in plan:
+    tensors: list[Tensor] = []
+    extras: dict[str, object] = {}
+    skipped: dict[str, object] = {}
+    for name, kind, value in plan:  # kind tells value's type
         if kind == "tensor":
-            tensors.append(value)
+            tensors.append(cast(Tensor, value))
         elif kind == "skip":
             skipped[name] = value
         else:
-            _read_object(name, value, extras, skipped)
+            _read_object(name, cast(_Item, value), extras, skipped)
     metadata = {"source.format": NAME}
     version = root.get("version")
     if isinstance(version, str):

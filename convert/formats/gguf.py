@@ -180,7 +180,7 @@ def _parse(path: Path, buf, size: int) -> TensorDict:
         vtype = h.u32(f"{what}'s type")
         tname, value = h.value(vtype, what)
         if key == "general.alignment":
-            if tname != "uint32" or not value or value & (value - 1):
+            if tname != "uint32" or not isinstance(value, int) or not value or value & (value - 1):
                 raise _Bad(f"general.alignment must be a power of two (uint32), not {tname} {value!r}")
             alignment = value
         if key.startswith(OTHER_PREFIX) and tname == "string":
@@ -189,7 +189,7 @@ def _parse(path: Path, buf, size: int) -> TensorDict:
             meta_key = META_PREFIX + key
         if meta_key in metadata:
             raise _Bad(f"{what} appears twice")
-        metadata[meta_key] = value if meta_key != META_PREFIX + key else _typed_json(tname, value)
+        metadata[meta_key] = str(value) if meta_key != META_PREFIX + key else _typed_json(tname, value)
     h.count(n_tensors, _MIN_INFO, "tensor")
     infos = []
     for i in range(n_tensors):
@@ -300,19 +300,22 @@ def write(td: TensorDict, path: Path) -> None:
     for t in td.values():
         if len(t.shape) > MAX_DIMS:
             raise WriteError(path, f"GGUF holds at most {MAX_DIMS} dimensions, not shape {list(t.shape)}", t.name)
-        if t.dtype.is_quantized and (not t.shape or t.shape[-1] % t.dtype.block[0]):
-            raise WriteError(path, f"{t.dtype} rows must be whole blocks of {t.dtype.block[0]}, "
+        block = t.dtype.block
+        if t.dtype.is_quantized and block and (not t.shape or t.shape[-1] % block[0]):
+            raise WriteError(path, f"{t.dtype} rows must be whole blocks of {block[0]}, "
                                    f"not shape {list(t.shape)}", t.name)
     writer = GGUFWriter(path, arch="")  # arch "": no general.architecture unless the metadata has one
     writer.data_alignment = alignment
     for key, value, vtype, item in kvs:
         writer.add_key_value(key, value, vtype, sub_type=item)
     for t in td.values():
+        assert t.dtype.gguf is not None  # the core refused, before writing, every dtype GGUF cannot hold
         writer.add_tensor_info(t.name, t.shape, t.dtype.numpy, t.nbytes, raw_dtype=GGMLQuantizationType(t.dtype.gguf))
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        assert writer.fout is not None  # opened by write_header_to_file
         out = writer.fout[0]
         writer.write_padding(out, out.tell())
         for t in td.values():  # in the order of the infos, each padded as GGUFWriter pads it

@@ -30,11 +30,13 @@ import json
 import math
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import CorruptFileError, ReadError, UsageError, WriteError
+from ..errors import CorruptFileError, ReadError, WriteError
 from ..ir import FileRegion, Tensor, TensorDict, copy_many
+from ..units import parse_size
 from .base import Format, Option, ShardWriter, Writer
 
 NAME = "safetensors"
@@ -221,7 +223,7 @@ def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None
     if max_shard_size is None:
         _write_file(list(td.values()), metadata, path)
         return
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "--max-shard-size")
     shards: list[list[Tensor]] = [[]]
     used = 0
     for t in td.values():
@@ -232,7 +234,7 @@ def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None
         used += t.nbytes
     path.mkdir()
     n = len(shards)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
         _write_file(shard, metadata, path / name)
@@ -268,30 +270,15 @@ def _shard_name(td: TensorDict, k: int, n: int) -> str:
     return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _write_shard(tensors: list[Tensor], path: Path, td: TensorDict) -> list:
+def _write_shard(tensors: Sequence[Tensor], path: Path, td: TensorDict) -> list:
     return _write_file(list(tensors), td.portable_metadata, path)
 
 
-def _commit(td: TensorDict, shards) -> list[tuple[str, bytes]]:
+def _commit(td: TensorDict, shards: Sequence[tuple[str, Sequence[tuple[Tensor, list]]]]) -> list[tuple[str, bytes]]:
     weight_map = {t.name: name for name, tensors in shards for t, _ in tensors}
     total = sum(t.nbytes for _, tensors in shards for t, _ in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     return [("model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode("utf-8"))]
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000 (units as transformers reads them)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise UsageError(f"--max-shard-size: cannot read size '{text}' (examples: 5GB, 500MB, 2GiB)")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise UsageError(f"--max-shard-size: '{text}' must be positive")
-    return size
 
 
 FORMAT = Format(

@@ -135,6 +135,7 @@ def _apply_set(td: TensorDict, rs: RuleSet, lineage: dict[str, _Lineage],
     producers: dict[str, list[str]] = {}
     new_lineage: dict[str, _Lineage] = {}
     for slot in slots:
+        step: tuple[str, ...]
         if slot[0] == "keep":
             t = slot[1]
             out.append(t)
@@ -195,6 +196,7 @@ def _transformed(t: Tensor, rule: Rule, target: str) -> Tensor:
 
 
 def _split(t: Tensor, rule: Rule, m: re.Match) -> list[Tensor]:
+    assert rule.split is not None  # a split rule's
     dtype, shape = _spec(rule.transforms, t.dtype, t.shape)
     axis, bounds = rule.split.bounds(shape)
     run = _chain(rule.transforms)
@@ -209,6 +211,7 @@ def _split(t: Tensor, rule: Rule, m: re.Match) -> list[Tensor]:
 def _ordered(members: list[tuple[Tensor, re.Match]], concat: Concat) -> list[tuple[Tensor, re.Match]]:
     if concat.order is None:
         return members
+    assert concat.part is not None  # the schema requires part: with order:
     placed: dict[str, tuple[Tensor, re.Match]] = {}
     for t, m in members:
         value = m.group(concat.part)
@@ -222,6 +225,7 @@ def _ordered(members: list[tuple[Tensor, re.Match]], concat: Concat) -> list[tup
 
 
 def _concat(members: list[tuple[Tensor, re.Match]], rule: Rule, target: str) -> Tensor:
+    assert rule.concat is not None  # a concat rule's
     pieces = [t for t, _ in _ordered(members, rule.concat)]
     first = pieces[0]
     rank = len(first.shape)

@@ -6,14 +6,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..dtypes import DType
 from ..errors import MappingError
 from ..lazy import np
 
-if TYPE_CHECKING:
-    from .references import Reference
+
+class Unbound(Protocol):
+    """A value taken from the source when the rules are applied
+    (:class:`convert.mapping.references.Reference`)."""
+
+    def resolve(self, metadata) -> object: ...
 
 
 class _RuleFailure(Exception):
@@ -202,7 +206,7 @@ class PermuteRope(Transform):
     rows ``(heads, 2, half)`` become ``(heads, half, 2)``; ``reverse`` undoes it (transformers'
     GGUF loader's ``reverse_permute``). ``heads`` is a number or a :class:`Reference`."""
 
-    heads: int | Reference  # a Reference (convert.mapping.references) until bound
+    heads: int | Unbound  # a Reference (convert.mapping.references) until bound
     reverse: bool = False
 
     def bind(self, metadata) -> PermuteRope:

@@ -259,7 +259,7 @@ class _GraphReader:
                 name = self.unique(name, scope)
                 attrs = {"role": "other", "onnx.kind": "constant", "origin": origin or "constant"}
                 self.tensors.append(Tensor(name, dtypes.from_numpy(arr.dtype), arr.shape,
-                                           ArraySource(lambda arr=arr: arr), attrs))
+                                           ArraySource(lambda arr=arr: arr), attrs))  # type: ignore[misc]  # the default argument binds the loop's value; mypy cannot infer such lambdas
                 self.places[name] = (node, attr)
                 return None
         raise CorruptFileError(self.path, "Constant node without a value attribute", name)

@@ -11,7 +11,7 @@ from ... import dtypes
 from ...errors import ConvertError, ReadError, UnsupportedDTypeError, UsageError, WriteError
 from ...ir import Source, Tensor, TensorDict
 from ...lazy import np
-from ...template import resolve
+from ...template import Resolution, resolve
 from .reader import _EXTERNAL, _GraphReader, _load_model, _onnx_type_name
 from .walk import detect
 
@@ -70,7 +70,8 @@ def _resolved(td: TensorDict, template: Path, out: Path | None):
     return tmpl, resolved, resolution, placed
 
 
-def prepare(td: TensorDict, template: str | os.PathLike | None = None, graph: bool = False, **_: object):
+def prepare(td: TensorDict, template: str | os.PathLike | None = None, graph: bool = False,
+            **_: object) -> tuple[TensorDict, Resolution | None]:
     """``td`` resolved against ``template``, as :func:`.writer.write` will write it (the main-graph
     initializers, then the values that go back to Constant nodes and subgraphs), and the
     resolution; ``(td, None)`` without a template."""

@@ -88,6 +88,7 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
             raise UsageError(f"--external-data-name must be a plain file name other than the model's, "
                              f"got '{data_name}'")
     _emit(model, tensors, out, data_name, onnx)
+    return None
 
 
 def _weights_only_model(td: TensorDict, opset: int):
@@ -138,7 +139,7 @@ def _emit(model, tensors: list[Tensor], out: Path, data_name: str | None, onnx) 
             model_tail.ClearField(field)
 
     # Plan: each tensor's serialized header, its raw byte count, its tail (external fields).
-    plans = []
+    plans: list[tuple[Tensor, bytes, tuple[str, int, int] | None, bytes]] = []
     data_offset = 0
     for t in tensors:
         proto = onnx.TensorProto(name=t.name, data_type=t.dtype.onnx, dims=list(t.shape))

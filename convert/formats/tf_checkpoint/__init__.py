@@ -231,10 +231,10 @@ def expand(path: os.PathLike | str, step: int | None = None, all_steps: bool = F
         return [(_label(loc), loc.concrete)]
     out = []
     for s in state_paths(d, st):
-        loc = _locate_in_state(d, s)
-        if loc is None:
+        found = _locate_in_state(d, s)
+        if found is None:
             raise ReadError(d, f"the '{STATE_FILE}' file lists checkpoint '{s}', which is not there")
-        out.append((_label(loc), loc.concrete))
+        out.append((_label(found), found.concrete))
     return out
 
 
@@ -477,7 +477,7 @@ def _write_shard(tensors: Sequence[Tensor], path: Path, td: TensorDict) -> list:
     return write_data_shard(list(tensors), str(path))
 
 
-def _commit(td: TensorDict, shards) -> list[tuple[str, bytes]]:
+def _commit(td: TensorDict, shards: Sequence[tuple[str, Sequence[tuple[Tensor, list]]]]) -> list[tuple[str, bytes]]:
     prefix = _prefix_for(td)
     shard_of = {t.name: k for k, (_, tensors) in enumerate(shards) for t, _ in tensors}
     placed = [(t, entry) for _, tensors in shards for t, entry in tensors]

@@ -132,7 +132,7 @@ def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = 
 def _assembler(path, name, dtype, shape, parts):
     def produce():
         return assemble(path, name, dtype, shape,
-                        [(ext, (lambda sub, src=src: src.array(dtype, sub))) for ext, src in parts])
+                        [(ext, (lambda sub, src=src: src.array(dtype, sub))) for ext, src in parts])  # type: ignore[misc]  # the default argument binds the loop's value; mypy cannot infer such lambdas
     return produce
 
 
@@ -258,6 +258,7 @@ def bundle_index_bytes(placed: Sequence[tuple[Tensor, list]], num_shards: int,
     table.add(b"", BundleHeader(num_shards=num_shards, producer=BUNDLE_VERSION).encode())
     for t, (_, offset, size, crc) in rows:
         shard = shard_of(t.name) if shard_of else 0
+        assert t.dtype.tf is not None  # the core refused, before writing, what a checkpoint cannot hold
         table.add(t.name.encode("utf-8"), BundleEntry(t.dtype.tf, t.shape, shard, offset, size, mask_crc(crc)).encode())
     table.finish()
     return buf.getvalue()

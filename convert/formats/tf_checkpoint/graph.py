@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from ... import frameworks
 from ...errors import ReadError, UsageError, WriteError
@@ -42,7 +43,7 @@ def meta_graph_of(td: TensorDict) -> str | None:
 
 
 @contextlib.contextmanager
-def session(td: TensorDict, meta: str, path: os.PathLike | str) -> Iterator[tuple[object, object]]:
+def session(td: TensorDict, meta: str, path: os.PathLike | str) -> Iterator[tuple[Any, Any]]:  # tf.Graph, tf.Session
     """A TF1 session holding ``meta``'s graph with the TensorDict's values in its variables.
 
     Trainable variables must all be in ``td`` (listed in one error if not); others that are

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import overload
 
 from ... import wire
 from ...dtypes import from_tf
@@ -90,6 +92,10 @@ def _messages(fields: dict[int, list], num: int) -> list:
     return [v for v in fields.get(num, []) if not isinstance(v, int)]
 
 
+@overload
+def _last_int(fields: dict[int, list], num: int, default: int = 0) -> int: ...
+@overload
+def _last_int(fields: dict[int, list], num: int, default: None) -> int | None: ...
 def _last_int(fields: dict[int, list], num: int, default: int | None = 0) -> int | None:
     for val in reversed(fields.get(num, [])):
         if isinstance(val, int):
@@ -158,7 +164,7 @@ class MetaGraph:
     def variables(self, restored: bool = False) -> dict[str, tuple[int | None, tuple | None]]:
         """The graph's variables: name -> (TF dtype number, shape). With ``restored``, only those
         its saver restores (a saver's ``var_list`` may leave some out), when it has a saver."""
-        nodes = self.nodes.values()
+        nodes: Iterable[Node] = self.nodes.values()
         if restored and self.saver is not None and self.saver_name(3) in self.nodes:
             nodes = self.reachable(self.saver_name(3))
         out = {}
@@ -439,9 +445,9 @@ def meta_for(td: TensorDict, version: int, partial: bool = False) -> tuple[bytes
         return None, f"left out the .meta graph: {where} cannot be read ({e})"
     from . import role_of
 
-    bad = _misfits(td, variables)
-    lacking = [name for name, why in bad if partial and why == "missing" and role_of(name) in _OPTIONAL_ROLES]
-    bad = [f"{name} ({why})" for name, why in bad if name not in lacking]
+    misfits = _misfits(td, variables)
+    lacking = [name for name, why in misfits if partial and why == "missing" and role_of(name) in _OPTIONAL_ROLES]
+    bad = [f"{name} ({why})" for name, why in misfits if name not in lacking]
     if bad:
         return None, (f"left out the .meta graph: its variables do not match the checkpoint's tensors: "
                       f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")

@@ -267,6 +267,7 @@ def decode_saved_meta(buf) -> tuple[list[SliceMeta], int]:
     tensors, producer = [], 0
     for num, wt, val in iter_fields(buf):
         if num == 1 and wt == BYTES:
+            shape: tuple[int, ...]
             name, shape, dtype, slices = "", (), 0, []
             for n2, w2, v2 in iter_fields(val):
                 if n2 == 1 and w2 == BYTES:

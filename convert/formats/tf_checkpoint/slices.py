@@ -22,6 +22,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterator
+from typing import cast
 
 from ...dtypes import DType, from_tf
 from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
@@ -203,7 +204,7 @@ def _element_pieces(t: Tensor) -> Iterator[np.ndarray]:
     """The tensor's values in pieces of at most ``_PIECE`` elements, as they come from its source."""
     size, carry = t.dtype.itemsize, b""
     for chunk in t.chunks(_PIECE * size):
-        raw = carry + bytes(chunk) if carry else memoryview(chunk).cast("B")
+        raw = carry + bytes(chunk) if carry else memoryview(chunk).cast("B")  # type: ignore[arg-type]  # numpy's stubs give ndarray the buffer protocol (PEP 688) on Python >= 3.12 only
         whole = len(raw) - len(raw) % size
         carry = bytes(raw[whole:])
         if whole:
@@ -424,7 +425,8 @@ def write_v1_file(tensors: list[Tensor], path: str) -> None:
         if not t.name or "\x00" in t.name:
             raise WriteError(path, "tensor names must be non-empty and without NUL bytes", t.name)
     ordered = sorted(tensors, key=lambda t: t.name.encode("utf-8"))
-    metas = [pw.SliceMeta(t.name, t.shape, t.dtype.tf, [[Extent() for _ in t.shape]]) for t in ordered]
+    # check_v1_dtypes refused every dtype without a TF number
+    metas = [pw.SliceMeta(t.name, t.shape, cast(int, t.dtype.tf), [[Extent() for _ in t.shape]]) for t in ordered]
     keyed = sorted(((slice_key(t.name, [Extent() for _ in t.shape]), t) for t in ordered), key=lambda kt: kt[0])
     with open(path, "wb") as f:
         table = TableWriter(f)

@@ -162,6 +162,7 @@ class TableReader:
         actual = mask_crc(crc32c_extend(crc32c_extend(0, memoryview(raw)[:size]), raw[size:size + 1]))
         if stored != actual:
             raise CorruptFileError(self.path, f"block checksum mismatch at offset {offset}", label)
+        data: bytes | memoryview
         if ctype == NO_COMPRESSION:
             data = memoryview(raw)[:size]  # no copy: a V1 block can hold a whole tensor
         elif ctype == SNAPPY:
@@ -340,6 +341,7 @@ class TableWriter:
         if self.last_key is not None and len(key) + value_length >= 2 * self.block_size:
             self._flush()  # TF's TableBuilder::Add: an entry that would make its block overly large starts one
         if self.pending is not None:
+            assert self.last_key is not None  # a pending block holds entries: the last is last_key
             self.index.add(shortest_separator(self.last_key, key), encode_handle(*self.pending))
             self.pending = None
         self.last_key = key
@@ -362,6 +364,7 @@ class TableWriter:
         self._flush()
         meta_handle = self._write_block(_BlockBuilder(1).finish())
         if self.pending is not None:
+            assert self.last_key is not None  # a pending block holds entries: the last is last_key
             self.index.add(short_successor(self.last_key), encode_handle(*self.pending))
             self.pending = None
         index_handle = self._write_block(self.index.finish())

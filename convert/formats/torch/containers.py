@@ -243,6 +243,8 @@ def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
             ref = storages.get(key)
             if ref is None:
                 raise CorruptFileError(path, f"storage '{key}' is listed but no tensor uses it")
+            if ref.dtype is None:
+                raise CorruptFileError(path, f"storage '{key}' is untyped, which a legacy file never holds")
             f.seek(pos)
             head = f.read(8)
             if len(head) != 8:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import builtins
 import io
 import pickle
 import struct
@@ -64,7 +65,7 @@ class _Emitter:
             data = pickle.encode_long(v)
             self.out.write(pickle.LONG1 + bytes([len(data)]) + data)
 
-    def int_tuple(self, values: Iterable[int]):
+    def int_tuple(self, values: Iterable[builtins.int]):
         values = tuple(values)
         if not values:
             self.out.write(pickle.EMPTY_TUPLE)
@@ -117,6 +118,7 @@ def state_dict_pickle(entries: Iterable[tuple[str, StorageOut, tuple[int, ...]]]
         e.glob("collections", "OrderedDict")
         e.op(pickle.EMPTY_TUPLE + pickle.REDUCE)
         if not storage_class:
+            assert storage.dtype.torch is not None  # the core refused, before writing, what torch cannot hold
             e.glob("torch", storage.dtype.torch)
         e.op(pickle.TUPLE + pickle.REDUCE)
         batch += 1

@@ -39,6 +39,8 @@ def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: st
     storage = ref.storage
     base = ref.offset * itemsize
     if storage.view_of is not None:
+        if storage.dtype is None:
+            raise CorruptFileError(path, f"tensor '{name}' is a view of an untyped storage, which a legacy file never holds")
         base += storage.view_offset * storage.dtype.itemsize
     numel = math.prod(ref.shape)
     if numel == 0:

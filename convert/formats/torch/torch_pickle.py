@@ -41,7 +41,9 @@ import io
 import pickle
 import reprlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ... import dtypes
 from ...errors import UnsupportedDTypeError, printable
@@ -213,7 +215,7 @@ class _NumpyDType:
             raise PickleFormatError(f"unknown NumPy dtype {_short(self.spec)}") from None
         if dt.kind not in "biufc":
             raise PickleFormatError(f"NumPy dtype {dt} ({_short(self.spec)}) is not a plain number")
-        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt  # type: ignore[arg-type]  # checked: "<" or ">"
 
 
 @dataclass(frozen=True)
@@ -507,7 +509,11 @@ for _alias, _name in _DTYPE_ALIASES.items():
 class RestrictedUnpickler(pickle._Unpickler):
     """Unpickles only what a torch state_dict needs; see the module docstring."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch: ClassVar[dict[int, Callable[[Any], Any]]] = dict(pickle._Unpickler.dispatch)
+    # pickle._Unpickler's pure-Python state, which its stubs do not declare
+    stack: list[Any]
+    proto: int
+    append: Callable[[Any], None]
 
     def __init__(self, file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True,
                  stubbed: dict[str, int] | None = None):
@@ -692,7 +698,7 @@ def check_object_graph(root) -> None:
     size: dict[int, int] = {}  # id -> nodes of the subtree, once finished
     on_path: set[int] = set()
     keep = []  # the objects whose ids are in use: they must stay alive while we look
-    stack = [(root, None)]
+    stack: list[tuple[Any, list | None]] = [(root, None)]
     slots = 0  # child slots of the distinct containers: the size of the pickle as written
     while stack:
         obj, kids = stack.pop()

@@ -80,7 +80,8 @@ class _ZipWriter:
     _MAX32 = 0xFFFFFFFF
 
     def __init__(self, f, path: str):
-        self.f, self.path, self.members = f, path, []
+        self.f, self.path = f, path
+        self.members: list[tuple[bytes, int, int, int]] = []
 
     def add(self, name: str, data: bytes | Tensor) -> None:
         f, raw = self.f, name.encode("utf-8")
@@ -102,7 +103,9 @@ class _ZipWriter:
         else:
             data.copy_into(f)
             f.flush()
-            crc = mapped_checksums(f.fileno(), begin, nbytes, crc32=True, crc32c=False).crc32
+            zip_crc = mapped_checksums(f.fileno(), begin, nbytes, crc32=True, crc32c=False).crc32
+            assert zip_crc is not None  # asked for (crc32=True)
+            crc = zip_crc
         end = f.tell()
         f.seek(start + 14)
         f.write(struct.pack("<I", crc))
