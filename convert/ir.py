@@ -348,7 +348,8 @@ def open_files() -> Iterator[None]:
     if outer is not None:
         yield
         return
-    _cache.fds = fds = {}
+    fds: dict[str, int] = {}
+    _cache.fds = fds
     try:
         yield
     finally:
@@ -435,6 +436,7 @@ def copy_many(tensors: Sequence[Tensor], out: BinaryIO) -> list[int]:
             # the output is read back and compared with the CRC-32Cs the source stores: copied in the kernel
             if _copy_run(run, out):
                 for t, r in run:
+                    assert r.crc32c is not None  # the run was taken for the CRC-32Cs its source stores
                     t.source.copied(r.crc32c)
                     crcs.append(r.crc32c)
                 continue

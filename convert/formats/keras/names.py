@@ -124,7 +124,7 @@ def _name_children(cfg: dict, inner: dict, path: str, prefix: list[str], saveabl
     if cls in _MODELS or "layers" in inner:
         used: dict[str, int] = {}
         for entry in _layer_list(inner):
-            sub = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+            sub = c if isinstance(c := entry.get("config"), dict) else {}
             base = snake_case(str(entry.get("class_name", "")))
             n = used.get(base)
             used[base] = 0 if n is None else n + 1
@@ -137,17 +137,17 @@ def _name_children(cfg: dict, inner: dict, path: str, prefix: list[str], saveabl
                     out, trainable, default_name=f"{snake_case(cls)}_cell")
     elif cls == "Bidirectional":
         for attr, key, side in (("forward_layer", "layer", "forward"), ("backward_layer", "backward_layer", "backward")):
-            sub = inner.get(key) or inner.get("layer")
-            if isinstance(sub, dict):
-                subc = sub.get("config") if isinstance(sub.get("config"), dict) else {}
+            wrapped = inner.get(key) or inner.get("layer")
+            if isinstance(wrapped, dict):
+                subc = c if isinstance(c := wrapped.get("config"), dict) else {}
                 name = str(subc.get("name", attr))  # Keras 3 configs say "forward_gru", tf_keras's "gru"
-                _name_layer(sub, {k: v for k, v in subc.items() if k != "name"}, join(path, attr), prefix, saveables,
+                _name_layer(wrapped, {k: v for k, v in subc.items() if k != "name"}, join(path, attr), prefix, saveables,
                             out, trainable, default_name=name if name.startswith(side + "_") else f"{side}_{name}")
     elif cls in ("TimeDistributed", "Wrapper"):
-        sub = inner.get("layer")
-        if isinstance(sub, dict):
-            subc = sub.get("config") if isinstance(sub.get("config"), dict) else {}
-            _name_layer(sub, subc, join(path, "layer"), prefix, saveables, out, trainable)
+        wrapped = inner.get("layer")
+        if isinstance(wrapped, dict):
+            subc = c if isinstance(c := wrapped.get("config"), dict) else {}
+            _name_layer(wrapped, subc, join(path, "layer"), prefix, saveables, out, trainable)
     elif cls in ("MultiHeadAttention", "GroupedQueryAttention"):
         use_bias = inner.get("use_bias", True)
         for attr, default in _ATTENTION.items():

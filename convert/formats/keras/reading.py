@@ -173,10 +173,10 @@ def _config_names(tensors: list[Tensor], config: dict) -> tuple[dict[str, str], 
     readable = {}
     by_canonical = {_canonical(t.attrs["keras.path"]): t for t in tensors}
     for path, name in naming.names.items():  # in config order
-        t = by_canonical.get(path)
-        if t is not None:
-            readable[t.name] = name
-            shapes[name] = t.shape
+        hit = by_canonical.get(path)
+        if hit is not None:
+            readable[hit.name] = name
+            shapes[name] = hit.shape
     opt = sorted((p for p in by_path if p.startswith("optimizer/vars/")), key=_index)
     optimizer: dict[str, str] = {}
     if opt:
@@ -358,7 +358,7 @@ def _result(found: Found, layout: str, config: dict | None, metadata: dict | Non
     meta["keras.layout"] = layout if layout != "weights.h5" or "keras.layout" not in meta else meta["keras.layout"]
     if isinstance(metadata, dict) and isinstance(metadata.get("keras_version"), str):
         meta["keras.version"] = metadata["keras_version"]
-    if is_keras_config(config):
+    if config is not None and is_keras_config(config):
         meta["keras.model_class"] = str(config["class_name"])
     return TensorDict(found.tensors, meta)
 

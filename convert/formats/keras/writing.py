@@ -28,7 +28,7 @@ from pathlib import Path
 from ... import dtypes
 from ...errors import ConvertError, UsageError, WriteError
 from ...ir import Tensor, TensorDict
-from ...template import resolve
+from ...template import Resolution, resolve
 from ..base import Option, Writer, WriteReport
 from . import hdf5, reading
 
@@ -55,7 +55,7 @@ def holds(d: dtypes.DType) -> bool:
 # ------------------------------------------------------------------------------------------- template
 
 def accepts_template(path: os.PathLike | str) -> bool:
-    from . import detect
+    from .detection import detect
 
     try:
         return detect(Path(path))
@@ -64,7 +64,7 @@ def accepts_template(path: os.PathLike | str) -> bool:
 
 
 def prepare(td: TensorDict, template: str | os.PathLike | None = None, template_fill: bool = False,
-            **_: object):
+            **_: object) -> tuple[TensorDict, Resolution | None]:
     """``td`` resolved against a Keras template's variables, each tensor given the template's
     Keras path; ``td`` itself without a template or when already resolved against it."""
     if template is None:
@@ -73,10 +73,8 @@ def prepare(td: TensorDict, template: str | os.PathLike | None = None, template_
         return td, None
     if td.metadata.get(TEMPLATE_KEY) == os.path.abspath(template):
         return td, None
-    from . import read
-
     try:
-        tmpl = read(template)
+        tmpl = reading.read(Path(template), None)
     except ConvertError as e:
         raise WriteError(None, f"template: {e}") from None
     if not tmpl.metadata.get("keras.layout", "").startswith(("keras", "folder", "weights", "sharded")):
@@ -107,7 +105,9 @@ def _prepared(td: TensorDict, template, template_fill: bool) -> TensorDict:
 
 def _layout(td: TensorDict, path: Path) -> tuple[list[tuple[Tensor, str]], list[str]]:
     """Each tensor with the HDF5 path it is written to, and the names placed by their scope."""
-    placed, guessed, taken = [], [], {}
+    placed: list[tuple[Tensor, str]] = []
+    guessed: list[str] = []
+    taken: dict[str, str] = {}
     counters: dict[str, int] = {}
     for t in td.values():
         where = t.attrs.get("keras.path", "")
@@ -203,7 +203,8 @@ def write_weights_notes(guessed: list[str]) -> list[str]:
             "by class-based paths: give --template m.keras to write into a model's layout"]
 
 
-def write_weights(td: TensorDict, path: os.PathLike | str, template=None, template_fill: bool = False,
+def write_weights(td: TensorDict, path: os.PathLike | str, template: str | os.PathLike | None = None,
+                  template_fill: bool = False,
                   max_shard_size: str | None = None, **opts) -> WriteReport:
     """Write a Keras 3 ``.weights.h5`` at ``path`` (see the module docstring), or with
     ``max_shard_size`` a folder of sharded weights as Keras 3.9+ writes them."""
@@ -222,9 +223,9 @@ def write_sharded(td: TensorDict, folder: Path, max_shard_size: str) -> list[str
     variables) and ``model_0000N.weights.h5`` in a new folder, shards filled in order up to the size."""
     import json
 
-    from ..safetensors import parse_size
+    from ...units import parse_size
 
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "--max-shard-size")
     placed, guessed = _layout(td, folder)
     shards: list[list[tuple[Tensor, str]]] = [[]]
     used = 0
@@ -269,7 +270,8 @@ def _template_members(template: Path) -> list[tuple[str, bytes]]:
         raise WriteError(None, f"template {template}: not a readable zip archive ({e})") from None
 
 
-def write_keras(td: TensorDict, path: os.PathLike | str, template=None, template_fill: bool = False,
+def write_keras(td: TensorDict, path: os.PathLike | str, template: str | os.PathLike | None = None,
+                template_fill: bool = False,
                 **opts) -> WriteReport:
     """Write a ``.keras`` zip on ``--template`` (see the module docstring)."""
     if opts:

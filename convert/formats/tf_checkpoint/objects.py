@@ -140,10 +140,10 @@ def _same_objects(nodes: list[_Node], saved: list[_Node]) -> dict[int, int]:
                 todo.append(child)
     for i, node in enumerate(nodes):
         if i in match and 0 <= match[i] < len(saved):
-            theirs = {(orig, name): slot for orig, name, slot in saved[match[i]].slots}
+            slots = {(orig, name): slot for orig, name, slot in saved[match[i]].slots}
             for orig, name, slot in node.slots:
-                if orig in match and (match[orig], name) in theirs and 0 <= slot < len(nodes):
-                    match.setdefault(slot, theirs[(match[orig], name)])
+                if orig in match and (match[orig], name) in slots and 0 <= slot < len(nodes):
+                    match.setdefault(slot, slots[(match[orig], name)])
     return match
 
 

@@ -80,7 +80,7 @@ def state_dict(root, classes: dict[str, tuple[list[str], list[str]]], path: str)
         attrs = obj.state if isinstance(obj.state, dict) else {}
         params, buffers = classes.get(obj.cls, (None, None))
         tensors = [(str(k), v) for k, v in attrs.items() if isinstance(v, tp.TensorRef)]
-        if params is not None:
+        if params is not None and buffers is not None:
             tensors = [(k, v) for k, v in tensors if k in params] + [(k, v) for k, v in tensors if k in buffers]
         return tensors, [(str(k), v) for k, v in attrs.items() if _is_module(v)]
 

@@ -297,6 +297,7 @@ class NumpyArray:
 
     def array(self) -> np.ndarray:
         """The values, C order, little-endian (what the IR holds)."""
+        assert self.dtype is not None, "the array of a NumPy array that was not read"  # unsupported is set then
         flat = np.frombuffer(self.data, dtype=self.dtype)
         arr = flat.reshape(self.shape, order="F" if self.fortran else "C")
         return np.ascontiguousarray(arr, dtype=self.dtype.newbyteorder("<"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from typing import Any
 
 from ...errors import ReadError
 from . import torch_pickle as tp
@@ -228,7 +229,7 @@ def as_text(obj, nodes: int = _TEXT_NODES) -> tuple[str, int]:
         on_path.add(id(o))
         try:
             if isinstance(o, tp.StubObject):
-                out = {"class": o.cls}
+                out: dict[str, Any] = {"class": o.cls}
                 if o.args:
                     out["args"] = walk(o.args, depth + 1)
                 if o.state is not None:
@@ -240,13 +241,13 @@ def as_text(obj, nodes: int = _TEXT_NODES) -> tuple[str, int]:
                 return out
             if isinstance(o, dict):
                 return pairs(o.items(), depth)
-            out = []
+            items = []
             for v in (sorted(o, key=repr) if isinstance(o, (set, frozenset)) else o):
                 if budget[0] <= 0:
-                    out.append("...")
+                    items.append("...")
                     break
-                out.append(walk(v, depth + 1))
-            return out
+                items.append(walk(v, depth + 1))
+            return items
         finally:
             on_path.discard(id(o))
 
@@ -289,14 +290,15 @@ def open_placeholders(root):
             if id(o) in memo:
                 return memo[id(o)]
             on_path.add(id(o))
+            found: Any
             if isinstance(o, dict):
-                out = type(o)() if type(o) in (dict, OrderedDict) else {}
-                out.update((k, conv(v, depth + 1)) for k, v in o.items())
+                found = type(o)() if type(o) in (dict, OrderedDict) else {}
+                found.update((k, conv(v, depth + 1)) for k, v in o.items())
             else:
-                out = type(o)(conv(v, depth + 1) for v in o) if type(o) in (list, tuple) else [conv(v, depth + 1) for v in o]
+                found = type(o)(conv(v, depth + 1) for v in o) if type(o) in (list, tuple) else [conv(v, depth + 1) for v in o]
             on_path.discard(id(o))
-            memo[id(o)] = out
-            return out
+            memo[id(o)] = found
+            return found
         return o
 
     opened = conv(root, 0)
