@@ -236,15 +236,21 @@ def run(target: str, argv: list[str]) -> None:
 KEEP_BYTES = 8192  # what is committed: small inputs only
 
 
-def keep(root: Path) -> None:
-    """After ``run`` s over ``root/TARGET/``: each target's corpus minimized (libFuzzer's
-    ``-merge=1``: the fewest inputs with the same coverage), the small ones into tests/data/fuzz/."""
+def keep(root: Path, targets: list[str]) -> None:
+    """After ``run`` s over ``root/TARGET/``: each target's corpus (all, or ``targets``) minimized
+    (libFuzzer's ``-merge=1``: the fewest inputs with the same coverage), the small ones into
+    tests/data/fuzz/. A corpus input that fails the target (fixed since?) is named, not kept."""
     import subprocess
 
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name in TARGETS):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name in (targets or TARGETS)):
         merged = Path(tempfile.mkdtemp(prefix=f"merge-{d.name}-"))
-        subprocess.run([sys.executable, __file__, "run", d.name, str(merged), str(d), "-merge=1"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.run([sys.executable, __file__, "run", d.name, str(merged), str(d), "-merge=1",
+                               "-timeout=90"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{d.name}: -merge=1 failed, corpus left as it was:\n" + "\n".join(
+                line for line in proc.stderr.splitlines()[-30:] if not line.startswith(("#", "MERGE", "INFO"))))
+            shutil.rmtree(merged)
+            continue
         small = [p for p in merged.iterdir() if p.stat().st_size <= KEEP_BYTES]
         (DATA / d.name).mkdir(parents=True, exist_ok=True)
         for p in (DATA / d.name).iterdir():  # what a crash found (fixed since) stays; the rest is replaced
@@ -261,7 +267,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["seed"]:
         seed(Path(sys.argv[2]))
     elif sys.argv[1:2] == ["keep"]:
-        keep(Path(sys.argv[2]))
+        keep(Path(sys.argv[2]), sys.argv[3:])
     elif sys.argv[1:2] == ["run"]:
         run(sys.argv[2], sys.argv[3:])
     else:
