@@ -26,18 +26,25 @@ READ_NOTE = "local.note."
 """Metadata keys of this prefix hold what a reader tells the user (``local.``: never written out)."""
 
 
-def _local_only(path: PathLike | None, verb: str) -> None:
-    """Readers and writers take local paths so far (the storage layer is ready for URLs: README)."""
-    if path is not None and storage.is_remote(path):
-        raise UsageError(f"{storage.redact(str(path))}: {verb} remote paths directly is not supported yet; "
-                         "copy the files locally (remote paths work in convert batch's listing only)")
+def _local_only(info: registry.FormatInfo, path: PathLike | storage.RemotePath | None, verb: str) -> None:
+    """Refuse a URL for a format whose adapter takes local paths only (``Format.remote``)."""
+    if path is not None and storage.is_remote(path) and not info.format.remote:
+        where = "from" if verb == "reading" else "to"
+        raise UsageError(f"{storage.redact(str(path))}: {verb} {info.name} {where} remote paths is not supported "
+                         f"yet; copy the files locally (formats read and written remotely: "
+                         f"{', '.join(registry.remote_formats())})")
+
+
+def _path(info: registry.FormatInfo, path: PathLike | storage.RemotePath) -> Path:
+    """What the adapter takes: a ``Path`` or, for a remote-capable format, a RemotePath for a URL."""
+    p = storage.as_path(path) if info.format.remote else storage.local(path)
+    return p  # type: ignore[return-value]  # a RemotePath has the pathlib methods adapters use
 
 
 def _format(path: PathLike, format: str | None) -> registry.FormatInfo:
-    _local_only(path, "reading")
-    if format is None or format == "auto":
-        return registry.detect(path)
-    return registry.get(format)
+    info = registry.detect(path) if format is None or format == "auto" else registry.get(format)
+    _local_only(info, path, "reading")
+    return info
 
 
 def _options(info: registry.FormatInfo, side: str, opts: Mapping[str, object]) -> dict:
@@ -80,7 +87,7 @@ def read(path: PathLike, format: str | None = None, **opts) -> TensorDict:
         raise UsageError(f"{info.name} cannot be read")
     registry.require(info, "read")
     kwargs = _options(info, "read", opts)
-    return reader(Path(path), **kwargs)
+    return reader(_path(info, path), **kwargs)
 
 
 def label(info: registry.FormatInfo, writer: Writer) -> str:
@@ -164,10 +171,11 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
     """Write one checkpoint (``writer.write``) or, with ``series``, several into one output
     (``writer.series``), atomically, then verify what was written; ``companions`` are written
     into the staging folder once it is verified, so they appear with the output, never without."""
-    _local_only(path, "writing")
+    _local_only(info, path, "writing")
     registry.require(info, "write")
     kwargs = _options(info, "write", opts)
-    fmt, path = info.format, Path(path)
+    fmt, path = info.format, _path(info, path)
+    remote = isinstance(path, storage.RemotePath)
     notes: list[str] = []
     reports = []
     if writer.prepare is not None:  # before the checks: what is written and verified is what it returns
@@ -182,7 +190,9 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
         raise WriteError(path, f"is a folder that holds no {info.name} output; remove it or name another output")
     seen: list[dict[str, int]] = [{} for _ in tds]
     verified = False
-    with fileio.atomic_output(path, force) as tmp, open_files():
+    # remote: uploads completed once the writer returned (storage.readable), the commit objects last
+    staged = storage.atomic_output(path, force, writer.commit) if remote else fileio.atomic_output(path, force)
+    with staged as tmp, open_files():
         try:
             will_verify = verify and fmt.read is not None and not registry.missing(info, "read")
             recorded = [_recording(td, s, progress, will_verify) for td, s in zip(tds, seen, strict=True)]
@@ -200,14 +210,18 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
                     for name in s:
                         digest(td[name])
             elif will_verify:
-                got = _read_back(fmt, writer, tmp, series, kwargs)
+                got = _read_back(fmt, writer, storage.readable(tmp), series, kwargs)
                 if len(got) != len(tds):
                     raise VerificationError(path, f"holds {len(got)} checkpoints, wrote {len(tds)}")
                 for td, s, g in zip(tds, seen, got, strict=True):
                     _verify(td, s, g, path)
                 verified = True
             for name, data in (companions(path) if companions else {}).items():
-                (tmp.parent / name).write_bytes(data)
+                if remote:  # beside the output, not in it: an object of its own, before the output's finish
+                    with storage.atomic_output(path.parent / name, force=True) as record:
+                        record.write_bytes(data)
+                else:
+                    (tmp.parent / name).write_bytes(data)
         except ConvertError as e:  # name the output, not the staging folder it is written in
             _rename_path(e, str(tmp.parent), str(path.parent))
             raise
@@ -391,9 +405,14 @@ def _endings() -> re.Pattern:
     return re.compile(f"({'|'.join(parts)})$")
 
 
+def _absolute(path: PathLike | storage.RemotePath) -> Path | storage.RemotePath:
+    p = storage.as_path(path)
+    return p if isinstance(p, storage.RemotePath) else Path(os.path.abspath(p))
+
+
 def default_output(src: PathLike, info: registry.FormatInfo, writer: Writer, step: str | None = None) -> Path:
-    """Beside the input, named after it: ``model1/`` -> ``model1.safetensors``."""
-    p = Path(os.path.abspath(src))
+    """Beside the input, named after it: ``model1/`` -> ``model1.safetensors`` (a URL's: a URL)."""
+    p = _absolute(src)
     stem = _endings().sub("", p.name) or p.name
     if step:
         stem = f"{stem}-{step}"
@@ -445,9 +464,9 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         Tensor('conv1.weight', float32, [8, 1, 5, 5])
     """
     started = time.perf_counter()
-    _local_only(dst, "writing")
     src_info = _format(src, src_format)
     dst_info, dst_writer = registry.writer(to)
+    _local_only(dst_info, dst, "writing")
     # Check the whole request before touching any file.
     read_opts = _options(src_info, "read", read_opts or {})
     write_opts = _options(dst_info, "write", write_opts or {})
@@ -464,20 +483,25 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         if expand is None:
             raise UsageError(f"--all-steps does not apply to {src_info.name}")
         read_opts.pop("all_steps")
-        jobs = [(step, path) for step, path in expand(Path(src), **read_opts)]
+        jobs = [(step, path) for step, path in expand(_path(src_info, src), **read_opts)]
     else:
-        jobs = [(None, Path(src))]
+        jobs = [(None, _path(src_info, src))]
     if len(jobs) > 1 and dst_writer.series:  # every step into one output (a tf-ckpt folder)
-        outs = [Path(dst) if dst is not None else default_output(src, dst_info, dst_writer)]
+        outs = [_path(dst_info, dst) if dst is not None else default_output(src, dst_info, dst_writer)]
     elif dst is None:
         outs = [default_output(src, dst_info, dst_writer, step) for step, _ in jobs]
     else:
-        outs = [Path(dst) if step is None else _labelled(Path(dst), step) for step, _ in jobs]
-    inputs = [Path(os.path.abspath(p)) for p in (src, *(p for _, p in jobs))]
+        outs = [_path(dst_info, dst) if step is None else _labelled(_path(dst_info, dst), step) for step, _ in jobs]
+    _local_only(dst_info, outs[0], "writing")  # a default output beside a remote input is remote
+    inputs = [_absolute(p) for p in (src, *(p for _, p in jobs))]
     for out in outs:
-        if any(Path(os.path.abspath(out)) in (p, *p.parents) for p in inputs):
+        if any(_absolute(out) in (p, *p.parents) for p in inputs):
             raise UsageError(f"{out}: the output would replace the input; name another with -o")
-        fileio.check_writable(out, force)
+        if isinstance(out, storage.RemotePath):
+            if out.exists() and not force:
+                raise WriteError(out, "already exists (use --force to overwrite)")
+        else:
+            fileio.check_writable(out, force)
     prepared = []
     for step, path in jobs:
         td = read(path, src_info.name, **read_opts)

@@ -57,7 +57,8 @@ class MissingDependencyError(ConvertError):
 
 class _PathError(ConvertError):
     def __init__(self, path: os.PathLike | str | None, message: str, tensor: str | None = None):
-        self.path = None if path is None else os.fspath(path)
+        # a storage.RemotePath is not os.PathLike (a local call on it must fail): its URL
+        self.path = None if path is None else os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
         self.tensor = tensor
         parts = []
         if self.path is not None:

@@ -497,6 +497,10 @@ class RemoteRegion(FileRegion):
     def _pread(self, f, start: int, end: int) -> bytes:
         return self._get(self._obj(), start, end)
 
+    def read_at(self, offset: int, length: int) -> bytes:
+        """One ranged GET (a run of small tensors: :func:`convert.ir.copy_many`)."""
+        return self._obj().read_range(offset, offset + length)
+
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes]:
         self._check_length(nbytes)
         sums = Checksums(self.crc32c is not None and self.span is None, self.crc32 is not None, self._outer(None))

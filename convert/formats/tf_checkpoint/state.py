@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...errors import ReadError
+
 STATE_FILE = "checkpoint"
 _LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
 _ESCAPES = {b"n": b"\n", b"t": b"\t", b"r": b"\r", b"\\": b"\\", b"'": b"'", b'"': b'"',
@@ -126,7 +128,7 @@ def read_state(directory: Path) -> CheckpointState | None:
         if len(text) > 1 << 20:
             return None
         return parse_state(text.decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ReadError):  # ReadError: a remote folder's (convert.storage)
         return None
 
 
