@@ -337,3 +337,43 @@ def test_a_failure_while_writing_a_tf_checkpoint_leaves_no_object(s3, tmp_path):
     with pytest.raises(WriteError, match="V1 checkpoints are written to local paths only"):
         convert.convert(src, f"s3://{bucket}/out/v1", to="tf-ckpt-v1")
     assert s3.fs().find(bucket) == [] and s3.pending_uploads(bucket) == []
+
+
+# ------------------------------------------------------------------ --split shards
+
+def test_four_safetensors_shards_in_s3_to_tf_checkpoint_in_s3_by_split_workers(s3, tmp_path):
+    """Issue 17's proof: a 4-shard model in the bucket, converted by two --worker processes of
+    --split shards into a V2 checkpoint in the bucket, which TensorFlow restores."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(8)
+    shards = [{f"layers.{k}.w": rng.standard_normal((300, 200 + k)).astype(np.float32),
+               f"layers.{k}.b": rng.standard_normal(200 + k).astype(np.float16),
+               f"layers.{k}.n": np.arange(k + 3, dtype=np.int64)} for k in range(4)]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    weight_map = {}
+    for k, arrays in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-00004.safetensors"
+        safetensors.numpy.save_file(arrays, str(hf / name))
+        weight_map.update(dict.fromkeys(arrays, name))
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    fs.put(str(hf) + "/", f"{bucket}/hf/", recursive=True)
+    want = {k: v for arrays in shards for k, v in arrays.items()}
+    results = []
+    for worker in ("1/2", "0/2"):  # worker 1 first: worker 0 then finds every receipt and commits
+        res = _cli("safetensors", f"s3://{bucket}/hf", "--to", "tf-ckpt", "-o", f"s3://{bucket}/tf",
+                   "--split", "shards", "--worker", worker, "--json", options=s3.options_json)
+        assert res.returncode == 0, res.stderr
+        results.append(json.loads(res.stdout))
+    assert [r["committed"] for r in results] == [False, True] and results[1]["output_shards"] == 4
+    assert sorted(results[0]["shards"] + results[1]["shards"]) == [
+        f"model.ckpt.data-0000{k}-of-00004" for k in range(4)]
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/tf")) == [
+        "checkpoint", *(f"model.ckpt.data-0000{k}-of-00004" for k in range(4)), "model.ckpt.index"]  # no receipts left
+    assert s3.pending_uploads(bucket) == []
+    local = tmp_path / "tf"
+    fs.get(f"{bucket}/tf/", str(local) + "/", recursive=True)
+    _equal(_tf_values(tf, local), want)
