@@ -377,3 +377,27 @@ def test_four_safetensors_shards_in_s3_to_tf_checkpoint_in_s3_by_split_workers(s
     local = tmp_path / "tf"
     fs.get(f"{bucket}/tf/", str(local) + "/", recursive=True)
     _equal(_tf_values(tf, local), want)
+
+
+def test_batch_converts_checkpoints_in_a_bucket_into_the_bucket_and_a_rerun_skips_them(s3, tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    for run in ("run1", "run2"):
+        fs.put(str(REPO / "examples" / "model1") + "/", f"{bucket}/runs/{run}/", recursive=True)
+    want = _tf_values(tf, REPO / "examples" / "model1")
+    args = ["batch", f"s3://{bucket}/runs/*/checkpoint", "--to", "safetensors",
+            "-o", f"s3://{bucket}/exports/{{run}}.safetensors", "--json", "--workers", "2"]
+    res = _cli(*args, options=s3.options_json)
+    assert res.returncode == 0, res.stderr
+    assert [json.loads(line)["status"] for line in res.stdout.splitlines()] == ["done", "done"]
+    for run in ("run1", "run2"):
+        _equal(_load_remote(fs, f"{bucket}/exports/{run}.safetensors", tmp_path), want)
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/exports")) == [
+        ".run1.safetensors.convert-batch.json", ".run2.safetensors.convert-batch.json",
+        "run1.safetensors", "run2.safetensors"]  # each with its record, no journal
+    res = _cli(*args, options=s3.options_json)
+    assert res.returncode == 0, res.stderr
+    assert [json.loads(line)["status"] for line in res.stdout.splitlines()] == ["skipped", "skipped"]
+    assert FAKE_SECRET not in res.stdout + res.stderr

@@ -284,6 +284,8 @@ def _expand_remote(p: storage.RemotePath, step: int | None) -> list[tuple[str, P
 def _detect_remote(p: storage.RemotePath) -> bool:
     if p.is_dir():
         return read_state(p) is not None or any(x.name.endswith(".index") and has_table_magic(x) for x in p.iterdir())
+    if p.name == STATE_FILE:  # a state file names its folder's checkpoints (convert batch 's3://runs/*/checkpoint')
+        return read_state(p.parent) is not None
     s = str(p)
     m = _DATA_RE.match(s)
     prefix = s[:-len(".index")] if s.endswith(".index") else m.group(1) if m else \
