@@ -16,7 +16,7 @@ every contender of a scenario once, so a slow moment of the machine hits all of 
 The table gives medians; ``--json`` (default benchmarks/results/latest.json) keeps every run.
 
 The remote scenarios (``--remote-mb``, needs moto and s3fs) start a local S3 server (moto's, on
-127.0.0.1, in this process) and time S3 -> S3 conversions of a safetensors object against a plain
+127.0.0.1, in a process of its own) and time S3 -> S3 conversions of a safetensors object against a plain
 s3fs copy of the same bytes through the client (``fs.open`` read in 16 MiB pieces, written as a
 multipart upload of 64 MiB parts: what any S3 -> S3 tool must at least do) and against a
 server-side ``fs.copy`` (no byte leaves the server: no conversion can reach it), in MB/s of the
@@ -328,20 +328,26 @@ def remote_scenarios(tmp: Path, size_mb: int, repeat: int) -> list[dict]:
     if not (have("moto") and have("s3fs")):
         print("remote scenarios skipped: they need moto and s3fs (pip install 'ckpt-convert[test]')")
         return []
-    import logging
+    import socket
 
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # its own process: not a child of a driver holding the objects (a fork's RSS counts in the child's)
+    server = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = []
     try:
-        host, port = server.get_host_and_port()
-        options = {"key": "bench", "secret": "bench-secret", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+        options = {"key": "bench", "secret": "bench-secret", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
         fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-        fs.mkdir("bench")
+        for _ in range(100):
+            try:
+                fs.mkdir("bench")
+                break
+            except Exception:
+                time.sleep(0.1)
         local = tmp / "remote.safetensors"
         subprocess.run([PY, __file__, "--make", "st", str(local), "--size-mb", str(size_mb)], check=True, cwd=ROOT)
         fs.put(str(local), "bench/model.safetensors")
@@ -374,7 +380,8 @@ def remote_scenarios(tmp: Path, size_mb: int, repeat: int) -> list[dict]:
                       f"{m['mb_per_s']:7.1f} MB/s  {ratio:5.2f}x stream copy  RSS {m['rss_mb']:6.0f} MB", flush=True)
             out.append({"name": name, "input_bytes": nbytes, "median": med, "runs": runs})
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
     return out
 
 

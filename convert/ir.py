@@ -215,6 +215,11 @@ class FileRegion(Source):
             out.seek(start + done)
             return self.crc32c if vouched else self._checked(sums[0], f)
 
+    def run_limits(self) -> tuple[int, int]:
+        """(regions under this size join runs, bytes per run) for :func:`copy_many`: a run of a
+        local file is one ``pread``; a remote region's are larger (a GET costs a round trip)."""
+        return SMALL, RUN
+
     def read_at(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of this region's file, unchecked (a run of regions:
         :func:`copy_many`); fewer at its end. A remote region reads them in one ranged GET."""
@@ -395,14 +400,15 @@ def _runs(tensors: Sequence[Tensor]) -> Iterator[tuple[list[tuple[Tensor, FileRe
     size = 0
     for t in tensors:
         r = t.source.region() if t.dtype.kind != "string" else None
-        if r is None or r.length >= SMALL or r.span is not None or r.length != t.nbytes:
+        small, limit = r.run_limits() if r is not None else (0, 0)
+        if r is None or r.length >= small or r.span is not None or r.length != t.nbytes:
             if run:
                 yield run, None
                 run, size = [], 0
             yield [], t
             continue
         if run and (r.path != run[-1][1].path or r.offset != run[-1][1].offset + run[-1][1].length
-                    or size + r.length > RUN):
+                    or size + r.length > limit):
             yield run, None
             run, size = [], 0
         run.append((t, r))

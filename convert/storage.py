@@ -497,9 +497,14 @@ class RemoteRegion(FileRegion):
     def _pread(self, f, start: int, end: int) -> bytes:
         return self._get(self._obj(), start, end)
 
+    def run_limits(self) -> tuple[int, int]:
+        """Neighbouring tensors under :data:`REMOTE_RANGE` bytes are fetched together, up to
+        ``REMOTE_RANGE x REMOTE_PARALLEL`` at once: a GET per tensor would cost a round trip each."""
+        return REMOTE_RANGE, REMOTE_RANGE * REMOTE_PARALLEL
+
     def read_at(self, offset: int, length: int) -> bytes:
-        """One ranged GET (a run of small tensors: :func:`convert.ir.copy_many`)."""
-        return self._obj().read_range(offset, offset + length)
+        """The bytes of a run of tensors (:func:`convert.ir.copy_many`), by parallel ranged GETs."""
+        return b"".join(self._ranges(offset, offset + length, REMOTE_RANGE))
 
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes]:
         self._check_length(nbytes)

@@ -161,6 +161,23 @@ def test_reads_are_ranged(s3, tmp_path, fetched, monkeypatch):
     assert max(fetched) <= max(4 << 20, storage.HEADER_BLOCK + 8)  # ranged, never the whole object
 
 
+def test_neighbouring_tensors_are_fetched_together(s3, tmp_path, fetched):
+    """500 small tensors and a few of 2 MB: a handful of GETs, not one per tensor."""
+    rng = np.random.default_rng(9)
+    arrays = {f"layer{i:03d}/b": rng.standard_normal(1000).astype(np.float32) for i in range(500)}
+    arrays.update({f"big{i}": rng.standard_normal(500_000).astype(np.float32) for i in range(3)})
+    src = tmp_path / "many.safetensors"
+    safetensors.numpy.save_file(arrays, str(src))
+    bucket = s3.new_bucket()
+    s3.fs().put(str(src), f"{bucket}/many.safetensors")
+    fetched.clear()
+    out = tmp_path / "out.safetensors"
+    convert.convert(f"s3://{bucket}/many.safetensors", out, to="safetensors")
+    assert len(fetched) <= 4, fetched  # detect's and the header's read-ahead blocks, the data in 1-2 runs
+    assert sum(fetched) <= src.stat().st_size + 2 * storage.HEADER_BLOCK
+    _equal(safetensors.numpy.load_file(str(out)), arrays)
+
+
 def _failing_source(tmp_path: Path) -> Path:
     """A safetensors file whose last tensor float16 cannot hold: --dtype float16 fails while writing it."""
     arrays = {"a": np.random.default_rng(4).standard_normal((1600, 1000)).astype(np.float32),  # 6.4 MB: a part
