@@ -63,7 +63,8 @@ def read(path: PathLike, format: str | None = None, **opts) -> TensorDict:
     """Read a checkpoint lazily: tensors are listed, their data is read only when asked for.
 
     Args:
-        path: a file or folder.
+        path: a file or folder; a URL (``s3://...``, ``memory://...``) for the formats that take remote
+            paths (safetensors, tf-ckpt V2).
         format: a format name from ``convert formats``; None or "auto" detects it from content.
         **opts: format-specific reading options (e.g. ``step=190`` for tf-ckpt).
 
@@ -117,7 +118,7 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
 
     Args:
         td: what to write.
-        path: the output file or folder; must not exist unless ``force``.
+        path: the output file or folder (or a URL, as for :func:`convert.read`); must not exist unless ``force``.
         format: a format name from ``convert formats``, optionally with a writer id (``tf-ckpt:v1``).
         force: replace an existing output.
         verify: re-read the output with the format's reader and compare each tensor's values.
@@ -433,8 +434,8 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
     """Convert one checkpoint (or, with ``read_opts={"all_steps": True}``, every retained one).
 
     Args:
-        src: input file or folder.
-        dst: output path; default beside the input, named after it.
+        src: input file or folder (or a URL, as for :func:`convert.read`).
+        dst: output path (or a URL); default beside the input, named after it.
         to: destination format name.
         src_format: source format name; None or "auto" detects it from content.
         include, exclude: regexes on source names.
