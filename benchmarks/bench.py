@@ -342,11 +342,13 @@ def remote_scenarios(tmp: Path, size_mb: int, repeat: int) -> list[dict]:
     try:
         options = {"key": "bench", "secret": "bench-secret", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
         fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-        for _ in range(100):
+        for attempt in range(100):  # until the server listens
             try:
                 fs.mkdir("bench")
                 break
             except Exception:
+                if attempt == 99:
+                    raise
                 time.sleep(0.1)
         local = tmp / "remote.safetensors"
         subprocess.run([PY, __file__, "--make", "st", str(local), "--size-mb", str(size_mb)], check=True, cwd=ROOT)
