@@ -14,6 +14,13 @@ in a child process, with TensorFlow / PyTorch / the safetensors library as write
 so every contender starts from a warm page cache. Repetitions are interleaved: each round runs
 every contender of a scenario once, so a slow moment of the machine hits all of them alike.
 The table gives medians; ``--json`` (default benchmarks/results/latest.json) keeps every run.
+
+The remote scenarios (``--remote-mb``, needs moto and s3fs) start a local S3 server (moto's, on
+127.0.0.1, in a process of its own) and time S3 -> S3 conversions of a safetensors object against a plain
+s3fs copy of the same bytes through the client (``fs.open`` read in 16 MiB pieces, written as a
+multipart upload of 64 MiB parts: what any S3 -> S3 tool must at least do) and against a
+server-side ``fs.copy`` (no byte leaves the server: no conversion can reach it), in MB/s of the
+input. convert also reads its output back remotely to verify it (``--no-verify`` shows the cost).
 """
 
 from __future__ import annotations
@@ -307,6 +314,81 @@ def tensor_curve(tmp: Path, counts: list[int]) -> list[dict]:
     return points
 
 
+REMOTE_SCENARIOS = [("remote: safetensors -> safetensors", "safetensors", "out.safetensors"),
+                    ("remote: safetensors -> tf-ckpt V2", "tf-ckpt", "out-ckpt")]
+S3FS = "import json, sys, s3fs\nfs = s3fs.S3FileSystem(**json.loads(sys.argv[1]))\n"
+STREAM_COPY = S3FS + ("with fs.open(sys.argv[2], 'rb', block_size=16 << 20) as f, "
+                      "fs.open(sys.argv[3], 'wb', block_size=64 << 20) as g:\n"
+                      "    while piece := f.read(16 << 20):\n        g.write(piece)\n")
+SERVER_COPY = S3FS + "fs.copy(sys.argv[2], sys.argv[3])\n"
+
+
+def remote_scenarios(tmp: Path, size_mb: int, repeat: int) -> list[dict]:
+    """S3 -> S3 on a local moto server: MB/s of convert against s3fs copies of the same bytes."""
+    if not (have("moto") and have("s3fs")):
+        print("remote scenarios skipped: they need moto and s3fs (pip install 'ckpt-convert[test]')")
+        return []
+    import socket
+
+    import s3fs
+
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # its own process: not a child of a driver holding the objects (a fork's RSS counts in the child's)
+    server = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = []
+    try:
+        options = {"key": "bench", "secret": "bench-secret", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+        fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+        for attempt in range(100):  # until the server listens
+            try:
+                fs.mkdir("bench")
+                break
+            except Exception:
+                if attempt == 99:
+                    raise
+                time.sleep(0.1)
+        local = tmp / "remote.safetensors"
+        subprocess.run([PY, __file__, "--make", "st", str(local), "--size-mb", str(size_mb)], check=True, cwd=ROOT)
+        # uploaded by a child: the driver stays small (a fork's RSS counts in its children's peak)
+        subprocess.run([PY, "-c", S3FS + "fs.put(sys.argv[2], sys.argv[3])\n", json.dumps(options), str(local),
+                        "bench/model.safetensors"], check=True)
+        nbytes = local.stat().st_size
+        local.unlink()
+        opts = json.dumps(options)
+        src = "s3://bench/model.safetensors"
+        print(f"\nremote: S3 -> S3 on a local moto server, {nbytes / 1e6:.0f} MB safetensors input, "
+              f"median of {repeat}")
+        for name, to, dst_name in REMOTE_SCENARIOS:
+            dst = f"s3://bench/{dst_name}"
+            conv = [*CONVERT, "safetensors", src, "--to", to, "-o", dst, "-q", "--storage-options", opts]
+            cmds = {"s3fs copy (stream)": [PY, "-c", STREAM_COPY, opts, src, "s3://bench/copy.safetensors"],
+                    "s3fs copy (server)": [PY, "-c", SERVER_COPY, opts, src, "s3://bench/copy.safetensors"],
+                    "convert": conv, "--no-verify": [*conv, "--no-verify"]}
+            runs: dict[str, list[dict]] = {k: [] for k in cmds}
+            for _ in range(repeat):
+                for label, cmd in cmds.items():
+                    for stale in (dst, "s3://bench/copy.safetensors"):
+                        if fs.exists(stale):
+                            fs.rm(stale, recursive=True)
+                    fs.invalidate_cache()
+                    runs[label].append(run(cmd, None))
+            med = {k: {"seconds": statistics.median(r["seconds"] for r in rs),
+                       "rss_mb": statistics.median(r["rss_mb"] for r in rs)} for k, rs in runs.items()}
+            for label, m in med.items():
+                m["mb_per_s"] = nbytes / 1e6 / m["seconds"]
+                ratio = m["seconds"] / med["s3fs copy (stream)"]["seconds"]
+                print(f"{name if label == 'convert' else '':<36} {label:<20} {m['seconds']:7.2f} s "
+                      f"{m['mb_per_s']:7.1f} MB/s  {ratio:5.2f}x stream copy  RSS {m['rss_mb']:6.0f} MB", flush=True)
+            out.append({"name": name, "input_bytes": nbytes, "median": med, "runs": runs})
+    finally:
+        server.terminate()
+        server.wait()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=2048)
@@ -321,6 +403,8 @@ def main() -> None:
     ap.add_argument("--also", nargs="*", default=[], metavar="LABEL=TREE",
                     help="also time the convert of another source tree (e.g. a worktree of an earlier commit) "
                          "in the same rounds, as contender @LABEL")
+    ap.add_argument("--remote-mb", type=int, default=512,
+                    help="size of the remote (local S3 server) scenarios' input; 0 skips them")
     ap.add_argument("--make", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:
@@ -409,6 +493,8 @@ def main() -> None:
         for kind in list(inputs):  # free the disk first
             p = inputs.pop(kind)
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if args.remote_mb and (not args.only or any(w.lower() in "remote" for w in args.only)):
+            results["remote"] = remote_scenarios(tmp, args.remote_mb, args.repeat)
         if args.tensor_curve:
             print("\ntensor curve: tf-ckpt V2 -> safetensors and inspect, fastest of 3, by tensor count")
             results["tensor_curve"] = tensor_curve(tmp, [int(n) for n in args.tensor_curve.split(",")])

@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import google_crc32c
 
@@ -27,18 +27,34 @@ READ_NOTE = "local.note."
 """Metadata keys of this prefix hold what a reader tells the user (``local.``: never written out)."""
 
 
-def _local_only(path: PathLike | None, verb: str) -> None:
-    """Readers and writers take local paths so far (the storage layer is ready for URLs: README)."""
-    if path is not None and storage.is_remote(path):
-        raise UsageError(f"{storage.redact(str(path))}: {verb} remote paths directly is not supported yet; "
-                         "copy the files locally (remote paths work in convert batch's listing only)")
+def _local_only(info: registry.FormatInfo, path: PathLike | storage.RemotePath | None, verb: str) -> None:
+    """Refuse a URL for a format whose adapter takes local paths only (``Format.remote``)."""
+    if path is not None and storage.is_remote(path) and not info.format.remote:
+        where = "from" if verb == "reading" else "to"
+        raise UsageError(f"{storage.redact(str(path))}: {verb} {info.name} {where} remote paths is not supported "
+                         f"yet; copy the files locally (formats read and written remotely: "
+                         f"{', '.join(registry.remote_formats())})")
+
+
+def _path(info: registry.FormatInfo, path: PathLike | storage.RemotePath) -> Path:
+    """What the adapter takes: a ``Path`` or, for a remote-capable format, a RemotePath for a URL."""
+    if info.format.remote:
+        return _adapter_path(storage.as_path(path))
+    assert not isinstance(path, storage.RemotePath)  # _local_only refused it
+    return storage.local(path)
+
+
+def _adapter_path(p: storage.AnyPath) -> Path:
+    """``p`` as the contract's ``Path``: a RemotePath is given only to formats with ``remote``, whose
+    adapters use the pathlib methods it has (the contract's types cannot say "Path, or for these
+    formats a RemotePath")."""
+    return cast(Path, p)
 
 
 def _format(path: PathLike, format: str | None) -> registry.FormatInfo:
-    _local_only(path, "reading")
-    if format is None or format == "auto":
-        return registry.detect(path)
-    return registry.get(format)
+    info = registry.detect(path) if format is None or format == "auto" else registry.get(format)
+    _local_only(info, path, "reading")
+    return info
 
 
 def _options(info: registry.FormatInfo, side: str, opts: Mapping[str, object]) -> dict:
@@ -57,7 +73,8 @@ def read(path: PathLike, format: str | None = None, **opts) -> TensorDict:
     """Read a checkpoint lazily: tensors are listed, their data is read only when asked for.
 
     Args:
-        path: a file or folder.
+        path: a file or folder; a URL (``s3://...``, ``memory://...``) for the formats that take remote
+            paths (safetensors, tf-ckpt V2).
         format: a format name from ``convert formats``; None or "auto" detects it from content.
         **opts: format-specific reading options (e.g. ``step=190`` for tf-ckpt).
 
@@ -81,7 +98,7 @@ def read(path: PathLike, format: str | None = None, **opts) -> TensorDict:
         raise UsageError(f"{info.name} cannot be read")
     registry.require(info, "read")
     kwargs = _options(info, "read", opts)
-    return reader(Path(path), **kwargs)
+    return reader(_path(info, path), **kwargs)
 
 
 def label(info: registry.FormatInfo, writer: Writer) -> str:
@@ -111,7 +128,7 @@ def write(td: TensorDict, path: PathLike, format: str, *, force: bool = False, v
 
     Args:
         td: what to write.
-        path: the output file or folder; must not exist unless ``force``.
+        path: the output file or folder (or a URL, as for :func:`convert.read`); must not exist unless ``force``.
         format: a format name from ``convert formats``, optionally with a writer id (``tf-ckpt:v1``).
         force: replace an existing output.
         verify: re-read the output with the format's reader and compare each tensor's values.
@@ -159,16 +176,17 @@ Companions = Callable[[Path], Mapping[str, bytes]]
 their names (in its folder) and bytes. convert batch's provenance record is one."""
 
 
-def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, writer: Writer, force: bool,
+def _write(tds: list[TensorDict], path: PathLike | storage.RemotePath, info: registry.FormatInfo, writer: Writer, force: bool,
            verify: bool, opts: Mapping[str, object], progress: Callable[[int], None] | None, series: bool,
            companions: Companions | None = None) -> dict:
     """Write one checkpoint (``writer.write``) or, with ``series``, several into one output
     (``writer.series``), atomically, then verify what was written; ``companions`` are written
     into the staging folder once it is verified, so they appear with the output, never without."""
-    _local_only(path, "writing")
+    _local_only(info, path, "writing")
     registry.require(info, "write")
     kwargs = _options(info, "write", opts)
-    fmt, path = info.format, Path(path)
+    fmt, path = info.format, _path(info, path)
+    remote = isinstance(path, storage.RemotePath)
     notes: list[str] = []
     reports = []
     if writer.prepare is not None:  # before the checks: what is written and verified is what it returns
@@ -183,16 +201,18 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
         raise WriteError(path, f"is a folder that holds no {info.name} output; remove it or name another output")
     seen: list[dict[str, int]] = [{} for _ in tds]
     verified = False
-    with fileio.atomic_output(path, force) as tmp, open_files():
+    # remote: uploads completed once the writer returned (storage.readable), the commit objects last
+    staged = storage.atomic_output(path, force, writer.commit) if remote else fileio.atomic_output(path, force)
+    with staged as tmp, open_files():
         try:
             will_verify = verify and fmt.read is not None and not registry.missing(info, "read")
             recorded = [_recording(td, s, progress, will_verify) for td, s in zip(tds, seen, strict=True)]
             reported: WriteReport
             if series:
                 assert writer.series is not None
-                reported = writer.series(recorded, tmp, **kwargs) or {}
+                reported = writer.series(recorded, _adapter_path(tmp), **kwargs) or {}
             else:
-                reported = writer.write(recorded[0], tmp, **kwargs) or {}
+                reported = writer.write(recorded[0], _adapter_path(tmp), **kwargs) or {}
             # "verify": False means the output does not hold the tensors by name (a converted
             # graph) and the writer checked the output itself
             writer_checked = not reported.get("verify", True)
@@ -201,14 +221,18 @@ def _write(tds: list[TensorDict], path: PathLike, info: registry.FormatInfo, wri
                     for name in s:
                         digest(td[name])
             elif will_verify:
-                got = _read_back(fmt, writer, tmp, series, kwargs)
+                got = _read_back(fmt, writer, _adapter_path(storage.readable(tmp)), series, kwargs)
                 if len(got) != len(tds):
                     raise VerificationError(path, f"holds {len(got)} checkpoints, wrote {len(tds)}")
                 for td, s, g in zip(tds, seen, got, strict=True):
                     _verify(td, s, g, path)
                 verified = True
             for name, data in (companions(path) if companions else {}).items():
-                (tmp.parent / name).write_bytes(data)
+                if remote:  # beside the output, not in it: an object of its own, before the output's finish
+                    with storage.atomic_output(path.parent / name, force=True) as record:
+                        record.write_bytes(data)
+                else:
+                    (tmp.parent / name).write_bytes(data)
         except ConvertError as e:  # name the output, not the staging folder it is written in
             _rename_path(e, str(tmp.parent), str(path.parent))
             raise
@@ -393,9 +417,15 @@ def _endings() -> re.Pattern:
     return re.compile(f"({'|'.join(parts)})$")
 
 
-def default_output(src: PathLike, info: registry.FormatInfo, writer: Writer, step: str | None = None) -> Path:
-    """Beside the input, named after it: ``model1/`` -> ``model1.safetensors``."""
-    p = Path(os.path.abspath(src))
+def _absolute(path: PathLike | storage.RemotePath) -> Path | storage.RemotePath:
+    p = storage.as_path(path)
+    return p if isinstance(p, storage.RemotePath) else Path(os.path.abspath(p))
+
+
+def default_output(src: PathLike, info: registry.FormatInfo, writer: Writer,
+                   step: str | None = None) -> storage.AnyPath:
+    """Beside the input, named after it: ``model1/`` -> ``model1.safetensors`` (a URL's: a URL)."""
+    p = _absolute(src)
     stem = _endings().sub("", p.name) or p.name
     if step:
         stem = f"{stem}-{step}"
@@ -416,8 +446,8 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
     """Convert one checkpoint (or, with ``read_opts={"all_steps": True}``, every retained one).
 
     Args:
-        src: input file or folder.
-        dst: output path; default beside the input, named after it.
+        src: input file or folder (or a URL, as for :func:`convert.read`).
+        dst: output path (or a URL); default beside the input, named after it.
         to: destination format name.
         src_format: source format name; None or "auto" detects it from content.
         include, exclude: regexes on source names.
@@ -447,9 +477,9 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         Tensor('conv1.weight', float32, [8, 1, 5, 5])
     """
     started = time.perf_counter()
-    _local_only(dst, "writing")
     src_info = _format(src, src_format)
     dst_info, dst_writer = registry.writer(to)
+    _local_only(dst_info, dst, "writing")
     # Check the whole request before touching any file.
     read_opts = _options(src_info, "read", read_opts or {})
     write_opts = _options(dst_info, "write", write_opts or {})
@@ -467,20 +497,25 @@ def convert(src: PathLike, dst: PathLike | None = None, *, to: str, src_format: 
         if expand is None:
             raise UsageError(f"--all-steps does not apply to {src_info.name}")
         read_opts.pop("all_steps")
-        jobs = [(step, path) for step, path in expand(Path(src), **read_opts)]
+        jobs = [(step, path) for step, path in expand(_path(src_info, src), **read_opts)]
     else:
-        jobs = [(None, Path(src))]
+        jobs = [(None, _path(src_info, src))]
     if len(jobs) > 1 and dst_writer.series:  # every step into one output (a tf-ckpt folder)
-        outs = [Path(dst) if dst is not None else default_output(src, dst_info, dst_writer)]
+        outs = [_path(dst_info, dst) if dst is not None else default_output(src, dst_info, dst_writer)]
     elif dst is None:
         outs = [default_output(src, dst_info, dst_writer, step) for step, _ in jobs]
     else:
-        outs = [Path(dst) if step is None else _labelled(Path(dst), step) for step, _ in jobs]
-    inputs = [Path(os.path.abspath(p)) for p in (src, *(p for _, p in jobs))]
+        outs = [_path(dst_info, dst) if step is None else _labelled(_path(dst_info, dst), step) for step, _ in jobs]
+    _local_only(dst_info, outs[0], "writing")  # a default output beside a remote input is remote
+    inputs = [_absolute(p) for p in (src, *(p for _, p in jobs))]
     for out in outs:
-        if any(Path(os.path.abspath(out)) in (p, *p.parents) for p in inputs):
+        if any(_absolute(out) in (p, *p.parents) for p in inputs):
             raise UsageError(f"{out}: the output would replace the input; name another with -o")
-        fileio.check_writable(out, force)
+        if isinstance(out, storage.RemotePath):
+            if out.exists() and not force:
+                raise WriteError(out, "already exists (use --force to overwrite)")
+        else:
+            fileio.check_writable(out, force)
     prepared = []
     for step, path in jobs:
         td = read(path, src_info.name, **read_opts)

@@ -66,6 +66,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for remote paths "
+                        "(s3://...; or CONVERT_STORAGE_OPTIONS): one object, or one per protocol; never printed")
+
+
+def _configure_storage(argv: Sequence[str]) -> None:
+    """``--storage-options`` set before anything is parsed, so that every message is redacted."""
+    for i, a in enumerate(argv):
+        if a == "--storage-options" and i + 1 < len(argv):
+            storage.configure(argv[i + 1])
+        elif a.startswith("--storage-options="):
+            storage.configure(a.split("=", 1)[1])
 
 
 def _conversion_parser() -> argparse.ArgumentParser:
@@ -511,8 +522,6 @@ def cmd_batch(argv: list[str]) -> int:
     p.add_argument("--memory", metavar="SIZE", help="memory request of each Ray task (default: 256 MiB plus "
                    "the job's largest source file)")
     p.add_argument("--max-retries", type=int, default=3, metavar="N", help="reruns of a job whose worker died")
-    p.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for remote paths "
-                   "(or CONVERT_STORAGE_OPTIONS); never printed")
     p.add_argument("--force", action="store_true", help="redo every job, replacing existing outputs")
     p.add_argument("--no-verify", action="store_true", help="do not read the outputs back to compare")
     p.add_argument("--dry-run", action="store_true", help="list the jobs, run none")
@@ -600,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     thresholds = gc.get_threshold()
     gc.set_threshold(100_000, 20, 20)
     try:
+        _configure_storage(argv)
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         if argv and (argv[0] == "-V" or "--version" in argv):
@@ -608,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help and --version exit through argparse
         return e.code if isinstance(e.code, int) else EXIT_OK
     except _UsageExit as e:
-        print(str(e), file=sys.stderr)
+        print(storage.redact(str(e)), file=sys.stderr)
         return EXIT_USAGE
     except UsageError as e:
         if debug:

@@ -56,8 +56,9 @@ class MissingDependencyError(ConvertError):
 
 
 class _PathError(ConvertError):
-    def __init__(self, path: os.PathLike | str | None, message: str, tensor: str | None = None):
-        self.path = None if path is None else os.fspath(path)
+    def __init__(self, path: os.PathLike | str | object | None, message: str, tensor: str | None = None):
+        # a storage.RemotePath is not os.PathLike (a local call on it must fail): its URL (str())
+        self.path = None if path is None else os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
         self.tensor = tensor
         parts = []
         if self.path is not None:

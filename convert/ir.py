@@ -219,6 +219,16 @@ class FileRegion(Source):
             assert crc is not None  # vouched: the file's CRC-32C; else taken with crc32c (True above)
             return crc
 
+    def run_limits(self) -> tuple[int, int]:
+        """(regions under this size join runs, bytes per run) for :func:`copy_many`: a run of a
+        local file is one ``pread``; a remote region's are larger (a GET costs a round trip)."""
+        return SMALL, RUN
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of this region's file, unchecked (a run of regions:
+        :func:`copy_many`); fewer at its end. A remote region reads them in one ranged GET."""
+        return _pread_region(self.path, offset, length, self.label)
+
     def _small(self) -> bytes:
         """The bytes of a small region (no ``span``) in one ``pread``, checked."""
         data = _pread_region(self.path, self.offset, self.length, self.label)
@@ -396,14 +406,15 @@ def _runs(tensors: Sequence[Tensor]) -> Iterator[tuple[list[tuple[Tensor, FileRe
     size = 0
     for t in tensors:
         r = t.source.region() if t.dtype.kind != "string" else None
-        if r is None or r.length >= SMALL or r.span is not None or r.length != t.nbytes:
+        small, limit = r.run_limits() if r is not None else (0, 0)
+        if r is None or r.length >= small or r.span is not None or r.length != t.nbytes:
             if run:
                 yield run, None
                 run, size = [], 0
             yield [], t
             continue
         if run and (r.path != run[-1][1].path or r.offset != run[-1][1].offset + run[-1][1].length
-                    or size + r.length > RUN):
+                    or size + r.length > limit):
             yield run, None
             run, size = [], 0
         run.append((t, r))
@@ -415,7 +426,7 @@ def _runs(tensors: Sequence[Tensor]) -> Iterator[tuple[list[tuple[Tensor, FileRe
 def _read_run(run: list[tuple[Tensor, FileRegion]]) -> bytes:
     first = run[0][1]
     length = run[-1][1].offset + run[-1][1].length - first.offset
-    data = _pread_region(first.path, first.offset, length, first.label)
+    data = first.read_at(first.offset, length)
     if len(data) != length:
         raise CorruptFileError(first.path, "file is truncated", first.label)
     return data  # sliced per tensor: a copy of a few KB costs less than a memoryview google_crc32c refuses
@@ -432,7 +443,8 @@ def copy_many(tensors: Sequence[Tensor], out: BinaryIO) -> list[int]:
         if single is not None:
             crcs.append(single.copy_into(out))
             continue
-        if kernel and all(t.source.verified_after() and r.crc32c is not None and r.crc32 is None for t, r in run):
+        if kernel and type(run[0][1]) is FileRegion and all(
+                t.source.verified_after() and r.crc32c is not None and r.crc32 is None for t, r in run):
             # the output is read back and compared with the CRC-32Cs the source stores: copied in the kernel
             if _copy_run(run, out):
                 for t, r in run:

@@ -24,6 +24,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from .errors import MissingDependencyError, ReadError, UnknownFormatError, UsageError
 from .formats.base import Format, Option, Writer
@@ -143,17 +144,29 @@ def require(info: FormatInfo, side: str) -> None:
         raise MissingDependencyError(f"{verb} {info.name}", module, extra)
 
 
+def remote_formats() -> list[str]:
+    """The formats that read and write remote paths (``Format.remote``)."""
+    return [info.name for info in FORMATS if info.format.remote]
+
+
 def detect(path: os.PathLike | str) -> FormatInfo:
-    """The format of ``path``, from its content."""
-    p = Path(path)
+    """The format of ``path``, from its content; a URL's among the formats that take remote paths
+    (the others only by their file-name ending, so that the caller can say which one is refused)."""
+    from . import storage
+
+    remote = storage.is_remote(path)
+    p = storage.as_path(path) if remote else storage.local(path)
     for info in FORMATS:  # a path that does not exist may still name something (a TF checkpoint prefix)
-        if info.format.read is not None and info.format.detect(p):
+        if info.format.read is not None and (info.format.remote or not remote) and info.format.detect(cast(Path, p)):
             return info
     if not p.exists():
         raise ReadError(p, "no such file or directory")
     for info in FORMATS:  # the ending, as a hint only: its reader says what is wrong with the file
         if info.format.suffixes and p.is_file() and p.name.lower().endswith(info.format.suffixes):
             return info
+    if remote:
+        raise ReadError(p, f"not a checkpoint convert reads from remote storage (formats read there: "
+                           f"{', '.join(remote_formats())}; copy others locally)")
     raise ReadError(p, f"not a weight file convert recognises (formats: {', '.join(names())})")
 
 

@@ -29,9 +29,10 @@ and removes the receipts. Parallel export that silently gives wrong weights cann
 
 With ``--force``, a worker that starts while the output's commit objects are not this plan's
 removes them first (before its receipt; the commit comes after every receipt, so no worker can
-remove a new commit). Remote outputs (phase 2) follow the same steps through
-:mod:`convert.storage`: each shard one upload completed after its writer, the commit objects
-last.
+remove a new commit). Remote sources and outputs (URLs, for the formats that take them) follow
+the same steps through :mod:`convert.storage`: each shard, receipt and commit object is an
+upload of its own, completed once written (the shard is then read back remotely for its
+check), the commit objects last, once every receipt is in place.
 """
 
 from __future__ import annotations
@@ -43,10 +44,9 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from . import api, fileio, registry, storage
+from . import api, registry, storage
 from .errors import ConvertError, UsageError, VerificationError, WriteError
 from .formats.base import ShardWriter
 from .ir import FileRegion, Tensor, TensorDict, digest
@@ -104,11 +104,9 @@ def make_plan(td: TensorDict, shard_writer: ShardWriter, to: str, fingerprint: l
 
 def prepare(req: Request) -> tuple[TensorDict, registry.FormatInfo, Any, Plan]:
     """The TensorDict to write (read, selected, mapped, cast), the destination and the plan."""
-    for p in (req.source, req.output):
-        if storage.is_remote(p):
-            raise UsageError(f"{storage.redact(p)}: --split shards takes local paths so far")
     src_info = api._format(req.source, req.src_format)
     info, writer = registry.writer(req.to)
+    api._local_only(info, req.output, "writing")
     if writer.shards is None:
         raise UsageError(f"--split shards: {api.label(info, writer)} has no sharded output "
                          f"(formats that have one: {', '.join(_sharded())})")
@@ -132,48 +130,49 @@ def _sharded() -> list[str]:
     return [api.label(i, w) for i in registry.FORMATS for w in i.format.writers if w.shards is not None]
 
 
-def _receipt_path(out: Path, name: str) -> Path:
+def _receipt_path(out: storage.AnyPath, name: str) -> storage.AnyPath:
     return out / f".{name}.convert-receipt.json"
 
 
-def _receipt(out: Path, name: str, plan: Plan) -> list | None:
+def _receipt(out: storage.AnyPath, name: str, plan: Plan) -> list | None:
     try:
         doc = json.loads(_receipt_path(out, name).read_text("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ConvertError):  # ConvertError: a remote one's (convert.storage)
         return None
     if not isinstance(doc, dict) or doc.get("plan") != plan.digest or not (out / name).is_file():
         return None
     return doc.get("entries")
 
 
-def _commits_are_current(out: Path, plan: Plan) -> bool:
+def _commits_are_current(out: storage.AnyPath, plan: Plan) -> bool:
     return all(_receipt(out, n, plan) is not None for n in plan.names)
 
 
-def _write_shard(td: TensorDict, writer, plan: Plan, out: Path, k: int) -> list:
+def _write_shard(td: TensorDict, writer, plan: Plan, out: storage.AnyPath, k: int) -> list:
     name = plan.names[k]
     entries = _receipt(out, name, plan)
     if entries is not None:
         return entries  # done by an earlier attempt with the same plan
     tensors = [td[n] for n in plan.shards[k]]
-    with fileio.atomic_output(out / name, force=True) as tmp:  # an old attempt's shard, unreceipted, is replaced
+    with storage.atomic_output(out / name, force=True) as tmp:  # an old attempt's shard, unreceipted, is replaced
         try:
             entries = writer.shards.write_shard(tensors, tmp, td)
         except OSError as e:
             raise WriteError(out / name, f"cannot write: {e.strerror or e}") from None
+        written = storage.readable(tmp)  # remote: the upload completed, read back by ranged GETs
         for t, (ename, offset, size, crc) in zip(tensors, entries, strict=True):
-            back = FileRegion(str(tmp), offset, size, label=ename).digest(size)
+            back = storage.region(written, offset, size, label=ename).digest(size)
             if ename != t.name or back != crc:
                 raise VerificationError(out / name, "reads back with different bytes", t.name)
             if t.dtype.kind != "string" and size == t.nbytes and crc != digest(t):
                 raise VerificationError(out / name, "holds other values than the source", t.name)
     text = json.dumps({"plan": plan.digest, "shard": name, "entries": entries}) + "\n"
-    with fileio.atomic_output(_receipt_path(out, name), force=True) as tmp:
+    with storage.atomic_output(_receipt_path(out, name), force=True) as tmp:
         tmp.write_text(text, "utf-8")
     return entries
 
 
-def _finalize(td: TensorDict, info, writer, plan: Plan, out: Path) -> dict:
+def _finalize(td: TensorDict, info, writer, plan: Plan, out: storage.AnyPath) -> dict:
     shards = []
     for name, tensor_names in zip(plan.names, plan.shards, strict=True):
         entries = _receipt(out, name, plan)
@@ -184,8 +183,12 @@ def _finalize(td: TensorDict, info, writer, plan: Plan, out: Path) -> dict:
         target = out / name
         if target.is_file() and target.read_bytes() == data:
             continue
-        with fileio.atomic_output(target, force=True) as tmp:
-            tmp.write_bytes(data)
+        try:
+            with storage.atomic_output(target, force=True) as tmp:
+                tmp.write_bytes(data)
+        except ConvertError:  # another worker that found every receipt too may have written it meanwhile
+            if not (target.is_file() and target.read_bytes() == data):
+                raise
     # the index resolves every tensor to where its worker put (and verified) it
     got = info.format.read(out)
     where = {t.name: (name, e) for name, placed in shards for t, e in placed}
@@ -203,7 +206,7 @@ def _finalize(td: TensorDict, info, writer, plan: Plan, out: Path) -> dict:
         elif digest(g) != digest(t):
             raise VerificationError(out, "reads back with different values", t.name)
     for name in plan.names:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ConvertError):
             _receipt_path(out, name).unlink()
     return {"output": str(out), "format": api.label(info, writer), "tensors": len(td), "bytes": td.nbytes,
             "output_shards": len(plan.names), "verified": True}
@@ -213,15 +216,16 @@ def run_worker(req: Request, worker: int, workers: int) -> dict:
     """Worker ``worker`` of ``workers``: write and verify its shards; commit if it is the last."""
     started = time.perf_counter()
     td, info, writer, plan = prepare(req)
-    out = Path(req.output)
+    out = storage.as_path(req.output)
     if out.exists() and not out.is_dir():
         raise WriteError(out, "exists and is not a folder (a split output is a folder of shards)")
-    if not out.parent.is_dir():
-        raise WriteError(out, f"folder {out.parent} does not exist")
-    try:
-        out.mkdir(exist_ok=True)
-    except OSError as e:
-        raise WriteError(out, f"cannot create the folder: {e.strerror}") from None
+    if not isinstance(out, storage.RemotePath):  # object stores have no folders to make
+        if not out.parent.is_dir():
+            raise WriteError(out, f"folder {out.parent} does not exist")
+        try:
+            out.mkdir(exist_ok=True)
+        except OSError as e:
+            raise WriteError(out, f"cannot create the folder: {e.strerror}") from None
     # commit objects in place that are not this plan's (every receipt of this plan in place means
     # an earlier run was cut while committing: it is finished below)
     names = [n for n, _ in writer.shards.commit(td, [(n, []) for n in plan.names])]
@@ -266,7 +270,9 @@ def run(req: Request, worker: tuple[int, int] | None = None, ray_address: str | 
             raise UsageError(f"--ray {ray_address}: cannot join the cluster ({' '.join(str(e).split())})") from None
     try:
         task = ray.remote(_ray_worker)
-        refs = [task.options(name="split_shard", max_retries=3, num_cpus=1).remote(req, k, n) for k in range(n)]
+        options = storage.configured()  # --storage-options, for the workers' own processes
+        refs = [task.options(name="split_shard", max_retries=3, num_cpus=1).remote(req, k, n, options)
+                for k in range(n)]
         results = ray.get(refs)
     finally:
         if started_here:
@@ -280,8 +286,10 @@ def run(req: Request, worker: tuple[int, int] | None = None, ray_address: str | 
     return final
 
 
-def _ray_worker(req: Request, k: int, n: int) -> dict:
+def _ray_worker(req: Request, k: int, n: int, options: Mapping[str, Any] | None = None) -> dict:
     try:
+        if options:
+            storage.configure(options)
         return run_worker(req, k, n)
     except ConvertError as e:  # handed back as a value: the driver raises it
         return {"error": storage.redact(" ".join(str(e).split()))}

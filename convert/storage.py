@@ -498,6 +498,15 @@ class RemoteRegion(FileRegion):
     def _pread(self, f, start: int, end: int) -> bytes:
         return self._get(self._obj(), start, end)
 
+    def run_limits(self) -> tuple[int, int]:
+        """Neighbouring tensors under :data:`REMOTE_RANGE` bytes are fetched together, up to
+        ``REMOTE_RANGE x REMOTE_PARALLEL`` at once: a GET per tensor would cost a round trip each."""
+        return REMOTE_RANGE, REMOTE_RANGE * REMOTE_PARALLEL
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """The bytes of a run of tensors (:func:`convert.ir.copy_many`), by parallel ranged GETs."""
+        return b"".join(self._ranges(offset, offset + length, REMOTE_RANGE))
+
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes]:
         self._check_length(nbytes)
         sums = Checksums(self.crc32c is not None and self.span is None, self.crc32 is not None, self._outer(None))
@@ -528,7 +537,7 @@ class RemoteRegion(FileRegion):
         return crc
 
 
-def region(path: os.PathLike | str, offset: int, length: int, **checks) -> FileRegion:
+def region(path: os.PathLike | str | RemotePath, offset: int, length: int, **checks) -> FileRegion:
     """A tensor's bytes in a file: a local :class:`~convert.ir.FileRegion` or a :class:`RemoteRegion`."""
     if isinstance(path, RemotePath):
         return RemoteRegion(str(path), offset, length, remote=path, **checks)
@@ -801,3 +810,7 @@ def atomic_output(dest: os.PathLike | str | RemotePath, force: bool = False,
 
         with fileio.atomic_output(local(dest), force) as tmp:
             yield tmp
+
+
+AnyPath = Path | RemotePath
+"""What code that takes remote paths too is given: :func:`as_path`'s result."""

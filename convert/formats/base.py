@@ -26,6 +26,18 @@ left open, since each format declares its own as :class:`Option` s and receives 
 * :class:`ReadBack` -- how verification reads a writer's output back, when plain ``read`` would
   not give the names written (e.g. a writer that took raw keys).
 
+Remote paths (``s3://``, ``memory://``...; :mod:`convert.storage`): a format whose
+``Format.remote`` is True takes, in ``detect``, ``read``, ``expand`` and its writers, what
+:func:`convert.storage.as_path` returns: a ``pathlib.Path`` for a local path, a
+:class:`~convert.storage.RemotePath` for a URL. It uses only the pathlib methods both have
+(``p.open("rb")``, ``p.with_name(...)``, ``p.parent.glob(...)``, ``p.stat().st_size``...), never
+``open(p)``/``os.path`` on it, makes its tensors' sources with :func:`convert.storage.region`, and
+writes through ``path.open("wb")`` (an upload, completed only after the writer returned). A
+writer whose output is several files names its *commit objects* in ``Writer.commit`` (glob
+patterns relative to the output: the index, the state file): the core completes them last,
+after every data object, and a reader of the format refuses an output without them. Formats
+that are not remote-capable are refused for URLs with one line naming the format.
+
 A format may have several writers (meshio's "writer ids"): ``tf-ckpt`` writes V2 by default and
 V1 as ``tf-ckpt:v1`` (also spelled ``tf-ckpt-v1``, an alias of the registry row). Each writer says
 which dtypes it holds, as a predicate over rows of the one dtype table (:mod:`convert.dtypes`).
@@ -153,6 +165,10 @@ class Writer:
     needs_template: bool = False
     """True when this writer writes only on a ``--template`` (a ``.keras`` file takes its model's
     config from one); the tests' cross-format matrix leaves it out."""
+    commit: tuple[str, ...] = ()
+    """Glob patterns (relative to the output) of the files that make a multi-file output whole
+    (``model.safetensors.index.json``, a tf-ckpt ``checkpoint``): on object storage they are
+    completed last, once every other object is (a single-file output is its own commit object)."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +212,10 @@ class Format:
     checksums: str = ""
     """What the format's own checksums cover (checked whenever the bytes they cover are read;
     ``inspect --verify`` reads them all); "" when it has none."""
+    remote: bool = False
+    """True when ``detect``, ``read``, ``expand`` and the writers take what
+    :func:`convert.storage.as_path` returns (a :class:`~convert.storage.RemotePath` for a URL;
+    see the module docstring); the core refuses URLs for the others."""
 
     def writer(self, id: str | None = None) -> Writer:
         """The writer ``id`` (the default one for None or "")."""

@@ -22,6 +22,14 @@ reference implementation does, a tensor whose bits do not end on a byte boundary
 A Hugging Face model folder keeps its ``config.json`` beside the weights: its text is carried
 as ``local.hf.config`` (not written into outputs) for rule files that need the model's numbers
 (``hf-llama-to-gguf``: head counts, sizes).
+
+Remote paths (``Format.remote``): every path here is what :func:`convert.storage.as_path` gives,
+a ``Path`` or a :class:`~convert.storage.RemotePath`. A header costs one ranged GET (a read-ahead
+block), each tensor's bytes are a :class:`~convert.storage.RemoteRegion` (large ranged GETs,
+small neighbours read in one), and a write goes through ``path.open("wb")``: an upload,
+completed by the core once verified, ``model.safetensors.index.json`` after every shard. A
+remote folder of shards with no index is refused (the index is the commit object: shards
+without it are an unfinished output).
 """
 
 from __future__ import annotations
@@ -31,9 +39,9 @@ import math
 import re
 import struct
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from .. import dtypes
+from .. import dtypes, storage
 from ..errors import CorruptFileError, ReadError, WriteError
 from ..ir import FileRegion, Tensor, TensorDict, copy_many
 from ..units import parse_size
@@ -47,15 +55,15 @@ _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 
 
 def detect(path: Path) -> bool:
-    if path.is_dir():
-        return _index_in(path) is not None or any(path.glob("*.safetensors"))
-    if path.name.endswith(_INDEX_SUFFIX):
-        return True
     try:
-        with open(path, "rb") as f:
+        if path.is_dir():
+            return _index_in(path) is not None or any(path.glob("*.safetensors"))
+        if path.name.endswith(_INDEX_SUFFIX):
+            return True
+        with path.open("rb") as f:
             head = f.read(9)
             size = path.stat().st_size
-    except OSError:
+    except (OSError, ReadError):  # ReadError: a remote path's (convert.storage)
         return False
     if len(head) < 9:
         return False
@@ -64,22 +72,25 @@ def detect(path: Path) -> bool:
 
 
 def _index_in(folder: Path) -> Path | None:
-    found = sorted(folder.glob("*" + _INDEX_SUFFIX))
+    found = sorted(folder.glob("*" + _INDEX_SUFFIX), key=str)
     return found[0] if found else None
 
 
 def read(path: Path) -> TensorDict:
     """Read a ``.safetensors`` file, a sharded folder, or its ``*.safetensors.index.json``."""
-    path = Path(path)
+    path = storage.as_path(path)  # type: ignore[assignment]  # a RemotePath for a URL
     if path.is_dir():
         index = _index_in(path)
         if index is not None:
             return _read_sharded(index)
-        files = sorted(path.glob("*.safetensors"))
+        files = sorted(path.glob("*.safetensors"), key=str)
         if len(files) == 1:
             return _read_file(files[0])
         if not files:
             raise ReadError(path, "folder holds no .safetensors file")
+        if storage.is_remote(path):  # the index is the commit object of a sharded output
+            raise ReadError(path, f"folder holds {len(files)} .safetensors files and no *{_INDEX_SUFFIX} "
+                                  "(an unfinished output?); name one of them")
         if all(_SHARD.match(f.name) for f in files):
             return _merge(path, [_read_file(f) for f in files], {})
         raise ReadError(path, f"folder holds {len(files)} .safetensors files and no index.json; name one of them")
@@ -90,8 +101,14 @@ def read(path: Path) -> TensorDict:
 
 def read_header(path: Path) -> tuple[int, dict]:
     """The header of one file: (offset of the data section, parsed JSON). Validated."""
+    start, header, _ = _header(path)
+    return start, header
+
+
+def _header(path: Path) -> tuple[int, dict, int]:
+    """:func:`read_header` and the file's size."""
     try:
-        with open(path, "rb") as f:
+        with storage.open_input(path) as f:
             size = path.stat().st_size
             head = f.read(8)
             if len(head) < 8:
@@ -110,12 +127,12 @@ def read_header(path: Path) -> tuple[int, dict]:
         raise CorruptFileError(path, "header nests JSON too deeply") from None
     if not isinstance(header, dict):
         raise CorruptFileError(path, "header is not a JSON object")
-    return 8 + n, header
+    return 8 + n, header, size
 
 
 def _read_file(path: Path) -> TensorDict:
-    start, header = read_header(path)
-    data_size = path.stat().st_size - start
+    start, header, size = _header(path)
+    data_size = size - start
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptFileError(path, "__metadata__ must map strings to strings")
@@ -144,9 +161,13 @@ def _read_file(path: Path) -> TensorDict:
         if begin != pos:
             raise CorruptFileError(path, "tensor data overlaps or leaves a gap", name)
         pos = end
-    where = str(path)  # one string for every region
-    tensors = [Tensor(name, dtype, shape, FileRegion(where, start + begin, end - begin, label=name))
-               for begin, end, name, dtype, shape in entries]
+    if isinstance(path, storage.RemotePath):
+        tensors = [Tensor(name, dtype, shape, storage.region(path, start + begin, end - begin, label=name))
+                   for begin, end, name, dtype, shape in entries]
+    else:
+        where = str(path)  # one string for every region
+        tensors = [Tensor(name, dtype, shape, FileRegion(where, start + begin, end - begin, label=name))
+                   for begin, end, name, dtype, shape in entries]
     return TensorDict(tensors, {**meta, "source.format": NAME, **hf_config_beside(path)})
 
 
@@ -156,14 +177,14 @@ _MAX_CONFIG = 1 << 20
 def hf_config_beside(path: Path) -> dict[str, str]:
     """``{"local.hf.config": text}`` when a Hugging Face ``config.json`` (a JSON object) sits beside
     ``path``; {} otherwise (an unreadable one is no concern of the weights)."""
-    config = Path(path).parent / "config.json"
+    config = storage.as_path(path).parent / "config.json"
     try:
         if config.stat().st_size > _MAX_CONFIG:
             return {}
         text = config.read_text("utf-8")
         if isinstance(json.loads(text), dict):
             return {"local.hf.config": text}
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+    except (OSError, ReadError, UnicodeDecodeError, ValueError, RecursionError):  # ReadError: a remote one's
         pass
     return {}
 
@@ -182,11 +203,13 @@ def _read_sharded(index: Path) -> TensorDict:
         raise CorruptFileError(index, f"not a safetensors index ({type(e).__name__}: {e})") from None
     shards = list(dict.fromkeys(weight_map.values()))
     parts = []
-    folder = index.parent.resolve()
+    remote = isinstance(index, storage.RemotePath)
+    folder = index.parent if remote else index.parent.resolve()
     for shard in shards:
         shard_path = index.parent / shard
         # shards sit beside the index: a name leading elsewhere ('../', '/abs', a symlink out) is refused
-        if "\0" in shard or not shard_path.resolve().is_relative_to(folder):
+        if "\0" in shard or (".." in PurePosixPath(shard).parts or shard.startswith("/") if remote
+                             else not shard_path.resolve().is_relative_to(folder)):
             raise CorruptFileError(index, f"shard {shard!r} is not a file of the index's folder")
         if not shard_path.is_file():
             raise ReadError(index, f"shard '{shard}' named in the index does not exist")
@@ -214,7 +237,7 @@ def write(td: TensorDict, path: Path, max_shard_size: str | None = None) -> None
 
     Memory: one tensor at a time (see :meth:`convert.ir.Tensor.copy_into`).
     """
-    path = Path(path)
+    path = storage.as_path(path)  # type: ignore[assignment]  # a RemotePath for a URL
     metadata = td.portable_metadata
     for t in td.values():
         if t.dtype.block is not None and t.numel % t.dtype.block[0]:
@@ -257,7 +280,7 @@ def _write_file(tensors: list[Tensor], metadata: dict, path: Path) -> list:
     raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes with spaces
     start = 8 + len(raw)
     entries = []
-    with open(path, "wb") as f:
+    with path.open("wb") as f:  # remote: an upload (convert.storage)
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t, crc in zip(tensors, copy_many(tensors, f), strict=True):
@@ -287,9 +310,10 @@ FORMAT = Format(
     detect=detect,
     read=read,
     writers=(Writer("", write, dtypes.held_by("safetensors"), suffix=".safetensors",
-                    shards=ShardWriter(_shard_name, _write_shard, _commit)),),
+                    shards=ShardWriter(_shard_name, _write_shard, _commit), commit=("*" + _INDEX_SUFFIX,)),),
     options=(Option("--max-shard-size", "write", str,
                     "write a Hugging Face sharded folder with shards of at most this size (e.g. 5GB, 500MB)"),),
     suffixes=(".safetensors",),
     name_endings=(r"\.safetensors\.index\.json",),
+    remote=True,
 )

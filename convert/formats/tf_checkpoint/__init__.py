@@ -21,6 +21,12 @@ file and, when the source had one, the ``.meta`` graph, so that
 ``saver = tf.compat.v1.train.import_meta_graph(meta); saver.restore(sess, tf.train.latest_checkpoint(dir))``
 works on the result. ``write_v1`` writes the V1 format the same way.
 
+Remote checkpoints (URLs, :mod:`convert.storage`): V2 only. A remote folder is read through its
+``checkpoint`` state file, which is required there (no lone-``.index`` fallback: our writer
+completes it last, so a folder without one is an unfinished output); a prefix or ``.index`` in
+such a folder may be named too. A remote output is written as uploads, the ``checkpoint`` state
+file (``Writer.commit``) completed after every other file.
+
 Example:
     >>> from convert.formats import tf_checkpoint
     >>> td = tf_checkpoint.read("examples/model1")            # latest checkpoint
@@ -38,8 +44,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
-from ... import dtypes
+from ... import dtypes, storage
 from ...errors import ConvertError, ReadError, UsageError, WriteError
 from ...ir import Tensor, TensorDict
 from ..base import Format, Option, ShardWriter, Writer, WriteReport
@@ -73,7 +80,8 @@ class Located:
     @property
     def concrete(self) -> Path:
         """An existing file that :func:`read` resolves back to this checkpoint."""
-        return Path(self.prefix + ".index") if self.version == 2 else Path(self.files[0])
+        p = self.prefix + ".index" if self.version == 2 else self.files[0]
+        return storage.as_path(p) if storage.is_remote(p) else Path(p)  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------ locating
@@ -176,6 +184,8 @@ def _locate_dir(d: Path) -> Located:
 
 def locate(path: os.PathLike | str, step: int | None = None) -> Located:
     """Find the checkpoint ``path`` designates (see module docstring)."""
+    if storage.is_remote(path):
+        return _locate_remote(storage.as_path(path), step)  # type: ignore[arg-type]
     p = Path(path)
     if step is not None:
         return _locate_step(p, step)
@@ -190,6 +200,102 @@ def locate(path: os.PathLike | str, step: int | None = None) -> Located:
     if loc is None:
         raise ReadError(p, "no such file, directory or checkpoint prefix")
     return loc
+
+
+# ------------------------------------------------------------------ remote checkpoints (V2)
+
+_NOT_LOCAL = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)")  # an absolute local path of the machine that saved it
+
+
+def _remote_prefix(d: storage.RemotePath, s: str) -> str | None:
+    """The V2 prefix (a URL) that path ``s`` of the state file of remote folder ``d`` names: as
+    given when relative (or a URL), else its basename in ``d``; None when no ``.index`` is there."""
+    cands = []
+    if storage.is_remote(s):
+        cands.append(s)
+    elif not _NOT_LOCAL.match(s):
+        cands.append(str(d / s))
+    base = re.split(r"[\\/]", s)[-1]
+    if base:
+        cands.append(str(d / base))
+    for c in dict.fromkeys(cands):
+        if storage.as_path(c + ".index").is_file():
+            return c
+    return None
+
+
+def _remote_state(d: storage.RemotePath):
+    st = read_state(d)
+    if st is None:
+        raise ReadError(d, f"no '{STATE_FILE}' state file: a remote checkpoint folder is read through it "
+                           "(it is written last: a folder without one is an unfinished output)")
+    return st
+
+
+def _locate_remote(p: storage.RemotePath, step: int | None) -> Located:
+    """A remote V2 checkpoint: a folder (through its state file), or a prefix / ``.index`` /
+    ``.data-*`` / ``.meta`` / the state file in a folder that has a state file."""
+    named: str | None = None
+    if p.is_dir():
+        d = p
+    else:
+        d, s = p.parent, str(p)
+        m = _DATA_RE.match(s)
+        if p.name != STATE_FILE:
+            named = s[:-len(".index")] if s.endswith(".index") else m.group(1) if m else \
+                s[:-len(".meta")] if s.endswith(".meta") else s
+    st = _remote_state(d)
+    if step is not None:
+        paths = state_paths(d, st)
+        for s in paths:
+            if _step_of(s) == step:
+                prefix = _remote_prefix(d, s)
+                if prefix is None:
+                    raise ReadError(d, f"checkpoint '{s}' of step {step} is listed but not there")
+                return Located(2, prefix)
+        steps = [str(n) for n in (_step_of(s) for s in paths) if n is not None]
+        raise UsageError(f"{d}: no retained checkpoint of step {step}; available steps: {', '.join(steps) or 'none'}")
+    if named is not None:
+        if not storage.as_path(named + ".index").is_file():
+            raise ReadError(p, "no such checkpoint (no .index; remote checkpoints are read in the V2 format only)")
+        return Located(2, named)
+    prefix = _remote_prefix(d, st.model_checkpoint_path)
+    if prefix is None:
+        raise ReadError(d, f"the '{STATE_FILE}' file names checkpoint '{st.model_checkpoint_path}', which is not "
+                           "there (remote checkpoints are read in the V2 format only)")
+    return Located(2, prefix)
+
+
+def _expand_remote(p: storage.RemotePath, step: int | None) -> list[tuple[str, Path]]:
+    if step is not None:
+        loc = _locate_remote(p, step)
+        return [(_label(loc), loc.concrete)]
+    d = p if p.is_dir() else p.parent
+    st = _remote_state(d)
+    out = []
+    for s in state_paths(d, st):
+        prefix = _remote_prefix(d, s)
+        if prefix is None:
+            raise ReadError(d, f"the '{STATE_FILE}' file lists checkpoint '{s}', which is not there")
+        loc = Located(2, prefix)
+        out.append((_label(loc), loc.concrete))
+    return out
+
+
+def _detect_remote(p: storage.RemotePath) -> bool:
+    if p.is_dir():
+        return read_state(p) is not None or any(x.name.endswith(".index") and has_table_magic(x) for x in p.iterdir())
+    if p.name == STATE_FILE:  # a state file names its folder's checkpoints (convert batch 's3://runs/*/checkpoint')
+        return read_state(p.parent) is not None
+    s = str(p)
+    m = _DATA_RE.match(s)
+    prefix = s[:-len(".index")] if s.endswith(".index") else m.group(1) if m else \
+        s[:-len(".meta")] if s.endswith(".meta") else None
+    if prefix is None:
+        if p.is_file():
+            return False  # a V1 file: read from local paths only
+        prefix = s
+    return has_table_magic(prefix + ".index")
 
 
 def _state_dir(p: Path) -> Path:
@@ -220,6 +326,8 @@ def expand(path: os.PathLike | str, step: int | None = None, all_steps: bool = F
     The label is the step number (``"190"``) or the prefix's basename when it has none;
     the path is an existing file :func:`read` accepts. Without a state file: just ``path``.
     """
+    if storage.is_remote(path):
+        return _expand_remote(storage.as_path(path), step)  # type: ignore[arg-type]
     p = Path(path)
     if step is not None:
         loc = _locate_step(p, step)
@@ -253,6 +361,8 @@ def detect(path: os.PathLike | str) -> bool:
     state file or an ``.index`` table.
     """
     try:
+        if storage.is_remote(path):
+            return _detect_remote(storage.as_path(path))  # type: ignore[arg-type]
         p = Path(path)
         if p.is_dir():
             if read_state(p) is not None:
@@ -261,7 +371,7 @@ def detect(path: os.PathLike | str) -> bool:
         if p.is_file():
             return _locate_file(p, strict=True) is not None
         return _locate_prefix(os.fspath(path), strict=True) is not None
-    except (OSError, ValueError):
+    except (OSError, ValueError, ReadError):  # ReadError: a remote path's
         return False
 
 
@@ -374,7 +484,7 @@ def _prefix_for(td: TensorDict) -> str:
 
 
 def _write_checkpoints(tds: Sequence[TensorDict], path: os.PathLike | str, opts: dict,
-                       write_files: Callable[[TensorDict, str], None], version: int,
+                       write_files: Callable[[TensorDict, Any], None], version: int,
                        meta_graph: bool = True) -> WriteReport:
     """A new directory at ``path`` with one checkpoint per TensorDict, named after its
     ``tf.prefix``, each with its ``.meta`` graph when known, ``meta_graph`` and it fits
@@ -382,7 +492,8 @@ def _write_checkpoints(tds: Sequence[TensorDict], path: os.PathLike | str, opts:
     as the latest. Returns notes on graphs left out or rewritten."""
     if opts:
         raise UsageError(f"tf-ckpt writer does not take option(s) {', '.join(sorted(opts))}")
-    out = Path(path)
+    out = storage.as_path(path)  # remote: the RemotePath of storage.atomic_output, each file an upload
+    remote = isinstance(out, storage.RemotePath)
     prefixes = [_prefix_for(td) for td in tds]
     if len(set(prefixes)) != len(prefixes):
         raise WriteError(out, f"two checkpoints would have the same prefix: {', '.join(prefixes)}")
@@ -393,7 +504,7 @@ def _write_checkpoints(tds: Sequence[TensorDict], path: os.PathLike | str, opts:
     except FileExistsError:
         raise WriteError(out, "already exists") from None
     for td, prefix, (meta, _) in zip(tds, prefixes, metas, strict=True):
-        write_files(td, str(out / prefix))
+        write_files(td, out / prefix if remote else str(out / prefix))
         if meta is not None:
             (out / (prefix + ".meta")).write_bytes(meta)
     (out / STATE_FILE).write_text(format_state(prefixes[-1], prefixes))
@@ -428,8 +539,8 @@ def write_steps(tds: Sequence[TensorDict], path: os.PathLike | str, object_graph
     the state file lists them all, so ``tf.train.latest_checkpoint`` finds the last."""
     tds = _prepared(tds, opts, object_graph)
 
-    def write_files(td: TensorDict, prefix: str) -> None:
-        tensors = objects.object_based(list(td.values()), prefix) if object_graph else td.values()
+    def write_files(td: TensorDict, prefix) -> None:
+        tensors = objects.object_based(list(td.values()), str(prefix)) if object_graph else td.values()
         write_bundle(tensors, prefix)
 
     # a TF1 graph does not go with object-based keys
@@ -448,6 +559,8 @@ def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> WriteReport:
 
 def write_steps_v1(tds: Sequence[TensorDict], path: os.PathLike | str, **opts) -> WriteReport:
     """Several V1 checkpoints in one directory (see :func:`write_steps`)."""
+    if storage.is_remote(path):
+        raise WriteError(path, "V1 checkpoints are written to local paths only; write V2 (tf-ckpt) to remote storage")
     tds = _prepared(tds, opts)
     for td in tds:
         check_v1_dtypes(list(td.values()), path)
@@ -474,7 +587,7 @@ def _shard_name(td: TensorDict, k: int, n: int) -> str:
 
 
 def _write_shard(tensors: Sequence[Tensor], path: Path, td: TensorDict) -> list:
-    return write_data_shard(list(tensors), str(path))
+    return write_data_shard(list(tensors), path if isinstance(path, storage.RemotePath) else str(path))
 
 
 def _commit(td: TensorDict, shards: Sequence[tuple[str, Sequence[tuple[Tensor, list]]]]) -> list[tuple[str, bytes]]:
@@ -493,7 +606,7 @@ FORMAT = Format(
     writers=(
         Writer("v2", write, dtypes.held_by("tf"), series=write_steps, read_back=read_back,
                prepare=templates.prepare, takes_template=templates.accepts_template,
-               shards=ShardWriter(_shard_name, _write_shard, _commit),
+               shards=ShardWriter(_shard_name, _write_shard, _commit), commit=(STATE_FILE,),
                description="a folder with a V2 checkpoint, its 'checkpoint' state file and the .meta graph"),
         Writer("v1", write_v1, dtypes.held_by("tf_v1"), series=write_steps_v1, read_back=read_back,
                prepare=templates.prepare, takes_template=templates.accepts_template,
@@ -511,6 +624,7 @@ FORMAT = Format(
     suffixes=(".index",),
     name_endings=(r"\.data-\d+-of-\d+", r"\.ckpt"),
     checksums="V2: CRC-32C of every tensor and of every index block; V1: CRC-32C of every table block",
+    remote=True,
 )
 
 __all__ = ["NAME", "FORMAT", "detect", "read", "named", "write", "write_v1", "write_steps", "write_steps_v1", "expand",

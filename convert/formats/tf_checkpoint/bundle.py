@@ -13,6 +13,10 @@ and no data under its name, plus one entry per slice under the slice key of
 
 Numeric tensors are returned as lazy :class:`~convert.ir.FileRegion` s, so converting
 copies their bytes in bulk and checks their crc on the way.
+
+Remote checkpoints (:mod:`convert.storage`): a prefix may be a URL string, read by ranged GETs
+(:class:`~convert.storage.RemoteRegion` s); a writer's prefix may be a
+:class:`~convert.storage.RemotePath` given by ``storage.atomic_output``, each file an upload.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from ... import wire
+from ... import storage, wire
 from ...dtypes import DType, from_tf
 from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
 from ...ir import ArraySource, FileRegion, Tensor, copy_many
@@ -35,8 +39,18 @@ from .sstable import TableReader, TableWriter, crc32c_extend, mask_crc, unmask_c
 BUNDLE_VERSION = 1  # kTensorBundleVersion
 
 
-def data_path(prefix: str, shard: int, num_shards: int) -> str:
-    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+def sibling(prefix, suffix: str):
+    """``prefix + suffix``, for a string prefix or a RemotePath one (an output's upload)."""
+    return prefix.with_name(prefix.name + suffix) if isinstance(prefix, storage.RemotePath) else prefix + suffix
+
+
+def data_path(prefix, shard: int, num_shards: int):
+    return sibling(prefix, f".data-{shard:05d}-of-{num_shards:05d}")
+
+
+def _create(path):
+    """A file open for writing: a local one, or an upload of a remote output."""
+    return path.open("wb") if isinstance(path, storage.RemotePath) else open(path, "wb")
 
 
 def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = None
@@ -64,13 +78,27 @@ def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = 
     if header.num_shards < 1:
         raise CorruptFileError(index_path, f"bad number of shards {header.num_shards}")
     shard_sizes, shard_paths = [], []  # one path string per shard, shared by its tensors' regions
+    remote = storage.is_remote(prefix)
+    objs: list = []  # remote: each shard's RemotePath
     for k in range(header.num_shards):  # one at a time: a header may claim 2**31 shards
         p = data_path(prefix, k, header.num_shards)
         try:
-            shard_sizes.append(os.path.getsize(p))
-        except OSError:
+            if remote:
+                obj = storage.as_path(p)
+                shard_sizes.append(obj.stat().st_size)
+                objs.append(obj)
+            else:
+                shard_sizes.append(os.path.getsize(p))
+        except (OSError, ReadError):
+            if remote and storage.as_path(p).exists():
+                raise  # there, but unreadable: the storage layer's message (access denied...)
             raise ReadError(p, "data shard of the checkpoint is missing") from None
         shard_paths.append(p)
+
+    def region(shard: int, offset: int, size: int, **checks) -> FileRegion:
+        if remote:
+            return storage.RemoteRegion(shard_paths[shard], offset, size, remote=objs[shard], **checks)
+        return FileRegion(shard_paths[shard], offset, size, **checks)
 
     def decode(key: bytes, name: str) -> BundleEntry:
         try:
@@ -86,10 +114,11 @@ def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = 
             raise CorruptFileError(path, f"tensor data [{entry.offset}, {entry.offset + entry.size}) runs past "
                                    f"the end of the file ({shard_sizes[entry.shard_id]} bytes); truncated?", name)
         if dtype.kind == "string":
-            return ArraySource(lambda: read_string_tensor(path, entry, shape, name))
+            raw = region(entry.shard_id, entry.offset, entry.size, label=name)
+            return ArraySource(lambda: read_string_tensor(path, entry, shape, name, raw))
         if entry.size != math.prod(shape) * dtype.itemsize:
             raise CorruptFileError(path, f"entry size {entry.size} does not match {dtype}{list(shape)}", name)
-        return FileRegion(path, entry.offset, entry.size, crc32c=unmask_crc(entry.crc32c), label=name)
+        return region(entry.shard_id, entry.offset, entry.size, crc32c=unmask_crc(entry.crc32c), label=name)
 
     tensors = []
     for key in entries:
@@ -136,10 +165,11 @@ def _assembler(path, name, dtype, shape, parts):
     return produce
 
 
-def read_string_tensor(path: str, entry: BundleEntry, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Decode (and checksum) a V2 string tensor."""
+def read_string_tensor(path: str, entry: BundleEntry, shape: tuple[int, ...], name: str,
+                       raw: FileRegion | None = None) -> np.ndarray:
+    """Decode (and checksum) a V2 string tensor (its bytes: ``raw``, by default in the local file ``path``)."""
     n = math.prod(shape)
-    data = FileRegion(path, entry.offset, entry.size, label=name).read()
+    data = (raw or FileRegion(path, entry.offset, entry.size, label=name)).read()
     b = np.frombuffer(data, dtype=np.uint8)
     try:
         ends = np.flatnonzero(b[:10 * n] < 0x80)[:n]
@@ -192,17 +222,19 @@ def encode_string_tensor(arr: np.ndarray) -> tuple[list[bytes], int]:
     return pieces, crc
 
 
-def write_bundle(tensors: Iterable[Tensor], prefix: str) -> None:
+def write_bundle(tensors: Iterable[Tensor], prefix: str | storage.RemotePath) -> None:
     """Write a one-shard V2 checkpoint at ``prefix`` (``prefix.index``, ``prefix.data-00000-of-00001``).
 
     Tensors are written in index (bytewise name) order, each streamed chunk by chunk.
     """
     tensors = sorted(tensors, key=lambda t: t.name.encode("utf-8"))
-    entries = write_data_shard(tensors, data_path(prefix, 0, 1), 0, prefix + ".index")
-    write_bundle_index(prefix + ".index", [(t, e) for t, e in zip(tensors, entries, strict=True)], 1)
+    index = sibling(prefix, ".index")
+    entries = write_data_shard(tensors, data_path(prefix, 0, 1), 0, index)
+    write_bundle_index(index, [(t, e) for t, e in zip(tensors, entries, strict=True)], 1)
 
 
-def write_data_shard(tensors: Sequence[Tensor], path: str, shard: int = 0, index_path: str | None = None) -> list:
+def write_data_shard(tensors: Sequence[Tensor], path: str | storage.RemotePath, shard: int = 0,
+                     index_path: str | storage.RemotePath | None = None) -> list:
     """Write the data shard file ``path`` (tensors packed in the order given); returns
     ``[name, offset, size, crc32c]`` of each (the crc unmasked: of what the file stores)."""
     where = index_path or path
@@ -212,7 +244,7 @@ def write_data_shard(tensors: Sequence[Tensor], path: str, shard: int = 0, index
         if t.dtype.tf is None:  # pragma: no cover - every table dtype has a TF number
             raise WriteError(where, f"TensorFlow cannot hold {t.dtype}", t.name)
     entries = []
-    with open(path, "wb") as f:
+    with _create(path) as f:
         offset = 0
         numeric: list[Tensor] = []  # copied together (ir.copy_many: runs of small tensors in one read)
 
@@ -239,11 +271,11 @@ def write_data_shard(tensors: Sequence[Tensor], path: str, shard: int = 0, index
     return entries
 
 
-def write_bundle_index(index_path: str, placed: Sequence[tuple[Tensor, list]], num_shards: int,
+def write_bundle_index(index_path: str | storage.RemotePath, placed: Sequence[tuple[Tensor, list]], num_shards: int,
                        shard_of: Callable[[str], int] | None = None) -> None:
     """Write the ``.index`` table of a V2 checkpoint: one entry per (tensor, ``[name, offset, size,
     crc32c]``) as :func:`write_data_shard` gave them, in bytewise name order."""
-    with open(index_path, "wb") as f:
+    with _create(index_path) as f:
         f.write(bundle_index_bytes(placed, num_shards, shard_of))
 
 

@@ -14,6 +14,9 @@ a MANIFEST and logs), not a lone table file, and TensorFlow's reader ships only 
 snappy-compressed blocks through ``cramjam`` when met, and write uncompressed blocks
 exactly as TF's ``TableBuilder`` lays them out (same separators, restart points and
 block size), so our files are byte-for-byte what TF writes for the same entries.
+
+A table may be an object in remote storage (a URL, or a :class:`~convert.storage.RemotePath`):
+its footer and blocks are then read by ranged GETs (:func:`convert.storage.open_input`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Iterable, Iterator
 
 import google_crc32c
 
+from ... import storage
 from ...errors import CorruptFileError, ReadError
 from ...lazy import np
 from ...wire import ProtoError, encode_varint, read_varint
@@ -62,16 +66,21 @@ def unmask_crc(masked: int) -> int:
     return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
 
 
-def has_table_magic(path: os.PathLike | str) -> bool:
+def _open(path: os.PathLike | str | storage.RemotePath):
+    """A table file open for reading: a local file, or a remote object (ranged GETs)."""
+    return storage.as_path(path).open("rb") if storage.is_remote(path) else open(path, "rb")  # type: ignore[arg-type]
+
+
+def has_table_magic(path: os.PathLike | str | storage.RemotePath) -> bool:
     """True when ``path`` is a regular file ending with the table magic (cheap, never raises)."""
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             f.seek(0, os.SEEK_END)
             if f.tell() < FOOTER_SIZE:
                 return False
             f.seek(-8, os.SEEK_END)
             return f.read(8) == MAGIC_BYTES
-    except OSError:
+    except (OSError, ReadError):  # ReadError: a remote path's (convert.storage)
         return False
 
 
@@ -114,13 +123,14 @@ class TableReader:
     Errors are :class:`CorruptFileError` naming the file (and ``label`` when given).
     """
 
-    def __init__(self, path: os.PathLike | str, cache_blocks: int = 4):
-        self.path = os.fspath(path)
+    def __init__(self, path: os.PathLike | str | storage.RemotePath, cache_blocks: int = 4):
+        self.remote = storage.as_path(path) if storage.is_remote(path) else None
+        self.path = str(self.remote) if self.remote is not None else os.fspath(path)  # type: ignore[arg-type]
         self._cache: OrderedDict[int, bytes | memoryview] = OrderedDict()
         self._cache_size = cache_blocks
         try:
-            size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
+            size = self.remote.stat().st_size if self.remote is not None else os.path.getsize(self.path)
+            with _open(self.remote or self.path) as f:
                 if size < FOOTER_SIZE:
                     raise CorruptFileError(self.path, f"too short for a table ({size} bytes); truncated?")
                 f.seek(size - FOOTER_SIZE)
@@ -152,7 +162,7 @@ class TableReader:
             return cached
         if offset + size + TRAILER_SIZE > self.file_size:
             raise CorruptFileError(self.path, f"block at {offset} runs past the end of the file; truncated?", label)
-        with open(self.path, "rb") as f:
+        with _open(self.remote or self.path) as f:
             f.seek(offset)
             raw = f.read(size + TRAILER_SIZE)
         if len(raw) != size + TRAILER_SIZE:

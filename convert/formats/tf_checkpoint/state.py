@@ -20,6 +20,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import ReadError
+
+if TYPE_CHECKING:
+    from ...storage import AnyPath
 
 STATE_FILE = "checkpoint"
 _LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
@@ -119,18 +125,18 @@ def format_state(model_checkpoint_path: str, all_paths: list[str] | None = None)
     return "\n".join(lines) + "\n"
 
 
-def read_state(directory: Path) -> CheckpointState | None:
+def read_state(directory: AnyPath) -> CheckpointState | None:
     """The state file of ``directory``, or None when there is none or it does not parse."""
     try:
         text = (directory / STATE_FILE).read_bytes()
         if len(text) > 1 << 20:
             return None
         return parse_state(text.decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ReadError):  # ReadError: a remote folder's (convert.storage)
         return None
 
 
-def state_paths(directory: Path, st: CheckpointState) -> list[str]:
+def state_paths(directory: AnyPath, st: CheckpointState) -> list[str]:
     """Every path the state names (retained ones, then the latest if not among them), as written."""
     paths = list(st.all_model_checkpoint_paths)
     if st.model_checkpoint_path and st.model_checkpoint_path not in paths:
