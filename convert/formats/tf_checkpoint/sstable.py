@@ -94,8 +94,10 @@ def encode_handle(offset: int, size: int) -> bytes:
     return encode_varint(offset) + encode_varint(size)
 
 
-def iter_block(data) -> Iterator[tuple[bytes, memoryview]]:
-    """The (key, value) entries of one decoded block, in order."""
+def iter_block(data, seek: bytes | None = None) -> Iterator[tuple[bytes, memoryview]]:
+    """The (key, value) entries of one decoded block, in order; with ``seek``, from the last restart
+    point whose key is at most ``seek`` (a binary search over the block's restart array, as
+    LevelDB's Block::Iter::Seek: a lookup reads at most one restart interval, not the block)."""
     mv = memoryview(data)
     n = len(mv)
     if n < 4:
@@ -105,6 +107,25 @@ def iter_block(data) -> Iterator[tuple[bytes, memoryview]]:
     if num_restarts == 0 and n > 4 or limit < 0:
         raise ProtoError("bad restart array")
     pos, key = 0, b""
+    if seek is not None and num_restarts > 1:
+        lo, hi = 0, num_restarts - 1  # the answer: the last restart whose key <= seek (restart 0 if none)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            at = struct.unpack_from("<I", mv, limit + 4 * mid)[0]
+            if at >= limit:
+                raise ProtoError("bad restart point")
+            shared, q = read_varint(mv, at)
+            non_shared, q = read_varint(mv, q)
+            _, q = read_varint(mv, q)
+            if shared != 0 or q + non_shared > limit:
+                raise ProtoError("bad restart point")
+            if bytes(mv[q:q + non_shared]) <= seek:
+                lo = mid
+            else:
+                hi = mid - 1
+        pos = struct.unpack_from("<I", mv, limit + 4 * lo)[0]
+        if pos >= limit:
+            raise ProtoError("bad restart point")
     while pos < limit:
         shared, pos = read_varint(mv, pos)
         non_shared, pos = read_varint(mv, pos)
@@ -221,7 +242,7 @@ class TableReader:
             return None
         block = self.read_block(handle, label)
         try:
-            for k, v in iter_block(block):
+            for k, v in iter_block(block, key):
                 if k == key:
                     return v
                 if k > key:
