@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from .. import dtypes
+from ..crc import CRC32C, combine
 from ..errors import ConvertError, CorruptFileError, ReadError
 from ..ir import CHUNK, Source, Tensor, TensorDict
 from ..lazy import np
@@ -397,42 +398,10 @@ class _Stitched(Source):
         return crc
 
 
-_CASTAGNOLI = 0x82F63B78  # CRC-32C's polynomial, reflected
-
-
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total, i = 0, 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[i]
-        vector >>= 1
-        i += 1
-    return total
-
-
 def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32C of ``A + B`` from those of ``A`` and ``B`` (``len2`` bytes): zlib's
-    ``crc32_combine`` (zlib/crc32.c, the GF(2) matrix method) with Castagnoli's polynomial.
-    google-crc32c has no combine; this lets stitched chunks keep their kernel copies."""
-    if len2 <= 0:
-        return crc1
-    odd = [_CASTAGNOLI] + [1 << n for n in range(31)]  # the operator for one zero bit
-    even = [_gf2_times(odd, odd[n]) for n in range(32)]  # two zero bits
-    odd = [_gf2_times(even, even[n]) for n in range(32)]  # four zero bits
-    while True:  # apply len2 zero bytes to crc1, squaring the operator for each bit of len2
-        even = [_gf2_times(odd, odd[n]) for n in range(32)]
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = [_gf2_times(even, even[n]) for n in range(32)]
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
+    """The CRC-32C of ``A + B`` from those of ``A`` and ``B`` (``len2`` bytes): google-crc32c has no
+    combine; this lets stitched chunks keep their kernel copies."""
+    return combine(crc1, crc2, len2, CRC32C)
 
 
 def _tiling(meta: Path, name: str, shape: tuple[int, ...], chunks: list[_Chunk]) -> bool:

@@ -34,7 +34,6 @@ drop trailing NUL bytes). An npz has no place for metadata: it is left out, with
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import struct
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from .. import dtypes
+from ..crc import shift as crc32_shift
 from ..errors import ConvertError, CorruptFileError, ReadError, WriteError
 from ..ir import CHUNK, ArraySource, FileRegion, Source, Tensor, TensorDict, zlib_crc32
 from ..lazy import np
@@ -256,47 +256,6 @@ class _Streamed(Source):
             raise CorruptFileError(path, f"cannot be decompressed ({e})", self.label) from None
         except OSError as e:
             raise ReadError(path, f"cannot read: {e.strerror or e}", self.label) from None
-
-
-def _gf2_times(mat: tuple[int, ...], vec: int) -> int:
-    total, i = 0, 0
-    while vec:
-        if vec & 1:
-            total ^= mat[i]
-        vec >>= 1
-        i += 1
-    return total
-
-
-@functools.cache
-def _zero_operators() -> tuple[tuple[int, ...], ...]:
-    """The GF(2) operators that carry a CRC-32 over 2**k zero bytes, k = 0..63 (zlib's crc32_combine)."""
-    op = (0xEDB88320, *(1 << n for n in range(31)))  # one zero bit
-    for _ in range(3):  # two, four, eight zero bits
-        op = tuple(_gf2_times(op, m) for m in op)
-    ops = [op]
-    for _ in range(63):
-        op = tuple(_gf2_times(op, m) for m in op)
-        ops.append(op)
-    return tuple(ops)
-
-
-def crc32_shift(crc: int, nbytes: int) -> int:
-    """``crc`` carried over ``nbytes`` zero bytes: ``crc32(A + B) == crc32_shift(crc32(A), len(B)) ^ crc32(B)``,
-    so the CRC-32 of B is that of A + B xor the shifted CRC-32 of A."""
-    ops = _zero_operators()
-    k = 0
-    while nbytes:
-        if nbytes & 1:
-            crc = _gf2_times(ops[k], crc)
-        nbytes >>= 1
-        k += 1
-    return crc
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's crc32_combine)."""
-    return crc32_shift(crc1, len2) ^ crc2
 
 
 # ------------------------------------------------------------------------------------------ writing
