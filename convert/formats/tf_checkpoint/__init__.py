@@ -224,6 +224,30 @@ def _remote_prefix(d: storage.RemotePath, s: str) -> str | None:
     return None
 
 
+def _file_prefix(s: str) -> str | None:
+    """The prefix a V2 checkpoint's own file names (``.index``, ``.data-*``, ``.meta``), or None."""
+    m = _DATA_RE.match(s)
+    return s[:-len(".index")] if s.endswith(".index") else m.group(1) if m else \
+        s[:-len(".meta")] if s.endswith(".meta") else None
+
+
+def _at_step(d, paths: list[str], step: int, find: Callable[[str], Located | None]) -> Located:
+    """The checkpoint of ``step`` among a state file's ``paths`` (``find``: where one is, or None)."""
+    for s in paths:
+        if _step_of(s) == step:
+            loc = find(s)
+            if loc is None:
+                raise ReadError(d, f"checkpoint '{s}' of step {step} is listed but not there")
+            return loc
+    steps = [str(n) for n in (_step_of(s) for s in paths) if n is not None]
+    raise UsageError(f"{d}: no retained checkpoint of step {step}; available steps: {', '.join(steps) or 'none'}")
+
+
+def _remote_located(d: storage.RemotePath, s: str) -> Located | None:
+    prefix = _remote_prefix(d, s)
+    return None if prefix is None else Located(2, prefix)
+
+
 def _remote_state(d: storage.RemotePath):
     st = read_state(d)
     if st is None:
@@ -239,22 +263,12 @@ def _locate_remote(p: storage.RemotePath, step: int | None) -> Located:
     if p.is_dir():
         d = p
     else:
-        d, s = p.parent, str(p)
-        m = _DATA_RE.match(s)
+        d = p.parent
         if p.name != STATE_FILE:
-            named = s[:-len(".index")] if s.endswith(".index") else m.group(1) if m else \
-                s[:-len(".meta")] if s.endswith(".meta") else s
+            named = _file_prefix(str(p)) or str(p)
     st = _remote_state(d)
     if step is not None:
-        paths = state_paths(d, st)
-        for s in paths:
-            if _step_of(s) == step:
-                prefix = _remote_prefix(d, s)
-                if prefix is None:
-                    raise ReadError(d, f"checkpoint '{s}' of step {step} is listed but not there")
-                return Located(2, prefix)
-        steps = [str(n) for n in (_step_of(s) for s in paths) if n is not None]
-        raise UsageError(f"{d}: no retained checkpoint of step {step}; available steps: {', '.join(steps) or 'none'}")
+        return _at_step(d, state_paths(d, st), step, lambda s: _remote_located(d, s))
     if named is not None:
         if not storage.as_path(named + ".index").is_file():
             raise ReadError(p, "no such checkpoint (no .index; remote checkpoints are read in the V2 format only)")
@@ -274,11 +288,10 @@ def _expand_remote(p: storage.RemotePath, step: int | None) -> list[tuple[str, P
     st = _remote_state(d)
     out = []
     for s in state_paths(d, st):
-        prefix = _remote_prefix(d, s)
-        if prefix is None:
+        found = _remote_located(d, s)
+        if found is None:
             raise ReadError(d, f"the '{STATE_FILE}' file lists checkpoint '{s}', which is not there")
-        loc = Located(2, prefix)
-        out.append((_label(loc), loc.concrete))
+        out.append((_label(found), found.concrete))
     return out
 
 
@@ -287,14 +300,11 @@ def _detect_remote(p: storage.RemotePath) -> bool:
         return read_state(p) is not None or any(x.name.endswith(".index") and has_table_magic(x) for x in p.iterdir())
     if p.name == STATE_FILE:  # a state file names its folder's checkpoints (convert batch 's3://runs/*/checkpoint')
         return read_state(p.parent) is not None
-    s = str(p)
-    m = _DATA_RE.match(s)
-    prefix = s[:-len(".index")] if s.endswith(".index") else m.group(1) if m else \
-        s[:-len(".meta")] if s.endswith(".meta") else None
+    prefix = _file_prefix(str(p))
     if prefix is None:
         if p.is_file():
             return False  # a V1 file: read from local paths only
-        prefix = s
+        prefix = str(p)
     return has_table_magic(prefix + ".index")
 
 
@@ -308,15 +318,7 @@ def _locate_step(p: Path, step: int) -> Located:
     st = read_state(d)
     if st is None:
         raise ReadError(d, f"--step needs a '{STATE_FILE}' state file listing the retained checkpoints")
-    paths = state_paths(d, st)
-    for s in paths:
-        if _step_of(s) == step:
-            loc = _locate_in_state(d, s)
-            if loc is None:
-                raise ReadError(d, f"checkpoint '{s}' of step {step} is listed but not there")
-            return loc
-    steps = [str(n) for n in (_step_of(s) for s in paths) if n is not None]
-    raise UsageError(f"{d}: no retained checkpoint of step {step}; available steps: {', '.join(steps) or 'none'}")
+    return _at_step(d, state_paths(d, st), step, lambda s: _locate_in_state(d, s))
 
 
 def expand(path: os.PathLike | str, step: int | None = None, all_steps: bool = False,
