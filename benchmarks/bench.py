@@ -163,36 +163,35 @@ class Scenario:
     peers: dict = field(default_factory=dict)    # other tools a user would pick: name -> (snippet, needs)
 
 
+# the scripts a user would write instead, shared by the 2 GB and the many-tensor scenarios
+V2_TO_ST = (TF + TF_READ.replace("{src!r}", "tf.train.latest_checkpoint({src!r})")
+            + "from safetensors.numpy import save_file\nsave_file(arrays, {dst!r})\n")
+PT_TO_ST = ("import torch\nfrom safetensors.torch import save_file\n"
+            "save_file(torch.load({src!r}, weights_only=True), {dst!r})\n")
+ST_TO_PT = "import torch\nfrom safetensors.torch import load_file\ntorch.save(load_file({src!r}), {dst!r})\n"
+LIST_VARIABLES = TF + "for name, shape in tf.train.list_variables({src!r}): print(name, shape)\n"
 HUB_SAVE = ("import torch, huggingface_hub, os\nos.mkdir({dst!r})\n"
             "huggingface_hub.save_torch_state_dict(torch.load({src!r}, weights_only=True), {dst!r}, "
             "max_shard_size='100GB')\n")
 
 SCENARIOS = [
     Scenario("tf-ckpt V2 -> safetensors", "v2", ["tf-ckpt", "{src}", "--to", "safetensors", "-o", "{dst}"],
-             TF + TF_READ.replace("{src!r}", "tf.train.latest_checkpoint({src!r})")
-             + "from safetensors.numpy import save_file\nsave_file(arrays, {dst!r})\n",
-             ("tensorflow", "safetensors"), "out.safetensors", {"x_durable": 1.10, "rss_mb": 100, "x_framework": 5}),
+             V2_TO_ST, ("tensorflow", "safetensors"), "out.safetensors", {"x_durable": 1.10, "rss_mb": 100, "x_framework": 5}),
     Scenario("safetensors -> tf-ckpt V2", "st", ["safetensors", "{src}", "--to", "tf-ckpt", "-o", "{dst}"],
              TF + "from safetensors.numpy import load_file\narrays = load_file({src!r})\nos.mkdir({dst!r})\n"
              + TF_SAVE, ("tensorflow", "safetensors"), "out-ckpt", {"x_durable": 1.15, "rss_mb": 100}),
     Scenario("tf-ckpt V1 -> V2", "v1", ["tf-ckpt", "{src}", "--to", "tf-ckpt", "-o", "{dst}"],
              TF + TF_READ + "os.mkdir({dst!r})\n" + TF_SAVE, ("tensorflow",), "out-ckpt", {"x_durable": 1.30}),
     Scenario("torch -> safetensors", "pt", ["torch", "{src}", "--to", "safetensors", "-o", "{dst}"],
-             "import torch\nfrom safetensors.torch import save_file\n"
-             "save_file(torch.load({src!r}, weights_only=True), {dst!r})\n",
-             ("torch", "safetensors"), "out.safetensors", {"x_durable": 1.20, "x_framework": 2},
+             PT_TO_ST, ("torch", "safetensors"), "out.safetensors", {"x_durable": 1.20, "x_framework": 2},
              {"hub": (HUB_SAVE, ("torch", "huggingface_hub"))}),
     Scenario("safetensors -> torch", "st", ["safetensors", "{src}", "--to", "torch", "-o", "{dst}"],
-             "import torch\nfrom safetensors.torch import load_file\ntorch.save(load_file({src!r}), {dst!r})\n",
-             ("torch", "safetensors"), "out.pt", {"x_durable": 1.20, "x_framework": 2}),
+             ST_TO_PT, ("torch", "safetensors"), "out.pt", {"x_durable": 1.20, "x_framework": 2}),
     Scenario("inspect (cold start)", "v2", ["inspect", "{src}", "--json"],
-             TF + "for name, shape in tf.train.list_variables({src!r}): print(name, shape)\n",
-             ("tensorflow",), "", {"seconds": 0.3}),
+             LIST_VARIABLES, ("tensorflow",), "", {"seconds": 0.3}),
     # --many small tensors (TF1 Saver style): per-tensor costs
     Scenario("many: tf-ckpt V2 -> safetensors", "v2n", ["tf-ckpt", "{src}", "--to", "safetensors", "-o", "{dst}"],
-             TF + TF_READ.replace("{src!r}", "tf.train.latest_checkpoint({src!r})")
-             + "from safetensors.numpy import save_file\nsave_file(arrays, {dst!r})\n",
-             ("tensorflow", "safetensors"), "out.safetensors", {"x_durable": 3.0, "rss_mb": 150, "x_framework": 15}),
+             V2_TO_ST, ("tensorflow", "safetensors"), "out.safetensors", {"x_durable": 3.0, "rss_mb": 150, "x_framework": 15}),
     Scenario("many: safetensors -> tf-ckpt V2", "stn", ["safetensors", "{src}", "--to", "tf-ckpt", "-o", "{dst}"],
              None, (), "out-ckpt", {"x_durable": 6.0, "rss_mb": 150}),
     Scenario("many: tf-ckpt V2 -> V1", "v2n", ["tf-ckpt", "{src}", "--to", "tf-ckpt-v1", "-o", "{dst}"],
@@ -200,16 +199,12 @@ SCENARIOS = [
     Scenario("many: tf-ckpt V2 -> torch", "v2n", ["tf-ckpt", "{src}", "--to", "torch", "-o", "{dst}"],
              None, (), "out.pt", {"x_durable": 6.0, "rss_mb": 150}),
     Scenario("many: torch -> safetensors", "ptn", ["torch", "{src}", "--to", "safetensors", "-o", "{dst}"],
-             "import torch\nfrom safetensors.torch import save_file\n"
-             "save_file(torch.load({src!r}, weights_only=True), {dst!r})\n",
-             ("torch", "safetensors"), "out.safetensors", {"x_durable": 6.0, "rss_mb": 150},
+             PT_TO_ST, ("torch", "safetensors"), "out.safetensors", {"x_durable": 6.0, "rss_mb": 150},
              {"hub": (HUB_SAVE, ("torch", "huggingface_hub"))}),
     Scenario("many: safetensors -> torch", "stn", ["safetensors", "{src}", "--to", "torch", "-o", "{dst}"],
-             "import torch\nfrom safetensors.torch import load_file\ntorch.save(load_file({src!r}), {dst!r})\n",
-             ("torch", "safetensors"), "out.pt", {"x_durable": 6.0, "rss_mb": 150}),
+             ST_TO_PT, ("torch", "safetensors"), "out.pt", {"x_durable": 6.0, "rss_mb": 150}),
     Scenario("many: inspect", "v2n", ["inspect", "{src}", "--json"],
-             TF + "for name, shape in tf.train.list_variables({src!r}): print(name, shape)\n",
-             ("tensorflow",), "", {"seconds": 0.5, "rss_mb": 150}),
+             LIST_VARIABLES, ("tensorflow",), "", {"seconds": 0.5, "rss_mb": 150}),
 ]
 
 
