@@ -55,3 +55,18 @@ def s3(s3_server):
         yield s3_server
     finally:
         storage.configure(before)
+
+
+@pytest.fixture
+def commit_order(monkeypatch):
+    """The names of the remote uploads in the order they are completed (made visible)."""
+    from convert import storage
+
+    order: list[str] = []
+    real = storage._Upload.commit
+
+    def commit(self):
+        order.append(self.target.name)
+        real(self)
+    monkeypatch.setattr(storage._Upload, "commit", commit)
+    return order

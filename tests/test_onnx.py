@@ -424,7 +424,8 @@ def test_initializers_only_leaves_constants_out(control_flow_model):
     assert all(t.attrs["onnx.kind"] != "constant" for t in td.values())
 
 
-def test_reads_constants_in_model_functions(tmp_path):
+def function_model():
+    """A model whose graph calls a model-local function ``custom.AddBias`` holding a Constant (0.5)."""
     fn = helper.make_function(
         "custom", "AddBias", ["x"], ["y"],
         [helper.make_node("Constant", [], ["bias"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
@@ -433,8 +434,12 @@ def test_reads_constants_in_model_functions(tmp_path):
     graph = helper.make_graph([helper.make_node("AddBias", ["x"], ["y"], domain="custom")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, functions=[fn], ir_version=8,
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    return helper.make_model(graph, functions=[fn], ir_version=8,
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+
+
+def test_reads_constants_in_model_functions(tmp_path):
+    model = function_model()
     onnx.checker.check_model(model)
     onnx.save(model, str(tmp_path / "f.onnx"))
     td = onnx_format.read(tmp_path / "f.onnx")

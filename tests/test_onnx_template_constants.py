@@ -8,7 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_corpus_onnx import onnx_tensors
-from test_onnx import control_flow_model  # noqa: F401 - the fixture: If, Loop, every Constant form
+from test_onnx import (
+    control_flow_model,  # noqa: F401 - the fixture: If, Loop, every Constant form
+    function_model,
+)
 
 from convert.formats import onnx as onnx_format
 from convert.ir import TensorDict
@@ -109,18 +112,9 @@ def test_a_source_without_the_constants_keeps_the_templates(control_flow_model, 
 
 
 def test_constants_of_model_functions_go_back_into_them(tmp_path):
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
-    fn = helper.make_function(
-        "custom", "AddBias", ["x"], ["y"],
-        [helper.make_node("Constant", [], ["bias"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
-         helper.make_node("Add", ["x", "bias"], ["y"])],
-        opset_imports=[helper.make_opsetid("", 17)])
-    graph = helper.make_graph([helper.make_node("AddBias", ["x"], ["y"], domain="custom")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, functions=[fn], ir_version=8,
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    model = function_model()
     template = tmp_path / "f.onnx"
     onnx.save(model, str(template))
     out = tmp_path / "g.onnx"

@@ -279,7 +279,7 @@ def _tf_values(tf, folder: Path) -> dict[str, np.ndarray]:
     return {name: np.asarray(reader.get_tensor(name)) for name in reader.get_variable_to_shape_map()}
 
 
-def test_safetensors_in_s3_to_tf_checkpoint_in_s3_restores_in_tensorflow(s3, tmp_path, monkeypatch):
+def test_safetensors_in_s3_to_tf_checkpoint_in_s3_restores_in_tensorflow(s3, tmp_path, commit_order):
     tf = pytest.importorskip("tensorflow")
     arrays = _arrays(7)
     src = tmp_path / "m.safetensors"
@@ -287,16 +287,9 @@ def test_safetensors_in_s3_to_tf_checkpoint_in_s3_restores_in_tensorflow(s3, tmp
     bucket = s3.new_bucket()
     fs = s3.fs()
     fs.put(str(src), f"{bucket}/hf/m.safetensors")
-    order = []
-    real = storage._Upload.commit
-
-    def commit(self):
-        order.append(self.target.name)
-        real(self)
-    monkeypatch.setattr(storage._Upload, "commit", commit)
     out = convert.convert(f"s3://{bucket}/hf/m.safetensors", f"s3://{bucket}/tf/run1", to="tf-ckpt")["outputs"][0]
     assert out["verified"] and out["format"] == "tf-ckpt"
-    assert order == ["model.ckpt.data-00000-of-00001", "model.ckpt.index", "checkpoint"]  # the state file last
+    assert commit_order == ["model.ckpt.data-00000-of-00001", "model.ckpt.index", "checkpoint"]  # the state file last
     fs.invalidate_cache()
     assert sorted(fs.find(f"{bucket}/tf")) == [f"{bucket}/tf/run1/{n}" for n in
                                                 ("checkpoint", "model.ckpt.data-00000-of-00001", "model.ckpt.index")]

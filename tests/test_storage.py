@@ -146,16 +146,9 @@ def test_a_failing_writer_leaves_nothing(s3):
     assert s3.fs().find(bucket) == [] and s3.pending_uploads(bucket) == []
 
 
-def test_commit_object_is_completed_last_and_a_failed_verification_removes_all(s3, monkeypatch):
+def test_commit_object_is_completed_last_and_a_failed_verification_removes_all(s3, commit_order):
     bucket = s3.new_bucket()
     url = f"s3://{bucket}/out/model"
-    order = []
-    real = storage._Upload.commit
-
-    def commit(self):
-        order.append(self.target.name)
-        real(self)
-    monkeypatch.setattr(storage._Upload, "commit", commit)
     with pytest.raises(convert.errors.VerificationError):
         with storage.atomic_output(url, commit=["*.index.json"]) as tmp:
             (tmp / "model.safetensors.index.json").write_text("{}")  # opened first, completed last
@@ -166,7 +159,7 @@ def test_commit_object_is_completed_last_and_a_failed_verification_removes_all(s
             assert (back / "model.safetensors.index.json").read_text() == "{}"
             assert s3.fs().exists(f"{bucket}/out/.model.convert-journal.json")
             raise convert.errors.VerificationError(url, "reads back with different values")
-    assert order == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+    assert commit_order == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                      "model.safetensors.index.json"]
     s3.fs().invalidate_cache()
     assert s3.fs().find(bucket) == []
