@@ -61,6 +61,7 @@ from ...dtypes import from_tf
 from ...errors import UnsupportedDTypeError
 from ...ir import TensorDict
 from . import protowire as pw
+from .roles import role_of
 
 _VARIABLE_OPS = {"Variable", "VariableV2", "VarHandleOp"}
 _PART = re.compile(r"/part_\d+$")  # a partitioned variable's pieces; the checkpoint holds the whole
@@ -443,8 +444,6 @@ def meta_for(td: TensorDict, version: int, partial: bool = False) -> tuple[bytes
     except (OSError, pw.ProtoError, KeyError, IndexError, ValueError) as e:
         where = td.metadata.get("local.tf.meta_graph_path") or td.metadata.get("local.tf.meta_graph_saved_model")
         return None, f"left out the .meta graph: {where} cannot be read ({e})"
-    from . import role_of
-
     misfits = _misfits(td, variables)
     lacking = [name for name, why in misfits if partial and why == "missing" and role_of(name) in _OPTIONAL_ROLES]
     bad = [f"{name} ({why})" for name, why in misfits if name not in lacking]

@@ -21,7 +21,9 @@ from ...errors import ConvertError, ReadError, UsageError, WriteError
 from ...ir import Source, Tensor, TensorDict
 from ...template import Resolution, resolve
 from ..base import Option
-from . import metagraph
+from . import metagraph, savedmodel
+from .reading import detect, locate, read
+from .roles import role_of
 
 OPTIONS = (
     Option("--template", "write", str, "resolve the tensors' names against an existing model and write into "
@@ -51,21 +53,15 @@ class _GraphOnly(Source):
 
 def accepts_template(path: os.PathLike | str) -> bool:
     """Whether ``path`` is something :func:`read_template` reads (cheap, never raises)."""
-    from .. import saved_model
-    from . import detect
-
     p = Path(path)
-    return detect(p) or saved_model.detect(p) or (p.is_file() and p.name.endswith(".meta"))
+    return detect(p) or savedmodel.detect(p) or (p.is_file() and p.name.endswith(".meta"))
 
 
 def read_template(path: os.PathLike | str) -> TensorDict:
     """The template's variables, lazily, with ``attrs["role"]``; its graph in the metadata."""
-    from .. import saved_model
-    from . import locate, read
-
     p = Path(path)
-    if saved_model.detect(p):
-        td = saved_model.read(p)
+    if savedmodel.detect(p):
+        td = savedmodel.read(p)
         return td.replace(metadata={**td.metadata, "local.tf.meta_graph_saved_model": td.metadata["local.tf.saved_model_dir"]})
     if p.is_file() and p.name.endswith(".meta"):
         try:
@@ -77,8 +73,6 @@ def read_template(path: os.PathLike | str) -> TensorDict:
 
 def _graph_variables(p: Path) -> TensorDict:
     """A ``.meta`` alone: the variables its saver restores, without values."""
-    from . import role_of
-
     try:
         variables = metagraph.parse(p.read_bytes()).variables(restored=True)
     except OSError as e:
