@@ -26,6 +26,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import UnsupportedDTypeError, UsageError
 from .lazy import np
@@ -170,7 +171,7 @@ def by_name(name: str) -> DType:
         raise UsageError(f"unknown dtype '{name}'; known: {', '.join(_BY_NAME)}") from None
 
 
-def _lookup(table: dict, key, what: str) -> DType:
+def _lookup(table: dict, key: object, what: str) -> DType:
     try:
         return table[key]
     except KeyError:
@@ -200,7 +201,7 @@ def from_ggml(number: int) -> DType:
     return _lookup(_BY_GGML, number, "GGML")
 
 
-def from_numpy(dtype) -> DType:
+def from_numpy(dtype: Any) -> DType:
     dt = np.dtype(dtype)
     if dt.kind in "OSU":
         return STRING
@@ -217,7 +218,7 @@ def _packed_by_numpy() -> dict:
     return {d.numpy: d for d in TABLE if d.block is not None and not d.is_quantized}
 
 
-def decode(dtype: DType, raw, shape: tuple[int, ...]) -> np.ndarray:
+def decode(dtype: DType, raw: bytes | bytearray | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     """The values held by ``raw`` (bytes-like, little-endian, C order) as an array of ``shape``."""
     numel = math.prod(shape)
     if dtype.block is None:

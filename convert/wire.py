@@ -17,10 +17,13 @@ anything is allocated for it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from .lazy import np
+
+#: what the decoders take: a message's bytes, or a view into a larger buffer
+Bytes = bytes | bytearray | memoryview
 
 __all__ = [
     "varints_size",
@@ -38,7 +41,7 @@ class ProtoError(ValueError):
 
 # ---------------------------------------------------------------- wire level
 
-def read_varint(buf, pos: int) -> tuple[int, int]:
+def read_varint(buf: Bytes, pos: int) -> tuple[int, int]:
     """Decode one base-128 varint at ``pos``; returns (value, new position)."""
     result = shift = 0
     n = len(buf)
@@ -86,7 +89,7 @@ def read_varint_from(f: BinaryIO) -> int | None:
     return None
 
 
-def iter_fields(buf):
+def iter_fields(buf: Bytes) -> Iterator[tuple[int, int, Any]]:
     """Yield (field number, wire type, value) for each field of a message.
 
     ``value`` is an int for varint/fixed fields and a memoryview for
@@ -96,7 +99,7 @@ def iter_fields(buf):
         yield num, wt, val
 
 
-def iter_raw_fields(buf):
+def iter_raw_fields(buf: Bytes) -> Iterator[tuple[int, int, Any, memoryview]]:
     """As :func:`iter_fields`, plus each field's own bytes (tag included) as a memoryview: a
     message is edited by copying the fields it keeps byte for byte and re-encoding the others."""
     mv = memoryview(buf)
@@ -194,7 +197,7 @@ def encode_varints(values: np.ndarray) -> bytes:
 _WINDOW = 1 << 20  # bytes of packed varints decoded at a time: temporaries ~20x this, not the whole field's
 
 
-def decode_varints(buf, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def decode_varints(buf: Bytes, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Decode packed varints into a uint64 array (vectorised), or into ``convert`` of it, a window
     at a time, so that the 64-bit temporaries never span the whole buffer."""
     b = np.frombuffer(buf, dtype=np.uint8)

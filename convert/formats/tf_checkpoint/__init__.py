@@ -95,7 +95,7 @@ def _write_checkpoints(tds: Sequence[TensorDict], path: os.PathLike | str, opts:
     return {"notes": notes} if notes else {}
 
 
-def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, **opts) -> WriteReport:
+def write(td: TensorDict, path: os.PathLike | str, object_graph: bool = False, **opts: Any) -> WriteReport:
     """Write a V2 checkpoint directory at ``path`` (which must not exist).
 
     It holds ``<prefix>.index``, ``<prefix>.data-00000-of-00001``, a ``checkpoint`` state
@@ -117,12 +117,12 @@ def _prepared(tds: Sequence[TensorDict], opts: dict, object_graph: bool = False)
 
 
 def write_steps(tds: Sequence[TensorDict], path: os.PathLike | str, object_graph: bool = False,
-                **opts) -> WriteReport:
+                **opts: Any) -> WriteReport:
     """Several V2 checkpoints (``--all-steps``) in one directory, as :func:`write` writes one;
     the state file lists them all, so ``tf.train.latest_checkpoint`` finds the last."""
     tds = _prepared(tds, opts, object_graph)
 
-    def write_files(td: TensorDict, prefix) -> None:
+    def write_files(td: TensorDict, prefix: Any) -> None:
         tensors = objects.object_based(list(td.values()), str(prefix)) if object_graph else td.values()
         write_bundle(tensors, prefix)
 
@@ -130,7 +130,7 @@ def write_steps(tds: Sequence[TensorDict], path: os.PathLike | str, object_graph
     return _write_checkpoints(tds, path, opts, write_files, 2, meta_graph=not object_graph)
 
 
-def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> WriteReport:
+def write_v1(td: TensorDict, path: os.PathLike | str, **opts: Any) -> WriteReport:
     """Write a V1 checkpoint directory at ``path``: the ``<prefix>`` table file, a
     ``checkpoint`` state file and the ``.meta`` graph when known (see :func:`write`).
 
@@ -140,7 +140,7 @@ def write_v1(td: TensorDict, path: os.PathLike | str, **opts) -> WriteReport:
     return write_steps_v1([td], path, **opts)
 
 
-def write_steps_v1(tds: Sequence[TensorDict], path: os.PathLike | str, **opts) -> WriteReport:
+def write_steps_v1(tds: Sequence[TensorDict], path: os.PathLike | str, **opts: Any) -> WriteReport:
     """Several V1 checkpoints in one directory (see :func:`write_steps`)."""
     if storage.is_remote(path):
         raise WriteError(path, "V1 checkpoints are written to local paths only; write V2 (tf-ckpt) to remote storage")

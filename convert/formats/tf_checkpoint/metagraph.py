@@ -72,7 +72,7 @@ _DT_STRING = 7
 _OPTIONAL_ROLES = ("optimizer", "step")
 
 
-def _fields(buf) -> dict[int, list]:
+def _fields(buf: wire.Bytes) -> dict[int, list]:
     """{field number: [values]}: memoryviews for length-delimited fields, ints for the others."""
     out: dict[int, list] = {}
     for num, _, val in pw.iter_fields(buf):
@@ -80,7 +80,7 @@ def _fields(buf) -> dict[int, list]:
     return out
 
 
-def _last_message(fields: dict[int, list], num: int):
+def _last_message(fields: dict[int, list], num: int) -> wire.Bytes:
     """The last length-delimited value of field ``num`` (b"" when there is none): what protobuf
     keeps of a non-repeated message or string field. A value of another wire type is skipped."""
     for val in reversed(fields.get(num, [])):
@@ -108,7 +108,7 @@ def _text(fields: dict[int, list], num: int) -> str:
     return bytes(_last_message(fields, num)).decode("utf-8", "replace")
 
 
-def _shape(buf) -> tuple[int | None, ...] | None:
+def _shape(buf: wire.Bytes) -> tuple[int | None, ...] | None:
     """A TensorShapeProto; None for unknown rank, None dims for unknown sizes."""
     f = _fields(buf)
     if _last_int(f, 3):

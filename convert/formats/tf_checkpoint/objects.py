@@ -65,11 +65,11 @@ class _Node:
     slots: list[tuple[int, str, int]] = field(default_factory=list)  # (original node, slot name, slot node)
 
 
-def _text(buf) -> str:
+def _text(buf: wire.Bytes) -> str:
     return bytes(buf).decode("utf-8", "replace")
 
 
-def _sub_fields(buf) -> tuple[dict[int, int], dict[int, str]]:
+def _sub_fields(buf: wire.Bytes) -> tuple[dict[int, int], dict[int, str]]:
     """The varint and the string fields of a small message (the last of each number wins, as in
     protobuf); a field of the wrong wire type is ignored, as protobuf does with unknown fields."""
     ints: dict[int, int] = {}

@@ -18,7 +18,7 @@ from .bundle import read_bundle
 from .roles import named, role_attrs
 from .slices import read_v1
 from .sstable import has_table_magic
-from .state import STATE_FILE, candidates, read_state, state_paths
+from .state import STATE_FILE, CheckpointState, candidates, read_state, state_paths
 
 NAME = "tf-ckpt"
 
@@ -193,7 +193,7 @@ def _file_prefix(s: str) -> str | None:
         s[:-len(".meta")] if s.endswith(".meta") else None
 
 
-def _at_step(d, paths: list[str], step: int, find: Callable[[str], Located | None]) -> Located:
+def _at_step(d: object, paths: list[str], step: int, find: Callable[[str], Located | None]) -> Located:
     """The checkpoint of ``step`` among a state file's ``paths`` (``find``: where one is, or None)."""
     for s in paths:
         if _step_of(s) == step:
@@ -210,7 +210,7 @@ def _remote_located(d: storage.RemotePath, s: str) -> Located | None:
     return None if prefix is None else Located(2, prefix)
 
 
-def _remote_state(d: storage.RemotePath):
+def _remote_state(d: storage.RemotePath) -> CheckpointState:
     st = read_state(d)
     if st is None:
         raise ReadError(d, f"no '{STATE_FILE}' state file: a remote checkpoint folder is read through it "
@@ -340,7 +340,7 @@ def detect(path: os.PathLike | str) -> bool:
 
 
 def read(path: os.PathLike | str, step: int | None = None, all_steps: bool = False, names: str | None = None,
-         **unknown) -> TensorDict:
+         **unknown: object) -> TensorDict:
     """Read a V1 or V2 checkpoint lazily (see module docstring for what ``path`` may be).
 
     Args:

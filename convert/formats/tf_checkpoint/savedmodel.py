@@ -70,7 +70,7 @@ def _saved_model_info(pb: Path) -> tuple[dict[str, str], tuple[list, list[str]] 
     return out, names
 
 
-def _variable_names(object_graph) -> list[str]:
+def _variable_names(object_graph: wire.Bytes) -> list[str]:
     """Per node of a ``SavedObjectGraph``, its ``SavedVariable.name`` ("" for other nodes)."""
     names = []
     for n, w, node in wire.iter_fields(object_graph):

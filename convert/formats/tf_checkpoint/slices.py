@@ -136,7 +136,7 @@ _VARINT_FIELDS = {
 }
 
 
-def tensor_proto_values(buf, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
+def tensor_proto_values(buf: bytes | bytearray | memoryview, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
     """The values of a TensorProto (typed fields or ``tensor_content``) as an array of ``shape``.
 
     Raises ProtoError when the proto does not hold exactly the expected element count.
@@ -410,7 +410,7 @@ _MAX_MESSAGE = (1 << 31) - 1  # protobuf cannot parse a larger message
 GET_TENSOR_REFUSES_V1 = ("float16", "uint16", "complex64", "complex128")
 
 
-def check_v1_dtypes(tensors: list[Tensor], path) -> None:
+def check_v1_dtypes(tensors: list[Tensor], path: object) -> None:
     """Raise one WriteError listing every tensor whose dtype V1 cannot hold."""
     bad = [f"{t.name} ({t.dtype})" for t in tensors if not t.dtype.tf_v1]  # TF's V1 reader restores the others
     if bad:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 from ...dtypes import from_tf
 from ...errors import ConvertError, ReadError, UsageError, WriteError
@@ -44,11 +45,11 @@ class _GraphOnly(Source):
     def __init__(self, template: str, name: str):
         self.template, self.name = template, name
 
-    def array(self, dtype, shape):
+    def array(self, dtype: object, shape: object) -> NoReturn:
         raise ConvertError(f"template {self.template} is a graph without a checkpoint: no value for '{self.name}'")
 
-    def chunks(self, nbytes, size=0):
-        self.array(None, None)
+    def chunks(self, nbytes: int, size: int = 0) -> NoReturn:
+        self.array(None, None)  # raises
 
 
 def accepts_template(path: os.PathLike | str) -> bool:
