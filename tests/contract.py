@@ -166,8 +166,12 @@ class FormatContract:
     SEEDS: tuple[str, ...] = ()
     """Names of the seed checkpoints this format gives the shared damage suites (each a folder that
     :meth:`make_seeds` writes; names unique across formats)."""
+    CHECKSUMMED: tuple[tuple[str, str], ...] = ()
+    """(seed, file) pairs of ``SEEDS`` whose every byte is covered by a checksum the reader verifies
+    (``Seed.checksummed``, known without writing the seeds): every flipped bit must be detected."""
     FUZZ: dict[str, tuple[tuple[str, ...], str]] = {}
-    """Fuzz targets of ``tests/test_fuzz.py``: name -> (seed names, how files are damaged: ``raw``)."""
+    """Fuzz targets of ``tests/test_fuzz.py``: name -> (seed names, how files are damaged: ``raw``,
+    ``entries`` or ``pickle``, see there)."""
     HOSTILE: dict[str, Callable[[Path], tuple[Path, type[ConvertError], str | None]]] = {}
     """Hand-built hostile inputs: name -> ``build(folder) -> (path, error class, regex of its message)``;
     ``tests/test_hostile.py`` reads each in full and expects that error, in one line naming the file,

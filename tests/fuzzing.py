@@ -1,10 +1,12 @@
 """Shared helpers of tests/test_hostile.py and tests/test_fuzz.py: seed files and the reading harness.
 
-Seeds are real files: written here by the frameworks themselves (TensorFlow's ``SaveV2``/``Save``/
-``SaveSlices`` ops and ``tf.saved_model.save``, ``torch.save`` in both layouts, ``onnx.save``, the
-``safetensors`` library) and copied from ``/work/shared/corpus`` (files written by other people's
-tools). A seed is a folder; ``target`` is what is handed to the reader and ``files`` are the files a
-test may damage (one at a time).
+Seeds are real files, declared by each format's contract in its own test file
+(``FormatContract.SEEDS``/``make_seeds``, tests/contract.py): written by the frameworks themselves
+(TensorFlow's ``SaveV2``/``SaveSlices`` ops and ``tf.saved_model.save``, ``torch.save`` in both
+layouts, ``onnx.save``, Keras, NumPy, the ``safetensors`` library) or copied from
+``/work/shared/corpus`` (files written by other people's tools: :func:`corpus_seed`). A seed is a
+folder; ``target`` is what is handed to the reader and ``files`` are the files a test may damage
+(one at a time).
 
 :func:`exercise` is what "reading" means in these tests: every adapter's ``detect`` (which must
 answer True/False, never raise), then the reader with the format named explicitly, then every
@@ -27,13 +29,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import convert
 from convert import registry
 from convert.errors import ConvertError
 
 CORPUS = Path("/work/shared/corpus")
+SMALL = 8 << 20
+"""Traced bytes a refused hand-built hostile file may cost (``FormatContract.HOSTILE``)."""
 
 # --------------------------------------------------------------------------------------- seeds
 
@@ -58,271 +60,49 @@ class Seed:
         return self.root / self.target
 
 
-def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    return tf
-
-
-def _tf_seeds(root: Path) -> list[Seed]:
-    """V2 bundle (every common dtype, a string tensor, a partitioned variable), V1 file (the same
-    through the V1 ``Save``/``SaveSlices`` ops) and a small TF2 SavedModel, all written by TensorFlow."""
-    tf = _tf()
-    seeds = []
-    values = {
-        "dense/kernel": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
-        "dense/bias": np.array([1.5, -2.0, 0.0, np.inf], np.float32),
-        "global_step": np.int64(190),
-        "embed/half": np.arange(6, dtype=np.float16).reshape(2, 3),
-        "ints": np.array([-3, 0, 7, 2**31 - 1], np.int32),
-        "flags": np.array([True, False, True]),
-        "names": np.array([b"alpha", b"", b"\x00\xffbinary"], dtype=object),
-    }
-
-    def const(arr):
-        if arr.dtype == object:
-            return tf.constant(arr.tolist(), dtype=tf.string)
-        return tf.constant(arr)
-
-    part = np.arange(24, dtype=np.float32).reshape(6, 4)
-    names = sorted(values)
-    with tf.device("/cpu:0"):
-        d = root / "tf_v2"
-        d.mkdir()
-        tf.raw_ops.SaveV2(prefix=str(d / "model.ckpt"),
-                          tensor_names=[*names, "part", "part"],
-                          shape_and_slices=[""] * len(names) + ["6 4 0,4:-", "6 4 4,2:-"],
-                          tensors=[const(values[n]) for n in names] + [const(part[:4]), const(part[4:])])
-        seeds.append(Seed("tf_v2", "tf-ckpt", d, "model.ckpt.index",
-                          ("model.ckpt.index", "model.ckpt.data-00000-of-00001"),
-                          checksummed=("model.ckpt.index", "model.ckpt.data-00000-of-00001")))
-        d = root / "tf_v1"
-        d.mkdir()
-        v1_names = [n for n in names if n != "names"]  # keep strings in the V1 seed too, below
-        tf.raw_ops.SaveSlices(filename=str(d / "model.ckpt"),
-                              tensor_names=[*v1_names, "names", "part", "part"],
-                              shapes_and_slices=[""] * len(v1_names) + ["", "6 4 0,4:-", "6 4 4,2:-"],
-                              data=[const(values[n]) for n in v1_names] + [const(values["names"]),
-                                                                            const(part[:4]), const(part[4:])])
-        seeds.append(Seed("tf_v1", "tf-ckpt", d, "model.ckpt", ("model.ckpt",), checksummed=("model.ckpt",)))
-
-    d = root / "saved_model"
-    module = tf.Module()
-    with tf.device("/cpu:0"):
-        module.w = tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="w")
-        module.b = tf.Variable(np.array([0.5, -1.0], np.float64), name="b")
-        module.step = tf.Variable(np.int64(7), name="step")
-    tf.saved_model.save(module, str(d))
-    files = tuple(sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()))
-    seeds.append(Seed("saved_model", "saved-model", d, ".", files,
-                      checksummed=tuple(f for f in files if f.startswith("variables/")),
-                      metadata_only=("fingerprint.pb", "saved_model.pb")))
-    return seeds
-
-
-def _torch_seeds(root: Path) -> list[Seed]:
-    """torch.save in the zip layout (a training checkpoint: nested state_dict, bfloat16, a transposed
-    view, tied weights, an int64 buffer) and in the legacy pickle-stream layout; a Lightning-style
-    checkpoint and a TorchScript archive."""
-    import argparse
-
-    import torch
-
-    torch.manual_seed(0)
-    w = torch.randn(4, 3)
-    state = {
-        "state_dict": {
-            "fc.weight": w, "fc.bias": torch.arange(4, dtype=torch.float32),
-            "emb.weight": torch.randn(5, 2).to(torch.bfloat16), "tied.weight": w,
-            "proj.weight_t": torch.randn(3, 5).t(), "bn.num_batches_tracked": torch.tensor(12),
-            "mask": torch.tensor([True, False, True]),
-        },
-        "epoch": 3, "lr": 0.01,
-    }
-    seeds = []
-    for name, kw in (("torch_zip", {}), ("torch_legacy", {"_use_new_zipfile_serialization": False})):
-        d = root / name
-        d.mkdir()
-        torch.save(state, d / "model.pt", **kw)
-        seeds.append(Seed(name, "torch", d, "model.pt", ("model.pt",)))
-    # a Lightning-style checkpoint: objects read as placeholders (argparse.Namespace, a function), NumPy arrays
-    lightning = {**state, "hyper_parameters": {"args": argparse.Namespace(lr=0.1, layers=[4, 3]),
-                                                "loss": torch.nn.functional.mse_loss,
-                                                "weights": np.arange(6, dtype=np.float32).reshape(2, 3)}}
-    # a TorchScript archive: the module tree as placeholders, the classes' source beside it
-    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(3, 2))
-    for name, save in (("torch_lightning", lambda p: torch.save(lightning, p)),
-                       ("torch_script", lambda p: torch.jit.save(torch.jit.script(net), str(p)))):
-        d = root / name
-        d.mkdir()
-        save(d / "model.pt")
-        seeds.append(Seed(name, "torch", d, "model.pt", ("model.pt",)))
-    return seeds
-
-
-def _onnx_seeds(root: Path) -> list[Seed]:
-    """onnx.save of a model with raw and typed initializers, a string, a sparse initializer, a
-    Constant node and an If subgraph; and the same model with its data external."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
-    b = helper.make_tensor("b", TensorProto.INT64, [3], [1, -2, 3])  # typed field, not raw_data
-    s = helper.make_tensor("s", TensorProto.STRING, [2], [b"x", b"yz"])
-    h = numpy_helper.from_array(np.array([1.0, 2.5], np.float16), "h")
-    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.array([5.0, 6.0], np.float32), "sp"),
-                                       numpy_helper.from_array(np.array([1, 7], np.int64), "sp_idx"), [2, 4])
-    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array([9.0], np.float32)))
-    then_g = helper.make_graph([helper.make_node("Constant", [], ["t"], value_floats=[1.0, 2.0])], "then", [],
-                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
-    else_g = helper.make_graph([helper.make_node("Constant", [], ["e"], value_floats=[3.0, 4.0])], "else", [],
-                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
-    cond = helper.make_node("If", ["flag"], ["out"], then_branch=then_g, else_branch=else_g, name="branch")
-    graph = helper.make_graph([c, cond], "g", [helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
-                              initializer=[w, b, s, h], sparse_initializer=[sparse])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="fuzz")
-    seeds = []
-    d = root / "onnx_inline"
-    d.mkdir()
-    onnx.save(model, str(d / "model.onnx"))
-    seeds.append(Seed("onnx_inline", "onnx", d, "model.onnx", ("model.onnx",)))
-    d = root / "onnx_external"
-    d.mkdir()
-    onnx.save(model, str(d / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=0)
-    seeds.append(Seed("onnx_external", "onnx", d, "model.onnx", ("model.onnx", "model.onnx.data")))
-    return seeds
-
-
-def _keras_seeds(root: Path) -> list[Seed]:
-    """Keras 3 (TF backend) after one training step: a .keras zip, a .weights.h5, legacy HDF5
-    (Keras 3's legacy saving) and sharded weights; none if Keras is not installed."""
-    try:
-        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-        import keras
-    except ImportError:
+def corpus_seed(root: Path, name: str, fmt: str, folder: str, target: str, files: tuple[str, ...],
+                checksummed: tuple[str, ...] = (), *, only_files: bool = False,
+                metadata_only: tuple[str, ...] = ()) -> list[Seed]:
+    """A seed copied from the corpus (a file by other people's tools), in a list: empty when the corpus
+    does not hold it. ``only_files``: copy ``files`` alone, not the rest of the corpus folder."""
+    src = CORPUS / folder
+    if not (src / target).exists():
         return []
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
-                              keras.layers.Dense(2)])
-    model.compile(optimizer="adam", loss="mse")
-    model.fit(np.ones((2, 6), np.float32), np.zeros((2, 2), np.float32), epochs=1, verbose=0)
-    seeds = []
-    for name, target, save in (("keras_zip", "m.keras", model.save), ("keras_weights", "m.weights.h5", model.save_weights),
-                               ("keras_legacy", "m.h5", model.save)):
-        d = root / name
+    d = root / name
+    if only_files:
         d.mkdir()
-        save(d / target)
-        seeds.append(Seed(name, "keras", d, target, (target,)))
-    d = root / "keras_sharded"
-    d.mkdir()
-    model.save_weights(d / "model.weights.json", max_shard_size=0.0000005)
-    seeds.append(Seed("keras_sharded", "keras", d, "model.weights.json",
-                      tuple(sorted(p.name for p in d.iterdir()))))
-    return seeds
-
-
-def _safetensors_seeds(root: Path) -> list[Seed]:
-    """safetensors.numpy.save_file: one file with metadata, and a two-shard folder with its index."""
-    import json
-
-    from safetensors.numpy import save_file
-
-    arrays = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "a.bias": np.array([1, 2], np.int64),
-              "scalar": np.array(3.5, np.float64), "flags": np.array([True, False]),
-              "empty": np.zeros((0, 3), np.float16)}
-    seeds = []
-    d = root / "safetensors"
-    d.mkdir()
-    save_file(arrays, str(d / "model.safetensors"), metadata={"format": "np", "note": "seed"})
-    seeds.append(Seed("safetensors", "safetensors", d, "model.safetensors", ("model.safetensors",)))
-    d = root / "safetensors_sharded"
-    d.mkdir()
-    save_file({"a.weight": arrays["a.weight"]}, str(d / "model-00001-of-00002.safetensors"))
-    save_file({"a.bias": arrays["a.bias"]}, str(d / "model-00002-of-00002.safetensors"))
-    (d / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": 40},
-        "weight_map": {"a.weight": "model-00001-of-00002.safetensors", "a.bias": "model-00002-of-00002.safetensors"}}))
-    seeds.append(Seed("safetensors_sharded", "safetensors", d, ".",
-                      ("model.safetensors.index.json", "model-00001-of-00002.safetensors")))
-    return seeds
-
-
-# Small real files from the corpus (other people's tools and TF/torch versions).
-_CORPUS_SEEDS = [
-    # name, format, folder in the corpus, target, damageable files, checksummed files
-    ("corpus_v1", "tf-ckpt", "tensorflow+serving@1bdd3499f1fe/tensorflow_serving/session_bundle/testdata/"
-     "half_plus_two/00000123", "export-00000-of-00001", ("export-00000-of-00001",), ("export-00000-of-00001",)),
-    ("corpus_v1_tf012", "tf-ckpt", "Gknoblau+nxt-tensorflow@cd0f217b6bd9", "video_weights.ckpt",
-     ("video_weights.ckpt",), ("video_weights.ckpt",)),
-    ("corpus_v2", "tf-ckpt", "tensorflow+serving@f83efeee8d20/tensorflow_serving/servables/tensorflow/testdata/"
-     "half_plus_two/00000123", "export.index", ("export.index", "export.data-00000-of-00001"),
-     ("export.index", "export.data-00000-of-00001")),
-    ("corpus_saved_model", "saved-model", "tensorflow+serving@9d981c5c2708/tensorflow_serving/servables/tensorflow/"
-     "testdata/saved_model_half_plus_two_tf2_cpu/00000123", ".",
-     ("saved_model.pb", "variables/variables.index", "variables/variables.data-00000-of-00001"),
-     ("variables/variables.index", "variables/variables.data-00000-of-00001")),
-    ("corpus_onnx_external", "onnx", "keanulim+tensor-inference-engine@e9fc79a8c608", "toy.onnx",
-     ("toy.onnx", "toy.onnx.data"), ()),
-    ("corpus_torch_legacy", "torch", "JockWang+little-pytorch@e78235369526", "model.ckpt", ("model.ckpt",), ()),
-    ("corpus_torch_zip", "torch", "Hardlygo+pytorch_mnist@b3b18bfb98b7", "model.ckpt", ("model.ckpt",), ()),
-]
-
-
-def _corpus_seeds(root: Path) -> list[Seed]:
-    seeds = []
-    for name, fmt, folder, target, files, summed in _CORPUS_SEEDS:
-        src = CORPUS / folder
-        if not (src / target).exists():
-            continue
-        d = root / name
-        if name == "corpus_onnx_external":  # only the toy model and its data, not the folder's others
-            d.mkdir()
-            for f in files:
-                shutil.copyfile(src / f, d / f)
-        else:
-            shutil.copytree(src, d)
-        for p in d.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)  # the corpus is read-only; our copies are not
-        seeds.append(Seed(name, fmt, d, target, files, summed,
-                          metadata_only=("saved_model.pb",) if fmt == "saved-model" else ()))
-    return seeds
-
-
-GENERATED = ("safetensors", "safetensors_sharded", "onnx_inline", "onnx_external", "torch_zip", "torch_legacy",
-             "torch_lightning", "torch_script", "tf_v2", "tf_v1", "saved_model", "keras_zip", "keras_weights",
-             "keras_legacy", "keras_sharded")
-SEED_NAMES = GENERATED + tuple(c[0] for c in _CORPUS_SEEDS)
-"""The seeds made here, known without writing them; :func:`seed_names` adds those the formats' test
-files declare (``FormatContract.SEEDS``)."""
+        for f in files:
+            shutil.copyfile(src / f, d / f)
+    else:
+        shutil.copytree(src, d)
+    for p in d.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)  # the corpus is read-only; our copies are not
+    return [Seed(name, fmt, d, target, files, checksummed, metadata_only)]
 
 
 def seed_names() -> tuple[str, ...]:
-    """Every seed's name, known without writing them (for parametrizing tests)."""
+    """Every seed's name, known without writing them (for parametrizing tests): those the formats'
+    test files declare (``FormatContract.SEEDS``)."""
     import contract
 
-    return SEED_NAMES + tuple(n for c in contract.declared() for n in c.SEEDS)
+    return tuple(n for c in contract.declared() for n in c.SEEDS)
 
-
-def _declared_seeds(root: Path) -> list[Seed]:
-    import contract
-
-    seeds = [s for c in contract.declared() for s in c.make_seeds(root)]
-    assert sorted(s.name for s in seeds) == sorted(n for c in contract.declared() for n in c.SEEDS)
-    return seeds
 
 _CACHE: dict[str, list[Seed]] = {}
 
 
 def make_seeds(root: Path) -> list[Seed]:
-    """Every seed, written under ``root`` (once per process: TensorFlow is slow to import)."""
+    """Every seed the formats' contracts write (``FormatContract.make_seeds``), under ``root``, in name
+    order (what the fuzz targets splice from does not depend on which test file was imported first);
+    once per process: TensorFlow is slow to import."""
+    import contract
+
     key = str(root)
     if key not in _CACHE:
         root.mkdir(parents=True, exist_ok=True)
-        seeds = [*_safetensors_seeds(root), *_onnx_seeds(root), *_torch_seeds(root), *_tf_seeds(root),
-                 *_keras_seeds(root), *_corpus_seeds(root), *_declared_seeds(root)]
+        seeds = sorted((s for c in contract.declared() for s in c.make_seeds(root)), key=lambda s: s.name)
+        names = [s.name for s in seeds]
+        assert len(set(names)) == len(names) and set(names) <= set(seed_names()), names
         for seed in seeds:  # every seed must read cleanly, or the tests below prove nothing
             exercise(seed.path, seed.format)
         _CACHE[key] = seeds

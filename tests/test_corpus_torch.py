@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from blocking import blocker
 
 from convert.formats import torch as pt
 from convert.ir import FileRegion
@@ -48,11 +49,9 @@ def test_corpus_file_equals_torch_load(folder):
 
 
 @shared
-def test_corpus_without_torch_matches():
+def test_corpus_without_torch_matches(tmp_path):
     """The same digests with torch unimportable (the path users without torch take)."""
     code = f"""
-import sys
-sys.modules["torch"] = None
 from convert.formats import torch as pt
 from convert.ir import digest
 for folder in {sorted(TORCH_FILES)!r}:
@@ -60,7 +59,7 @@ for folder in {sorted(TORCH_FILES)!r}:
     print(folder, *(f"{{n}}={{digest(t)}}" for n, t in td.items()))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parent.parent, env=blocker(tmp_path, ("torch",)))
     assert out.returncode == 0, out.stderr
     import google_crc32c
     for line in out.stdout.splitlines():
@@ -117,10 +116,8 @@ def test_lightning_file_equals_torch_load():
     assert opt["0.exp_avg"].numpy().tobytes() == ref["optimizer_states"][0]["state"][0]["exp_avg"].cpu().numpy().tobytes()
 
 
-def test_local_corpus_without_torch_matches():
+def test_local_corpus_without_torch_matches(tmp_path):
     code = f"""
-import sys
-sys.modules["torch"] = None
 from convert.formats import torch as pt
 from convert.ir import digest
 for name in {[*SCRIPTS, LIGHTNING]!r}:
@@ -128,7 +125,7 @@ for name in {[*SCRIPTS, LIGHTNING]!r}:
     print(name, *(f"{{n}}={{digest(t)}}" for n, t in td.items()))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parent.parent, env=blocker(tmp_path, ("torch",)))
     assert out.returncode == 0, out.stderr
     import google_crc32c
     lines = out.stdout.splitlines()

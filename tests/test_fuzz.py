@@ -1,7 +1,8 @@
 """Fuzzing every parser with hypothesis: damaged copies of real files, read in full.
 
-Each target below takes seed files (tests/fuzzing.py: written by TensorFlow, torch, onnx and the
-safetensors library, plus corpus files by other people's tools), applies 1-4 drawn mutations
+Each target takes seed files (written by TensorFlow, torch, onnx, Keras, NumPy and the safetensors
+library, plus corpus files by other people's tools: each format's test file declares its targets and
+seeds on its contract, tests/contract.py), applies 1-4 drawn mutations
 (:func:`fuzzing.mutate`: bit flips, edge-value bytes, interesting integers and varints over
 fields, inserts, deletes, truncation, filled runs, copies and splices from other seeds) and reads
 the result in full (:func:`fuzzing.exercise`: every ``detect``, the reader, every tensor's data).
@@ -33,28 +34,11 @@ import contract
 LONG_RUN = "CONVERT_FUZZ_EXAMPLES" in os.environ
 EXAMPLES = int(os.environ.get("CONVERT_FUZZ_EXAMPLES", "500"))
 
-# target: (seed names, how to damage them)
+# target: (seed names, how to damage them), declared by the formats' contracts (``FormatContract.FUZZ``)
 #   raw      any of the seed's files, byte mutations
 #   entries  a LevelDB table's entries mutated and the table rebuilt with valid checksums
 #   pickle   the torch zip's data.pkl mutated and the zip rebuilt with valid CRCs
-TARGETS = {
-    "v2_bundle": (("tf_v2", "corpus_v2"), "raw"),
-    "v2_bundle_entries": (("tf_v2", "corpus_v2"), "entries"),
-    "v1_checkpoint": (("tf_v1", "corpus_v1", "corpus_v1_tf012"), "raw"),
-    "v1_checkpoint_entries": (("tf_v1", "corpus_v1", "corpus_v1_tf012"), "entries"),
-    "saved_model": (("saved_model", "corpus_saved_model"), "raw"),
-    "saved_model_entries": (("saved_model", "corpus_saved_model"), "entries"),
-    "onnx": (("onnx_inline", "onnx_external", "corpus_onnx_external"), "raw"),
-    "safetensors": (("safetensors", "safetensors_sharded"), "raw"),
-    "torch_zip": (("torch_zip", "corpus_torch_zip"), "raw"),
-    "torch_zip_pickle": (("torch_zip", "corpus_torch_zip"), "pickle"),
-    "torch_legacy": (("torch_legacy", "corpus_torch_legacy"), "raw"),
-    "torch_lightning_pickle": (("torch_lightning",), "pickle"),
-    "torch_script": (("torch_script",), "raw"),
-    "torch_script_pickle": (("torch_script",), "pickle"),
-    "keras": (("keras_zip", "keras_weights", "keras_legacy", "keras_sharded"), "raw"),
-}
-TARGETS.update((k, v) for c in contract.declared() for k, v in c.FUZZ.items())  # the formats' own (contract.py)
+TARGETS = {k: v for c in contract.declared() for k, v in c.FUZZ.items()}
 MAX_BYTES = {"onnx": 320 << 20}  # a sparse tensor may legitimately densify to 256 MiB (onnx._SPARSE_FLOOR)
 DEFAULT_MAX_BYTES = 64 << 20
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from blocking import blocker
 from fuzzing import exercise, one_line_naming, run_guarded
 
 import convert
@@ -277,12 +278,6 @@ def test_conversion_memory_is_bounded_by_the_largest_tensor(tmp_path):
 
 def test_reading_needs_no_gguf_package_and_says_what_needs_it(all_types, tmp_path):
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("gguf", "torch", "transformers"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 import convert
 from convert.errors import MissingDependencyError
 td = convert.read({str(all_types)!r})
@@ -293,7 +288,8 @@ for action in (lambda: td["t.q4_k"].numpy(), lambda: convert.write(td, {str(tmp_
     except MissingDependencyError as e:
         print(e)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=blocker(tmp_path, ("gguf", "torch", "transformers")))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 2 and all("pip install 'ckpt-convert[gguf]'" in line for line in lines), lines
@@ -443,21 +439,18 @@ rules:
 
 BLOCK_FRAMEWORKS = """
 import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers", "tensorflow", "accelerate"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 from convert.cli import main
 code = main(sys.argv[1:])
-assert not any(m in sys.modules for m in ("torch", "transformers", "tensorflow")), "a framework was imported"
+assert all(sys.modules.get(m) is None for m in ("torch", "transformers", "tensorflow")), "a framework was imported"
 sys.exit(code)
 """
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """The command line, in a child where torch, transformers, TensorFlow and accelerate cannot be imported."""
+    env = blocker(folder, ("torch", "transformers", "tensorflow", "accelerate"), {**os.environ, "PYTHONPATH": str(ROOT)})
     out = subprocess.run([sys.executable, "-c", BLOCK_FRAMEWORKS, *args], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env=env)
     assert out.returncode == 0, out.stderr
     return out
 
@@ -476,7 +469,7 @@ def test_tiny_llama_to_gguf_loads_in_transformers_with_the_same_logits(tmp_path)
     out_dir = tmp_path / "gguf"
     out_dir.mkdir()
     gguf_file = out_dir / "model.gguf"
-    run_cli("safetensors", str(tmp_path / "hf" / "model.safetensors"), "--to", "gguf", "--map", "hf-llama-to-gguf",
+    run_cli(tmp_path, "safetensors", str(tmp_path / "hf" / "model.safetensors"), "--to", "gguf", "--map", "hf-llama-to-gguf",
             "-o", str(gguf_file), "--quiet")
 
     # the q/k rows are in llama.cpp's converter's order, the rest as they were
@@ -496,7 +489,7 @@ def test_tiny_llama_to_gguf_loads_in_transformers_with_the_same_logits(tmp_path)
 
     # and back: gguf-to-hf-llama gives the original state dict bit for bit
     back = tmp_path / "back.safetensors"
-    run_cli("gguf", str(gguf_file), "--to", "safetensors", "--map", "gguf-to-hf-llama", "-o", str(back), "--quiet")
+    run_cli(tmp_path, "gguf", str(gguf_file), "--to", "safetensors", "--map", "gguf-to-hf-llama", "-o", str(back), "--quiet")
     got_state = safetensors_read(back)
     assert set(got_state) == set(state)
     for name, arr in state.items():

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from blocking import blocker
+from fuzzing import Seed
 
 import convert
 from convert import registry
@@ -206,8 +208,41 @@ def test_legacy_writer_loads_into_tf_keras(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def _seeds(root: Path) -> list[Seed]:
+    """Keras 3 (TF backend) after one training step: a .keras zip, a .weights.h5, legacy HDF5
+    (Keras 3's legacy saving) and sharded weights; none if Keras is not installed."""
+    try:
+        import keras
+    except ImportError:
+        return []
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((2, 6), np.float32), np.zeros((2, 2), np.float32), epochs=1, verbose=0)
+    seeds = []
+    for name, target, save in (("keras_zip", "m.keras", model.save), ("keras_weights", "m.weights.h5", model.save_weights),
+                               ("keras_legacy", "m.h5", model.save)):
+        d = root / name
+        d.mkdir()
+        save(d / target)
+        seeds.append(Seed(name, "keras", d, target, (target,)))
+    d = root / "keras_sharded"
+    d.mkdir()
+    model.save_weights(d / "model.weights.json", max_shard_size=0.0000005)
+    seeds.append(Seed("keras_sharded", "keras", d, "model.weights.json",
+                      tuple(sorted(p.name for p in d.iterdir()))))
+    return seeds
+
+
 class TestKerasContract(FormatContract):
     FORMAT = "keras"
+    SEEDS = ("keras_zip", "keras_weights", "keras_legacy", "keras_sharded")
+    FUZZ = {"keras": (SEEDS, "raw")}
+
+    @classmethod
+    def make_seeds(cls, root):
+        return _seeds(root)
 
     def oracle_read(self, path):
         out = {}
@@ -248,34 +283,23 @@ class TestKerasLegacyContract(FormatContract):
 
 # ---------------------------------------------------------------------------------------- without Keras
 
-def test_reading_needs_neither_tensorflow_nor_keras(saved):
+def test_reading_needs_neither_tensorflow_nor_keras(saved, tmp_path):
     d, want = saved
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras", "tf_keras", "torch"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 import convert
 for p in ("m.keras", "unzipped", "m.weights.h5", "legacy.h5", "sharded"):
     td = convert.read({str(d)!r} + "/" + p)
     print(p, len(td), float(sum(t.numpy().astype("f8").sum() for t in td.values())))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=blocker(tmp_path, ("tensorflow", "keras", "tf_keras", "torch")))
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 5
 
 
-def test_without_h5py_says_what_to_install(saved):
+def test_without_h5py_says_what_to_install(saved, tmp_path):
     d, _ = saved
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "h5py":
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 import convert
 from convert.errors import MissingDependencyError
 try:
@@ -283,7 +307,8 @@ try:
 except MissingDependencyError as e:
     print(e)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=blocker(tmp_path, ("h5py",)))
     assert out.returncode == 0, out.stderr
     assert "ckpt-convert[keras]" in out.stdout, out.stdout
 

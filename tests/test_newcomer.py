@@ -13,27 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from blocking import blocker
 
 import convert
 from convert.errors import MissingDependencyError
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-FRAMEWORKS = ("tensorflow", "tf2onnx", "torch", "onnxruntime", "transformers", "keras", "tf_keras", "plotly")
-
-
-def blocker(tmp_path: Path, modules=FRAMEWORKS) -> dict[str, str]:
-    """An environment whose Python processes cannot import ``modules`` (a sitecustomize on
-    PYTHONPATH marks them absent, as if not installed)."""
-    site = tmp_path / "blocked-site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(
-        "import sys\n"
-        f"for name in {list(modules)!r}:\n"
-        "    sys.modules[name] = None  # import raises ImportError; find_spec says absent\n")
-    return {**os.environ, "PYTHONPATH": str(site)}
-
-
 def test_the_distribution_is_named_apart_from_the_package():
     meta = importlib.metadata.metadata("ckpt-convert")
     assert meta["Name"] == "ckpt-convert" and meta["Version"] == convert.__version__

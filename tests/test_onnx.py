@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import os
+import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+from fuzzing import Seed, corpus_seed, pb_bytes, pb_varint, varint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,8 +52,171 @@ def oracle_arrays(path) -> dict[str, np.ndarray]:
     return out
 
 
+# ---- seeds of the damage suites (tests/test_hostile.py, tests/test_fuzz.py)
+
+def _seeds(root: Path) -> list[Seed]:
+    """onnx.save of a model with raw and typed initializers, a string, a sparse initializer, a
+    Constant node and an If subgraph; the same model with its data external; and a corpus model
+    with external data (keanulim's toy model, not the folder's others)."""
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    b = helper.make_tensor("b", TensorProto.INT64, [3], [1, -2, 3])  # typed field, not raw_data
+    s = helper.make_tensor("s", TensorProto.STRING, [2], [b"x", b"yz"])
+    h = numpy_helper.from_array(np.array([1.0, 2.5], np.float16), "h")
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.array([5.0, 6.0], np.float32), "sp"),
+                                       numpy_helper.from_array(np.array([1, 7], np.int64), "sp_idx"), [2, 4])
+    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array([9.0], np.float32)))
+    then_g = helper.make_graph([helper.make_node("Constant", [], ["t"], value_floats=[1.0, 2.0])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    else_g = helper.make_graph([helper.make_node("Constant", [], ["e"], value_floats=[3.0, 4.0])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    cond = helper.make_node("If", ["flag"], ["out"], then_branch=then_g, else_branch=else_g, name="branch")
+    graph = helper.make_graph([c, cond], "g", [helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
+                              initializer=[w, b, s, h], sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="fuzz")
+    seeds = []
+    d = root / "onnx_inline"
+    d.mkdir()
+    onnx.save(model, str(d / "model.onnx"))
+    seeds.append(Seed("onnx_inline", "onnx", d, "model.onnx", ("model.onnx",)))
+    d = root / "onnx_external"
+    d.mkdir()
+    onnx.save(model, str(d / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    seeds.append(Seed("onnx_external", "onnx", d, "model.onnx", ("model.onnx", "model.onnx.data")))
+    return seeds + corpus_seed(root, "corpus_onnx_external", "onnx", "keanulim+tensor-inference-engine@e9fc79a8c608",
+                               "toy.onnx", ("toy.onnx", "toy.onnx.data"), only_files=True)
+
+
+# ---- hostile files, by hand (collected by tests/test_hostile.py)
+
+TB = 1 << 20  # a dimension: two of them make 4 TB of float32
+
+
+def _onnx_model(tmp_path: Path, initializer: bytes = b"", sparse: bytes = b"", name: str = "m.onnx") -> Path:
+    """ModelProto{ir_version 8, graph{initializer, sparse_initializer}, opset_import{version 17}} by hand."""
+    graph = (pb_bytes(5, initializer) if initializer else b"") + (pb_bytes(15, sparse) if sparse else b"")
+    path = tmp_path / name
+    path.write_bytes(pb_varint(1, 8) + pb_bytes(7, graph + pb_bytes(2, b"g")) + pb_bytes(8, pb_varint(2, 17)))
+    return path
+
+
+def _onnx_tensor(name=b"w", dims=(4,), data_type=1, raw=None, floats=None, external=None) -> bytes:
+    """TensorProto: dims 1, data_type 2, float_data 4, name 8, raw_data 9, external_data 13, data_location 14."""
+    out = b"".join(pb_varint(1, d) for d in dims) + pb_varint(2, data_type)
+    if floats is not None:
+        out += pb_bytes(4, b"".join(struct.pack("<f", f) for f in floats))
+    out += pb_bytes(8, name)
+    if raw is not None:
+        out += pb_bytes(9, raw)
+    if external is not None:
+        out += b"".join(pb_bytes(13, pb_bytes(1, k.encode()) + pb_bytes(2, v.encode())) for k, v in external.items())
+        out += pb_varint(14, 1)
+    return out
+
+
+def _outside(folder: Path) -> tuple[Path, Path]:
+    """A folder for the model, and a file and a folder outside it that a model must not reach."""
+    model_dir = folder / "model"
+    model_dir.mkdir()
+    secret = folder / "secret.bin"
+    secret.write_bytes(b"\x01" * 64)
+    (folder / "elsewhere").mkdir()
+    (folder / "elsewhere" / "data.bin").write_bytes(b"\x02" * 64)
+    return model_dir, secret
+
+
+EXTERNAL_CASES = {
+    "dotdot": ({"location": "../secret.bin"}, "outside the model's folder"),
+    "dotdot_inside": ({"location": "sub/../../secret.bin"}, "outside the model's folder"),
+    "absolute": ({"location": "{secret}"}, "outside the model's folder"),
+    "nul_byte": ({"location": "data.bin\0../../secret.bin"}, "NUL byte"),
+    "symlink_out": ({"location": "link.bin"}, "leads outside the model's folder"),
+    "symlinked_folder_out": ({"location": "linkdir/data.bin"}, "leads outside the model's folder"),
+    "a_folder": ({"location": "."}, "is not a file"),
+    "offset_past_eof": ({"location": "data.bin", "offset": str(10**12)}, "runs past the end"),
+    "negative_offset": ({"location": "data.bin", "offset": "-8"}, "does not fit"),
+    "length_terabytes": ({"location": "data.bin", "length": str(1 << 42)}, "does not fit"),
+    "offset_not_a_number": ({"location": "data.bin", "offset": "0x10"}, "bad external data offset"),
+    "missing_file": ({"location": "nothing.bin"}, "missing"),
+}
+
+
+
+def _external_case(info: dict[str, str], message: str):
+    """External data must be a file of the model's folder, at offsets inside it: ``../``, absolute
+    paths, NUL bytes and symbolic links leading out are refused before anything is opened."""
+    def build(folder: Path):
+        model_dir, secret = _outside(folder)
+        (model_dir / "data.bin").write_bytes(b"\0" * 64)
+        os.symlink(secret, model_dir / "link.bin")
+        os.symlink(secret.parent / "elsewhere", model_dir / "linkdir")
+        spelled = {k: v.format(secret=secret) for k, v in info.items()}
+        return _onnx_model(model_dir, _onnx_tensor(external=spelled)), ReadError, message
+    return build
+
+
+def _model_case(message: str, initializer: bytes = b"", sparse: bytes = b""):
+    return lambda folder: (_onnx_model(folder, initializer, sparse), CorruptFileError, message)
+
+
+def _written(data: bytes, message: str):
+    def build(folder: Path):
+        (folder / "m.onnx").write_bytes(data)
+        return folder / "m.onnx", CorruptFileError, message
+    return build
+
+
+def _if_nested_3000_deep() -> bytes:
+    """If nodes nested 3000 deep (protobuf's parser stops at 100; our walk never gets there)."""
+    graph = pb_bytes(2, b"leaf")
+    for _ in range(3000):
+        attr = pb_bytes(1, b"then_branch") + pb_bytes(6, graph) + pb_varint(20, 5)
+        graph = pb_bytes(1, pb_bytes(1, b"c") + pb_bytes(2, b"c") + pb_bytes(4, b"If") + pb_bytes(5, attr))
+    return pb_varint(1, 8) + pb_bytes(7, graph) + pb_bytes(8, pb_varint(2, 17))
+
+
+HOSTILE = {
+    **{f"external_{case}": _external_case(info, message) for case, (info, message) in EXTERNAL_CASES.items()},
+    "raw_data_short_of_4_tb": _model_case("raw_data holds 16 bytes, expected 4398046511104",
+                                          _onnx_tensor(dims=(TB, TB), raw=b"\0" * 16)),
+    "float_data_short_of_4_tb": _model_case("cannot decode tensor data", _onnx_tensor(dims=(TB, TB), floats=[1.0])),
+    "shape_beyond_any_array": _model_case("too large for any array", _onnx_tensor(dims=(0, (1 << 63) - 1, 3), raw=b"")),
+    "negative_dimension": _model_case("negative dimension", _onnx_tensor(dims=(-4,), raw=b"")),
+    "rank_65": _model_case("rank 65", _onnx_tensor(dims=[1] * 65, raw=b"\0" * 4)),
+    # a sparse tensor whose dense form would be 4 TB, from a model of a few dozen bytes
+    "sparse_densifying_to_4_tb": _model_case("sparse tensor .* would take", sparse=(
+        pb_bytes(1, _onnx_tensor(b"v", (1,), raw=b"\0" * 4)) + pb_bytes(2, _onnx_tensor(b"i", (1,), 7, raw=b"\0" * 8))
+        + pb_varint(3, TB) + pb_varint(3, TB))),
+    "graph_length_past_the_end": _written(pb_varint(1, 8) + varint(7 << 3 | 2) + varint(1 << 60) + b"\x0a\x00",
+                                          "runs past the end of the file"),
+    "if_nested_3000_deep": _written(_if_nested_3000_deep(), "not a readable ONNX model"),
+}
+
+
+def test_onnx_tensor_helper_matches_onnx(tmp_path):
+    """The hand-built model above is what onnx itself reads (the oracle)."""
+    model = onnx.load(str(_onnx_model(tmp_path, _onnx_tensor(raw=np.arange(4, dtype=np.float32).tobytes()))))
+    assert numpy_helper.to_array(model.graph.initializer[0]).tolist() == [0, 1, 2, 3]
+
+
+def test_onnx_symlink_inside_the_folder_is_fine(tmp_path):
+    model_dir, _ = _outside(tmp_path)
+    (model_dir / "real.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    os.symlink("real.bin", model_dir / "alias.bin")
+    model = _onnx_model(model_dir, _onnx_tensor(external={"location": "alias.bin"}))
+    assert convert.read(model, "onnx")["w"].numpy().tolist() == [0, 1, 2, 3]
+
+
 class TestOnnxContract(FormatContract):
     FORMAT = "onnx"
+    SEEDS = ("onnx_inline", "onnx_external", "corpus_onnx_external")
+    FUZZ = {"onnx": (SEEDS, "raw")}
+    HOSTILE = HOSTILE
+
+    @classmethod
+    def make_seeds(cls, root):
+        return _seeds(root)
 
     def oracle_read(self, path):
         return oracle_arrays(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from blocking import blocker
 from safetensors.numpy import save_file
 
 from convert.cli import main
@@ -169,11 +170,11 @@ def test_report_refuses_an_existing_file_without_force(pair, tmp_path, capsys):
 def test_report_without_plotly_names_the_extra(pair, tmp_path):
     code = f"""
 import sys
-sys.modules["plotly"] = None  # as if not installed: importing it raises ImportError
 from convert.cli import main
 sys.exit(main(["diff", {str(pair[0])!r}, {str(pair[1])!r}, "--report", {str(tmp_path / "r.html")!r}]))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=blocker(tmp_path, ("plotly",)))
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr.strip().splitlines() == [
         "convert: --report needs the Python package 'plotly', which is not installed: "

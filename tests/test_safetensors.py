@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
+from fuzzing import Seed
 
 import convert
 from convert.errors import CorruptFileError, UsageError
@@ -15,8 +17,96 @@ from contract import FormatContract, same_values, samples
 from oracles import safetensors_read
 
 
+def _seeds(root: Path) -> list[Seed]:
+    """safetensors.numpy.save_file: one file with metadata, and a two-shard folder with its index."""
+    from safetensors.numpy import save_file
+
+    arrays = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "a.bias": np.array([1, 2], np.int64),
+              "scalar": np.array(3.5, np.float64), "flags": np.array([True, False]),
+              "empty": np.zeros((0, 3), np.float16)}
+    seeds = []
+    d = root / "safetensors"
+    d.mkdir()
+    save_file(arrays, str(d / "model.safetensors"), metadata={"format": "np", "note": "seed"})
+    seeds.append(Seed("safetensors", "safetensors", d, "model.safetensors", ("model.safetensors",)))
+    d = root / "safetensors_sharded"
+    d.mkdir()
+    save_file({"a.weight": arrays["a.weight"]}, str(d / "model-00001-of-00002.safetensors"))
+    save_file({"a.bias": arrays["a.bias"]}, str(d / "model-00002-of-00002.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({
+        "metadata": {"total_size": 40},
+        "weight_map": {"a.weight": "model-00001-of-00002.safetensors", "a.bias": "model-00002-of-00002.safetensors"}}))
+    seeds.append(Seed("safetensors_sharded", "safetensors", d, ".",
+                      ("model.safetensors.index.json", "model-00001-of-00002.safetensors")))
+    return seeds
+
+
+# ---- hostile files, by hand (collected by tests/test_hostile.py)
+
+def _safetensors(path: Path, header: bytes, data: bytes = b"\0" * 16, length: int | None = None) -> Path:
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
+    return path
+
+
+HEADER_CASES = {
+    "header_length_2_63": (b"{}", 1 << 63, "header length"),
+    "header_length_past_eof": (b"{}", 10**6, "header length"),
+    "offsets_past_eof": (b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,1000000000000]}}', None, "outside the data"),
+    "offsets_negative": (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}}', None, "outside the data"),
+    "offsets_reversed": (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[8,4]}}', None, "outside the data"),
+    "offsets_huge_float": (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,1e400]}}', None, "malformed"),
+    "shape_terabytes": (b'{"w":{"dtype":"F32","shape":[1048576,1048576],"data_offsets":[0,16]}}', None,
+                        "holds 16 bytes but"),
+    "shape_negative": (b'{"w":{"dtype":"F32","shape":[-4],"data_offsets":[0,16]}}', None, "negative dimension"),
+    "shape_not_a_list": (b'{"w":{"dtype":"F32","shape":7,"data_offsets":[0,16]}}', None, "malformed"),
+    "entry_not_an_object": (b'{"w":[1,2]}', None, "malformed"),
+    "unknown_dtype": (b'{"w":{"dtype":"Q9","shape":[4],"data_offsets":[0,16]}}', None, "malformed"),
+    "metadata_not_strings": (b'{"__metadata__":{"a":[1]}}', None, "__metadata__"),
+    "header_not_utf8": (b'{"\xff":1}', None, "not valid JSON"),
+    "header_not_an_object": (b"[1,2,3]", None, "not a JSON object"),
+}
+
+
+def _header_case(header: bytes, length: int | None, message: str):
+    return lambda folder: (_safetensors(folder / "m.safetensors", header, length=length), CorruptFileError, message)
+
+
+def _deep(folder: Path):
+    """JSON nested 100000 deep: json raises RecursionError."""
+    deep = b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    return _safetensors(folder / "deep.safetensors", deep), CorruptFileError, "too deeply"
+
+
+def _index_case(weight_map, message: str):
+    """A sharded folder whose index names files outside its folder, no file, or a file without the tensor."""
+    def build(folder: Path):
+        sharded = folder / "sharded"
+        sharded.mkdir()
+        _safetensors(folder / "outside.safetensors", b"{}")
+        _safetensors(sharded / "a.safetensors", b"{}", data=b"")
+        names = {k: str(folder / v[1:]) if isinstance(v, str) and v.startswith("/") else v for k, v in weight_map.items()}
+        (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": names}))
+        return sharded, CorruptFileError, message
+    return build
+
+
 class TestSafetensorsContract(FormatContract):
     FORMAT = "safetensors"
+    SEEDS = ("safetensors", "safetensors_sharded")
+    FUZZ = {"safetensors": (SEEDS, "raw")}
+    HOSTILE = {
+        **{name: _header_case(*case) for name, case in HEADER_CASES.items()},
+        "nested_100000_deep": _deep,
+        "index_names_a_file_above": _index_case({"w": "../outside.safetensors"}, "not a file of the index's folder"),
+        "index_names_an_absolute_path": _index_case({"w": "/outside.safetensors"}, "not a file of the index's folder"),
+        "index_names_no_file": _index_case({"w": 5}, "not a safetensors index"),
+        # what a message quotes from the file (a tensor name of the index) is escaped: one printable line
+        "index_quotes_a_terminal_escape": _index_case({"x\n\x1b[2J": "a.safetensors"}, "in no shard"),
+    }
+
+    @classmethod
+    def make_seeds(cls, root):
+        return _seeds(root)
 
     def oracle_read(self, path):
         if path.is_dir():

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fuzzing import SMALL, Seed, corpus_seed, exercise, pb_bytes, pb_varint, run_guarded
 
 import convert
+from convert.errors import CorruptFileError, ReadError
 
 from contract import FormatContract, same_values, samples
 
@@ -24,8 +26,50 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 CORPUS_SAVED_MODELS = sorted(p.parent for p in CORPUS.rglob("saved_model.pb"))
 
 
+def _seeds(root: Path) -> list[Seed]:
+    """A small TF2 SavedModel written by TensorFlow, and one from the corpus (TensorFlow Serving's)."""
+    d = root / "saved_model"
+    module = tf.Module()
+    with tf.device("/cpu:0"):
+        module.w = tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="w")
+        module.b = tf.Variable(np.array([0.5, -1.0], np.float64), name="b")
+        module.step = tf.Variable(np.int64(7), name="step")
+    tf.saved_model.save(module, str(d))
+    files = tuple(sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()))
+    variables = ("variables/variables.index", "variables/variables.data-00000-of-00001")
+    return [Seed("saved_model", "saved-model", d, ".", files, checksummed=tuple(f for f in files if f.startswith("variables/")),
+                 metadata_only=("fingerprint.pb", "saved_model.pb")),
+            *corpus_seed(root, "corpus_saved_model", "saved-model", "tensorflow+serving@9d981c5c2708/tensorflow_serving/"
+                         "servables/tensorflow/testdata/saved_model_half_plus_two_tf2_cpu/00000123", ".",
+                         ("saved_model.pb", *variables), variables, metadata_only=("saved_model.pb",))]
+
+
+def _saved_model_pb(data: bytes, error, message: str, junk_variables: bool = False):
+    def build(folder: Path):
+        (folder / "saved_model.pb").write_bytes(data)
+        if junk_variables:
+            (folder / "variables").mkdir()
+            (folder / "variables" / "junk").write_bytes(b"x")
+        return folder, error, message
+    return build
+
+
 class TestSavedModelContract(FormatContract):
     FORMAT = "saved-model"
+    SEEDS = ("saved_model", "corpus_saved_model")
+    CHECKSUMMED = tuple((seed, f) for seed in SEEDS
+                        for f in ("variables/variables.index", "variables/variables.data-00000-of-00001"))
+    # entries: a LevelDB table's entries mutated and the table rebuilt with valid checksums
+    FUZZ = {"saved_model": (SEEDS, "raw"), "saved_model_entries": (SEEDS, "entries")}
+    HOSTILE = {
+        "pb_not_a_protobuf": _saved_model_pb(b"\xff" * 64, CorruptFileError, "not a SavedModel protobuf"),
+        "pb_empty_and_no_variables_index": _saved_model_pb(b"", ReadError, "holds no variables.index",
+                                                           junk_variables=True),
+    }
+
+    @classmethod
+    def make_seeds(cls, root):
+        return _seeds(root)
 
     def oracle_read(self, path):
         loaded = tf.saved_model.load(str(path))
@@ -221,3 +265,14 @@ def test_a_folder_that_is_no_saved_model_is_refused(tmp_path, capsys):
     code = main(["saved-model", str(tmp_path / "junk"), "--to", "safetensors", "-o", str(tmp_path / "o.safetensors")])
     err = capsys.readouterr().err
     assert code == 1 and "not a SavedModel" in err and not (tmp_path / "o.safetensors").exists()
+
+
+def test_saved_model_pb_fields_of_the_wrong_wire_type_are_skipped(tmp_path):
+    """``saved_model.pb`` is read for its tags and signature names only: fields of the wrong wire
+    type are skipped (never ``bytes(2**40)``); the variables (none here) read. Its refusals:
+    ``TestSavedModelContract.HOSTILE``."""
+    for i, body in enumerate((pb_bytes(1, pb_varint(4, 1 << 40)), pb_bytes(5, pb_varint(1, 1 << 40)))):
+        folder = tmp_path / f"sm{i}"
+        folder.mkdir()
+        (folder / "saved_model.pb").write_bytes(pb_varint(1, 1) + pb_bytes(2, body))
+        assert run_guarded(lambda: exercise(folder, "saved-model"), max_bytes=SMALL) is None  # noqa: B023

@@ -19,6 +19,7 @@ import google_crc32c
 import numpy as np
 import pytest
 import safetensors.numpy
+from blocking import blocker
 
 import convert
 from convert import storage
@@ -262,12 +263,6 @@ def test_cli_errors_are_redacted(s3, tmp_path):
 
 def test_remote_paths_without_the_extra_say_what_to_install(tmp_path):
     code = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("fsspec", "s3fs"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 from convert import storage
 from convert.formats import safetensors as safetensors_format
 from convert.errors import MissingDependencyError
@@ -276,7 +271,8 @@ try:
 except MissingDependencyError as e:
     print(e)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=blocker(tmp_path, ("fsspec", "s3fs"), ENV))
     assert "pip install 'ckpt-convert[remote]'" in res.stdout, res.stderr
 
 

@@ -10,15 +10,38 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+from pathlib import Path
 
+import google_crc32c
 import ml_dtypes
 import numpy as np
 import pytest
+from blocking import blocker
+from fuzzing import (
+    SMALL,
+    TABLE_MAGIC,
+    Seed,
+    corpus_seed,
+    exercise,
+    masked_crc,
+    pb_bytes,
+    pb_fixed32,
+    pb_varint,
+    run_guarded,
+    table_block,
+    varint,
+    with_trailer,
+)
+from fuzzing import (
+    sstable as leveldb_table,
+)
 
+import convert
+from convert import cli
 from convert.errors import ConvertError, CorruptFileError, ReadError, UsageError, WriteError
 from convert.formats import tf_checkpoint as tfc
+from convert.formats.tf_checkpoint import metagraph, sstable
 from convert.formats.tf_checkpoint import protowire as pw
-from convert.formats.tf_checkpoint import sstable
 from convert.formats.tf_checkpoint.slices import slice_key
 from convert.ir import Source, Tensor, TensorDict
 
@@ -494,11 +517,6 @@ def test_works_without_tensorflow(tmp_path):
     import sys
     code = f"""
 import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tf_keras", "keras"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
 import numpy as np
 from convert.formats import tf_checkpoint as tfc
 td = tfc.read({EXAMPLES!r} + "/model1_v1")
@@ -506,11 +524,11 @@ tfc.write(td, {str(tmp_path / "v2")!r})
 tfc.write_v1(tfc.read({str(tmp_path / "v2")!r}), {str(tmp_path / "v1")!r})
 back = tfc.read({str(tmp_path / "v1")!r})
 assert all(np.array_equal(back[k].numpy(), td[k].numpy()) for k in td)
-assert "tensorflow" not in sys.modules
+assert sys.modules.get("tensorflow") is None
 print("ok", len(td))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(EXAMPLES))
+                         cwd=os.path.dirname(EXAMPLES), env=blocker(tmp_path, ("tensorflow", "tf_keras", "keras")))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok 27"
 
@@ -731,6 +749,353 @@ def test_snappy_block_is_read(tmp_path):
     assert_same(tfc.read(tmp_path / "s.index")["t"].numpy(), arr)
 
 
+# ---- seeds of the damage suites (tests/test_hostile.py, tests/test_fuzz.py)
+
+def _tf_seeds(root: Path) -> list[Seed]:
+    """A V2 bundle (every common dtype, a string tensor, a partitioned variable) and a V1 file (the same
+    through the V1 ``SaveSlices`` op), written by TensorFlow."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    seeds = []
+    values = {
+        "dense/kernel": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+        "dense/bias": np.array([1.5, -2.0, 0.0, np.inf], np.float32),
+        "global_step": np.int64(190),
+        "embed/half": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "ints": np.array([-3, 0, 7, 2**31 - 1], np.int32),
+        "flags": np.array([True, False, True]),
+        "names": np.array([b"alpha", b"", b"\x00\xffbinary"], dtype=object),
+    }
+
+    def const(arr):
+        if arr.dtype == object:
+            return tf.constant(arr.tolist(), dtype=tf.string)
+        return tf.constant(arr)
+
+    part = np.arange(24, dtype=np.float32).reshape(6, 4)
+    names = sorted(values)
+    with tf.device("/cpu:0"):
+        d = root / "tf_v2"
+        d.mkdir()
+        tf.raw_ops.SaveV2(prefix=str(d / "model.ckpt"),
+                          tensor_names=[*names, "part", "part"],
+                          shape_and_slices=[""] * len(names) + ["6 4 0,4:-", "6 4 4,2:-"],
+                          tensors=[const(values[n]) for n in names] + [const(part[:4]), const(part[4:])])
+        seeds.append(Seed("tf_v2", "tf-ckpt", d, "model.ckpt.index",
+                          ("model.ckpt.index", "model.ckpt.data-00000-of-00001"),
+                          checksummed=("model.ckpt.index", "model.ckpt.data-00000-of-00001")))
+        d = root / "tf_v1"
+        d.mkdir()
+        v1_names = [n for n in names if n != "names"]  # keep strings in the V1 seed too, below
+        tf.raw_ops.SaveSlices(filename=str(d / "model.ckpt"),
+                              tensor_names=[*v1_names, "names", "part", "part"],
+                              shapes_and_slices=[""] * len(v1_names) + ["", "6 4 0,4:-", "6 4 4,2:-"],
+                              data=[const(values[n]) for n in v1_names] + [const(values["names"]),
+                                                                            const(part[:4]), const(part[4:])])
+        seeds.append(Seed("tf_v1", "tf-ckpt", d, "model.ckpt", ("model.ckpt",), checksummed=("model.ckpt",)))
+    return seeds
+
+
+# other people's checkpoints from the corpus: name, folder, target, damageable files (all checksummed)
+_CORPUS_SEEDS = [
+    ("corpus_v1", "tensorflow+serving@1bdd3499f1fe/tensorflow_serving/session_bundle/testdata/"
+     "half_plus_two/00000123", "export-00000-of-00001", ("export-00000-of-00001",)),
+    ("corpus_v1_tf012", "Gknoblau+nxt-tensorflow@cd0f217b6bd9", "video_weights.ckpt", ("video_weights.ckpt",)),
+    ("corpus_v2", "tensorflow+serving@f83efeee8d20/tensorflow_serving/servables/tensorflow/testdata/"
+     "half_plus_two/00000123", "export.index", ("export.index", "export.data-00000-of-00001")),
+]
+
+
+# ---- hostile files, by hand (collected by tests/test_hostile.py)
+
+def _shape(*dims: int) -> bytes:
+    return b"".join(pb_bytes(2, pb_varint(1, d)) for d in dims)
+
+
+def _extent(start: int, length: int | None = None) -> bytes:
+    return pb_bytes(1, pb_varint(1, start) + (b"" if length is None else pb_varint(2, length)))
+
+
+BUNDLE_HEADER = pb_varint(1, 1) + pb_bytes(3, pb_varint(1, 1))  # num_shards 1, version {producer 1}
+DT_FLOAT, DT_STRING = 1, 7
+TB = 1 << 20  # a dimension: two of them make 4 TB of float32
+
+
+def _entry(dtype=DT_FLOAT, shape=b"", shard=0, offset=0, size=0, crc=None, slices=()) -> bytes:
+    """BundleEntryProto (tensor_bundle.proto), field by field."""
+    out = pb_varint(1, dtype) + pb_bytes(2, shape) + pb_varint(3, shard) + pb_varint(4, offset) + pb_varint(5, size)
+    if crc is not None:
+        out += pb_fixed32(6, crc)
+    return out + b"".join(pb_bytes(7, s) for s in slices)
+
+
+def _bundle(tmp_path: Path, entries: list[tuple[bytes, bytes]], data: bytes = b"\0" * 16,
+            header: bytes = BUNDLE_HEADER) -> Path:
+    (tmp_path / "m.data-00000-of-00001").write_bytes(data)
+    index = tmp_path / "m.index"
+    index.write_bytes(leveldb_table(sorted([(b"", header), *entries])))
+    return index
+
+
+def _slice_key(name: bytes, extents: list[tuple[int, int]]) -> bytes:
+    """``EncodeTensorNameSlice`` (tensorflow/core/util/saved_tensor_slice_util.cc), for small numbers:
+    OrderedCode: 0 as an increasing number, the escaped name, the rank, signed (start, length) pairs."""
+    def signed(v):  # OrderedCode WriteSignedNumIncreasing, |v| < 64: one byte
+        assert -64 <= v < 64
+        return bytes([(0x80 ^ v) & 0xFF])
+    out = b"\x00" + name.replace(b"\xff", b"\xff\x00").replace(b"\x00", b"\x00\xff") + b"\x00\x01"
+    out += bytes([1, len(extents)])
+    for start, length in extents:
+        out += signed(start) + signed(length)
+    return out
+
+
+def test_slice_key_helper_matches_tensorflow_files(tf, tmp_path):
+    """The hand-written slice key above is the key TensorFlow wrote for the partitioned seed."""
+    from convert.formats.tf_checkpoint.sstable import TableReader
+
+    seed = next(s for s in _tf_seeds(tmp_path) if s.name == "tf_v2")
+    keys = [k for k, _ in TableReader(seed.root / "model.ckpt.index").items()]
+    assert _slice_key(b"part", [(0, 4), (0, -1)]) in keys
+
+
+TABLE_CASES = {
+    # name: (entries-or-bytes builder, message)
+    "index_handle_past_eof": (lambda: leveldb_table([(b"", BUNDLE_HEADER)], index_handle=(10**12, 100)), "runs past the end"),
+    "index_handle_huge_size": (lambda: leveldb_table([(b"", BUNDLE_HEADER)], index_handle=(0, 1 << 62)), "runs past the end"),
+    "data_handle_outside": (lambda: leveldb_table([(b"", BUNDLE_HEADER)], data_handle=(10**9, 10)), "runs past the end"),
+    "data_handle_negative_as_varint": (lambda: leveldb_table([(b"", BUNDLE_HEADER)], data_handle=(-1, 10)), "runs past the end"),
+    "footer_endless_varint": (lambda: b"\xff" * 40 + TABLE_MAGIC, "bad table index"),
+    "only_a_footer": (lambda: b"\x00" * 40 + TABLE_MAGIC, "checksum|bad table|runs past"),
+    "restart_count_huge": (lambda: _raw_block_table(b"\x00" * 8 + b"\xff\xff\xff\xff"), "bad restart array"),
+    "entry_value_length_huge": (lambda: _raw_block_table(varint(0) + varint(1) + varint(1 << 60) + b"k"
+                                                         + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")),
+                                "bad block entry"),
+    "entry_shares_more_than_the_key": (lambda: _raw_block_table(varint(9) + varint(1) + varint(0) + b"k"
+                                                                + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")),
+                                       "bad block entry"),
+    "unknown_compression": (lambda: _raw_block_table(table_block([(b"", BUNDLE_HEADER)]), ctype=9),
+                            "unknown block compression type 9"),
+    "bad_snappy": (lambda: _raw_block_table(b"\xff\xff\xff\xff\x0f" + b"\x00" * 16, ctype=1), "bad snappy block"),
+}
+
+
+def _raw_block_table(block: bytes, ctype: int = 0) -> bytes:
+    """A table whose one data block is ``block`` (with a correct checksum), index and footer right."""
+    out = bytearray(with_trailer(block, ctype))
+    meta_at = len(out)
+    empty = table_block([])
+    out += with_trailer(empty)
+    index = table_block([(b"\xff", varint(0) + varint(len(block)))])
+    index_at = len(out)
+    out += with_trailer(index)
+    footer = varint(meta_at) + varint(len(empty)) + varint(index_at) + varint(len(index))
+    return bytes(out + footer.ljust(40, b"\x00") + TABLE_MAGIC)
+
+
+BUNDLE_CASES = {
+    "shape_claims_terabytes": ([(b"w", _entry(shape=_shape(TB, TB), size=16))],
+                               CorruptFileError, r"entry size 16 does not match float32\[1048576, 1048576\]"),
+    "offset_past_eof": ([(b"w", _entry(shape=_shape(1), offset=10**15, size=4))], CorruptFileError, "runs past the end"),
+    "offset_plus_size_past_2_63": ([(b"w", _entry(shape=_shape(1), offset=(1 << 63) - 1, size=(1 << 63) - 1))],
+                                   CorruptFileError, "runs past the end"),
+    "negative_size": ([(b"w", _entry(shape=_shape(1), size=-4))], CorruptFileError, "negative offset, size"),
+    "negative_offset": ([(b"w", _entry(shape=_shape(1), offset=-4, size=4))], CorruptFileError, "negative offset"),
+    "negative_dimension": ([(b"w", _entry(shape=_shape(-1), size=4))], CorruptFileError, "dimension of unknown size"),
+    "shape_beyond_any_array": ([(b"w", _entry(shape=_shape(0, 1 << 62, 4), size=0))], CorruptFileError,
+                               "too large for any array"),
+    "rank_100": ([(b"w", _entry(shape=_shape(*[1] * 100), size=4))], CorruptFileError, "rank 100"),
+    "shard_out_of_range": ([(b"w", _entry(shape=_shape(1), shard=7, size=4))], CorruptFileError, "shard 7 of 1"),
+    "string_count_terabytes": ([(b"w", _entry(DT_STRING, shape=_shape(TB, TB), size=16))], CorruptFileError,
+                               "bad string tensor"),
+    "unknown_dtype": ([(b"w", _entry(999, shape=_shape(1), size=4))], ReadError, "unsupported TensorFlow dtype 999"),
+    "entry_not_a_message": ([(b"w", b"\xff" * 12)], CorruptFileError, "bad index entry"),
+    "slice_outside_the_tensor": ([(b"w", _entry(shape=_shape(4), slices=[_extent(2, 9)])),
+                                  (_slice_key(b"w", [(2, 9)]), _entry(shape=_shape(9), size=36))],
+                                 CorruptFileError, "runs past the end|bad slice"),
+    "slice_missing": ([(b"w", _entry(shape=_shape(4), slices=[_extent(0, 2)]))], CorruptFileError,
+                      "slice of this partitioned variable is missing"),
+}
+
+
+def _v1(tmp_path: Path, metas: list[bytes], slices: list[tuple[bytes, bytes]] = ()) -> Path:
+    """A V1 checkpoint: key "" = SavedTensorSlices{meta = {tensor...}}, then the slices' data."""
+    path = tmp_path / "v1.ckpt"
+    meta = b"".join(pb_bytes(1, m) for m in metas)
+    path.write_bytes(leveldb_table(sorted([(b"", pb_bytes(1, meta)), *slices])))
+    return path
+
+
+def _v1_meta(name: bytes, shape: bytes, dtype: int, *slices: bytes) -> bytes:
+    return pb_bytes(1, name) + pb_bytes(2, shape) + pb_varint(3, dtype) + b"".join(pb_bytes(4, s) for s in slices)
+
+
+def _v1_slice(name: bytes, extents: bytes, tensor_proto: bytes) -> bytes:
+    return pb_bytes(2, pb_bytes(1, name) + pb_bytes(2, extents) + pb_bytes(3, tensor_proto))
+
+
+
+def _table_case(build, message: str, v1: bool):
+    def make(folder: Path):
+        if v1:  # the same table as a V1 file
+            path = folder / "v1.ckpt"
+        else:
+            (folder / "m.data-00000-of-00001").write_bytes(b"")
+            path = folder / "m.index"
+        path.write_bytes(build())
+        return path, CorruptFileError, message
+    return make
+
+
+def _bundle_case(entries, error, message: str, **kw):
+    return lambda folder: (_bundle(folder, entries, **kw), error, message)
+
+
+def _no_bundle_header(folder: Path):
+    _bundle(folder, [])
+    (folder / "m.index").write_bytes(leveldb_table([(b"w", _entry(shape=_shape(1), size=4))]))
+    return folder / "m.index", CorruptFileError, "no bundle header"
+
+
+def _v1_case(metas, slices, message: str):
+    return lambda folder: (_v1(folder, metas, slices), CorruptFileError, message)
+
+
+def _v1_meta_not_a_message(folder: Path):
+    path = folder / "v1.ckpt"
+    path.write_bytes(leveldb_table([(b"", b"\xff" * 9)]))
+    return path, CorruptFileError, "bad checkpoint meta"
+
+
+_V1_KEY = _slice_key(b"w", [(0, -1)])
+_HALF = TB // 2
+
+HOSTILE = {
+    **{f"table_{case}": _table_case(build, message, v1=False) for case, (build, message) in TABLE_CASES.items()},
+    **{f"v1_table_{case}": _table_case(build, message, v1=True) for case, (build, message) in TABLE_CASES.items()},
+    **{f"bundle_{case}": _bundle_case(*spec) for case, spec in BUNDLE_CASES.items()},
+    "bundle_header_2_31_shards": _bundle_case([], ReadError, "data shard .* missing", header=pb_varint(1, (1 << 31) - 1)),
+    "bundle_header_negative_shards": _bundle_case([], CorruptFileError, "bad number of shards", header=pb_varint(1, -5)),
+    "bundle_without_header": _no_bundle_header,
+    # slices of zero length pass every per-slice size check; the full shape must be refused before the
+    # tensor is allocated (once: np.empty of 4 TB, a MemoryError)
+    "partitioned_empty_slices_claiming_terabytes": _bundle_case(
+        [(b"w", _entry(shape=_shape(TB, TB), slices=[_extent(0, 0) + _extent(0)])),
+         (_slice_key(b"w", [(0, 0), (0, -1)]), _entry(shape=_shape(0, TB), size=0))],
+        CorruptFileError, "larger than the data files|slices cover"),
+    "v1_slice_claiming_4_tb_holds_one_value": _v1_case(
+        [_v1_meta(b"w", _shape(TB, TB), DT_FLOAT, _extent(0) + _extent(0))],
+        [(_slice_key(b"w", [(0, -1), (0, -1)]), _v1_slice(b"w", _extent(0) + _extent(0), pb_bytes(5, b"\0" * 4)))],
+        "bad slice data|more elements than"),
+    "v1_slice_data_missing": _v1_case([_v1_meta(b"w", _shape(2), DT_FLOAT, _extent(0))], [],
+                                      "data of a saved slice is missing"),
+    "v1_slice_past_its_dimension": _v1_case([_v1_meta(b"w", _shape(2), DT_FLOAT, _extent(5, 1))], [], "bad slice"),
+    "v1_float_val_not_whole_values": _v1_case(  # packed bytes of the wrong length
+        [_v1_meta(b"w", _shape(2), DT_FLOAT, _extent(0))], [(_V1_KEY, _v1_slice(b"w", _extent(0), pb_bytes(5, b"\0" * 7)))],
+        "bad slice data"),
+    "v1_meta_not_a_message": _v1_meta_not_a_message,
+    "v1_two_slices_claiming_4_tb_no_data": _v1_case(  # refused before np.empty(4 TB)
+        [_v1_meta(b"w", _shape(TB, TB), DT_FLOAT, _extent(0, _HALF) + _extent(0), _extent(_HALF, _HALF) + _extent(0))],
+        [], "more elements than the checkpoint has bytes"),
+    "v1_float_val_as_huge_varint": _v1_case(  # a protobuf wire type error, not an OverflowError
+        [_v1_meta(b"w", _shape(2), DT_FLOAT, _extent(0))],
+        [(_V1_KEY, _v1_slice(b"w", _extent(0), pb_varint(5, 1 << 60) + pb_varint(5, 1)))], "wrong wire type"),
+}
+
+
+def _reads(path: Path, fmt: str):
+    assert run_guarded(lambda: exercise(path, fmt), max_bytes=8 << 20) is None
+
+
+def test_names_from_files_cannot_break_lines_or_drive_the_terminal(tmp_path, capsys):
+    """Tensor names come from the file: one holding a newline or a terminal escape sequence is shown
+    escaped (the error stays one line, the terminal is not cleared or recoloured), and one that looks
+    like rich markup is shown as it is (not interpreted: '[/x]' crashed inspect, '[link=...]' hid)."""
+    data = b"\0" * 4
+    c = google_crc32c.value(data)
+    ok = _entry(shape=_shape(1), size=4, crc=(((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+    names = [b"[/x]", b"[link=file:///etc/passwd]click[/link]", b"red\x1b[31m\x1b[2J\x07"]
+    index = _bundle(tmp_path, [(n, ok) for n in names], data=data)
+    capsys.readouterr()
+    assert cli.main(["inspect", str(index)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "[/x]" in out and "[link=file:///etc/passwd]click[/link]" in out and "red\\x1b[31m" in out
+    bad = _bundle(tmp_path, [(b"bad\x1b[2J\nline2", _entry(shape=_shape(1), size=8))], data=data)
+    assert cli.main(["inspect", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "bad\\x1b[2J\\nline2" in err, err
+
+
+def _string_tensor(strings: list[bytes]) -> tuple[bytes, int]:
+    """A V2 string tensor's bytes (varint lengths, masked crc32c of the uint32 lengths, the bytes)
+    and its entry's masked crc32c, as tensor_bundle.cc writes them."""
+    lengths = b"".join(len(s).to_bytes(4, "little") for s in strings)
+    crc_lengths = masked_crc(lengths).to_bytes(4, "little")
+    data = b"".join(varint(len(s)) for s in strings) + crc_lengths + b"".join(strings)
+    c = google_crc32c.value(lengths + crc_lengths + b"".join(strings))
+    return data, (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("graph", [
+    pb_bytes(1, pb_bytes(1, pb_varint(1, 1) + pb_varint(2, 1 << 40))),  # a name sent as a varint of 2**40
+    pb_bytes(1, pb_bytes(1, pb_bytes(1, b"xx"))),  # a node id sent as bytes
+    pb_bytes(1, pb_bytes(2, pb_varint(3, 1 << 62))),  # a checkpoint key sent as a varint
+    b"",  # no nodes at all
+], ids=["name_as_huge_varint", "node_id_as_bytes", "key_as_varint", "empty"])
+def test_hostile_object_graph_allocates_nothing(graph, tmp_path):
+    """A TF2 object graph with fields of the wrong wire type (a length where a string should be):
+    ignored as protobuf ignores them, never ``bytes(2**40)``; the checkpoint reads."""
+    data, crc = _string_tensor([graph])
+    entry = _entry(DT_STRING, shape=b"", size=len(data), crc=crc)
+    index = _bundle(tmp_path, [(b"_CHECKPOINTABLE_OBJECT_GRAPH", entry)], data=data)
+    _reads(index, "tf-ckpt")
+
+
+def test_object_graph_giving_two_variables_one_name(tmp_path):
+    """Two variables whose keys unescape to the same path and share a full name (only a forged graph
+    does that): both are read, the second under its raw key, rather than a nameless 'two tensors are
+    named' error."""
+    keys = [b"a.Sb/.ATTRIBUTES/VARIABLE_VALUE", b"a/b/.ATTRIBUTES/VARIABLE_VALUE"]
+    attribute = [pb_bytes(2, pb_bytes(1, b"VARIABLE_VALUE") + pb_bytes(2, b"x") + pb_bytes(3, k)) for k in keys]
+    graph = pb_bytes(1, b"") + b"".join(pb_bytes(1, a) for a in attribute)
+    strings, crc = _string_tensor([graph])
+    values = np.array([1.0, 2.0], np.float32).tobytes()
+    c = google_crc32c.value(values[:4])
+    value_crc = (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    c = google_crc32c.value(values[4:])
+    value_crc2 = (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    entries = [(b"_CHECKPOINTABLE_OBJECT_GRAPH", _entry(DT_STRING, size=len(strings), offset=8, crc=crc)),
+               (keys[0], _entry(shape=_shape(1), size=4, crc=value_crc)),
+               (keys[1], _entry(shape=_shape(1), offset=4, size=4, crc=value_crc2))]
+    index = _bundle(tmp_path, entries, data=values + strings)
+    _reads(index, "tf-ckpt")
+    td = convert.read(index, "tf-ckpt")
+    assert {k: t.numpy().tolist() for k, t in td.items()} == {"a/b": [1.0], keys[1].decode(): [2.0]}
+
+
+@pytest.mark.parametrize("meta", [
+    b"\xff" * 32,
+    pb_varint(2, 1 << 40),  # graph_def as a varint
+    pb_bytes(2, pb_varint(1, 1 << 40)),  # a node as a varint
+    pb_bytes(2, pb_bytes(1, pb_bytes(2, b"VariableV2") + pb_varint(1, 1 << 40) + pb_bytes(5, pb_varint(2, 5)))),
+    pb_bytes(3, pb_varint(7, 1 << 62)) + pb_bytes(2, pb_bytes(1, pb_bytes(2, b"VariableV2") + pb_bytes(
+        5, pb_bytes(1, b"shape") + pb_bytes(2, pb_varint(7, 3)))))
+], ids=["garbage", "graph_as_varint", "node_as_varint", "name_as_varint", "shape_as_varint"])
+def test_hostile_meta_graph_is_skipped_not_trusted(meta):
+    """A ``.meta`` file is read only to decide whether it fits the converted checkpoint: whatever
+    its fields hold, :func:`metagraph.read_meta` and the V2 decision (:func:`metagraph.for_version`)
+    return or raise ProtoError (or say the graph cannot be rewritten), allocating nothing."""
+    def read():
+        for decide in (metagraph.read_meta, lambda m: metagraph.for_version(m, 2)):
+            try:
+                decide(meta)
+            except (metagraph.pw.ProtoError, metagraph._NotExact):
+                pass
+    assert run_guarded(read, max_bytes=SMALL) is None
+
+
 # ------------------------------------------------------------------ the shared contract
 
 def _tf_oracle_read(path, v1: bool) -> dict[str, np.ndarray]:
@@ -746,9 +1111,25 @@ def _tf_oracle_read(path, v1: bool) -> dict[str, np.ndarray]:
 
 class TestTfCkptContract(FormatContract):
     FORMAT = "tf-ckpt"
+    SEEDS = ("tf_v2", "tf_v1", *(c[0] for c in _CORPUS_SEEDS))
+    CHECKSUMMED = (("tf_v2", "model.ckpt.index"), ("tf_v2", "model.ckpt.data-00000-of-00001"), ("tf_v1", "model.ckpt"),
+                   *((c[0], f) for c in _CORPUS_SEEDS for f in c[3]))
+    # entries: a LevelDB table's entries mutated and the table rebuilt with valid checksums
+    FUZZ = {
+        "v2_bundle": (("tf_v2", "corpus_v2"), "raw"),
+        "v2_bundle_entries": (("tf_v2", "corpus_v2"), "entries"),
+        "v1_checkpoint": (("tf_v1", "corpus_v1", "corpus_v1_tf012"), "raw"),
+        "v1_checkpoint_entries": (("tf_v1", "corpus_v1", "corpus_v1_tf012"), "entries"),
+    }
+    HOSTILE = HOSTILE
 
     def oracle_read(self, path):
         return _tf_oracle_read(path, v1=False)
+
+    @classmethod
+    def make_seeds(cls, root):
+        return [*_tf_seeds(root), *(s for name, folder, target, files in _CORPUS_SEEDS
+                                    for s in corpus_seed(root, name, "tf-ckpt", folder, target, files, files))]
 
 
 class TestTfCkptV1Contract(FormatContract):

@@ -6,17 +6,23 @@ import io
 import json
 import os
 import pickle
+import pickletools
+import re
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+from blocking import blocker
+from fuzzing import SMALL, Seed, clone, corpus_seed, exercise, one_line_naming, replace_file, run_guarded
 
 import convert
 from convert.errors import ConvertError, CorruptFileError, ReadError, WriteError
@@ -78,8 +84,166 @@ def assert_matches_torch_load(path, td: TensorDict, **load_kw):
         assert same_bits(t.numpy(), as_numpy(ref[name])), name
 
 
+# ---- seeds of the damage suites (tests/test_hostile.py, tests/test_fuzz.py) ------------------------
+
+def _seeds(root: Path) -> list[Seed]:
+    """torch.save in the zip layout (a training checkpoint: nested state_dict, bfloat16, a transposed
+    view, tied weights, an int64 buffer) and in the legacy pickle-stream layout; a Lightning-style
+    checkpoint and a TorchScript archive."""
+    import argparse
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 3)
+    state = {
+        "state_dict": {
+            "fc.weight": w, "fc.bias": torch.arange(4, dtype=torch.float32),
+            "emb.weight": torch.randn(5, 2).to(torch.bfloat16), "tied.weight": w,
+            "proj.weight_t": torch.randn(3, 5).t(), "bn.num_batches_tracked": torch.tensor(12),
+            "mask": torch.tensor([True, False, True]),
+        },
+        "epoch": 3, "lr": 0.01,
+    }
+    seeds = []
+    for name, kw in (("torch_zip", {}), ("torch_legacy", {"_use_new_zipfile_serialization": False})):
+        d = root / name
+        d.mkdir(parents=True)
+        torch.save(state, d / "model.pt", **kw)
+        seeds.append(Seed(name, "torch", d, "model.pt", ("model.pt",)))
+    # a Lightning-style checkpoint: objects read as placeholders (argparse.Namespace, a function), NumPy arrays
+    lightning = {**state, "hyper_parameters": {"args": argparse.Namespace(lr=0.1, layers=[4, 3]),
+                                                "loss": torch.nn.functional.mse_loss,
+                                                "weights": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    # a TorchScript archive: the module tree as placeholders, the classes' source beside it
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    for name, save in (("torch_lightning", lambda p: torch.save(lightning, p)),
+                       ("torch_script", lambda p: torch.jit.save(torch.jit.script(net), str(p)))):
+        d = root / name
+        d.mkdir()
+        save(d / "model.pt")
+        seeds.append(Seed(name, "torch", d, "model.pt", ("model.pt",)))
+    return seeds
+
+
+_CORPUS_SEEDS = (("corpus_torch_legacy", "JockWang+little-pytorch@e78235369526"),
+                 ("corpus_torch_zip", "Hardlygo+pytorch_mnist@b3b18bfb98b7"))  # other people's files: name, folder
+
+
+# ---- hostile files, by hand (collected by tests/test_hostile.py) ----------------------------------
+
+TB = 1 << 20  # a dimension: two of them make 4 TB of float32
+
+
+def _zip(path: Path, records: dict[str, bytes], compress: dict[str, int] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in records.items():
+            zf.writestr(name, data, compress_type=(compress or {}).get(name, zipfile.ZIP_STORED))
+    return path
+
+
+def _lie_about_size(data: bytes, member: str, size: int) -> bytes:
+    """Rewrite a record's compressed and uncompressed sizes in the zip's central directory."""
+    out = bytearray(data)
+    pos = out.find(b"PK\x01\x02")
+    while pos >= 0:
+        name_len = struct.unpack_from("<H", out, pos + 28)[0]
+        if out[pos + 46:pos + 46 + name_len] == member.encode():
+            struct.pack_into("<II", out, pos + 20, size, size)
+        pos = out.find(b"PK\x01\x02", pos + 4)
+    return bytes(out)
+
+
+def _tensor_pickle(numel: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> bytes:
+    """The data.pkl torch.save writes for {'w': tensor}: _rebuild_tensor_v2 over a FloatStorage, by hand."""
+    def ints(values):
+        return b"(" + b"".join(b"J" + struct.pack("<i", v) if v < 1 << 31 else b"\x8a\x08" + v.to_bytes(8, "little")
+                               for v in values) + b"t"
+    return (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
+            b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+            + b"J" + struct.pack("<i", numel) + b"tQ" + b"K\x00" + ints(shape) + ints(stride)
+            + b"\x89ccollections\nOrderedDict\n)RtRs.")
+
+
+def _torch_zip(path: Path, pkl: bytes, storage: bytes = b"\0" * 16) -> Path:
+    return _zip(path, {"m/data.pkl": pkl, "m/byteorder": b"little", "m/data/0": storage, "m/version": b"3\n"})
+
+
+def _legacy(path: Path, root: bytes, keys: bytes = b"\x80\x02]q\x00X\x01\x00\x00\x000a.", tail: bytes = b"") -> Path:
+    """A legacy torch file: magic number, protocol version, sys info, ``root``, storage keys, ``tail``."""
+    head = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}))
+    path.write_bytes(head + root + keys + tail)
+    return path
+
+
+def _zip_case(name: str, pkl: bytes, message: str, lie: tuple[str, int] | None = None):
+    def build(folder: Path):
+        path = _torch_zip(folder / name, pkl)
+        if lie:  # a record claiming 4 GB (stored: its bytes would lie past the end of the file)
+            path.write_bytes(_lie_about_size(path.read_bytes(), *lie))
+        return path, CorruptFileError, message
+    return build
+
+
+def _unknown_compression(folder: Path):
+    """A storage record whose compression method is unknown: found when its data is read."""
+    path = _zip(folder / "c.pt", {"m/data.pkl": _tensor_pickle(4, (4,), (1,)), "m/byteorder": b"little",
+                                  "m/data/0": b"\0" * 16}, compress={"m/data/0": zipfile.ZIP_DEFLATED})
+    data = bytearray(path.read_bytes())
+    for sig, at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # method 8 (deflate) -> 99 in both headers
+        pos = data.find(sig)
+        while pos >= 0:
+            if struct.unpack_from("<H", data, pos + at)[0] == 8:
+                struct.pack_into("<H", data, pos + at, 99)
+            pos = data.find(sig, pos + 4)
+    path.write_bytes(bytes(data))
+    return path, CorruptFileError, "damaged zip record"
+
+
+def _legacy_case(tail: bytes, message: str):
+    return lambda folder: (_legacy(folder / "m.pt", _tensor_pickle(4, (4,), (1,)), tail=tail), CorruptFileError, message)
+
+
+def _escaped_storage_key(folder: Path):
+    """A storage key holding a terminal escape: quoted escaped, the message one printable line."""
+    pkl = _tensor_pickle(4, (4,), (1,)).replace(b"X\x01\x00\x00\x000X\x03", b"X\x01\x00\x00\x00\x1bX\x03")
+    return _zip(folder / "m.pt", {"m/data.pkl": pkl, "m/byteorder": b"little"}), CorruptFileError, "is missing"
+
+
+HOSTILE = {
+    "tensor_of_4_tb_over_16_bytes": _zip_case("m.pt", _tensor_pickle(4, (TB, TB), (TB, 1)),
+                                              "tensor needs 4398046511104 bytes of storage '0', which holds 16"),
+    "shape_beyond_any_array": _zip_case("m.pt", _tensor_pickle(4, (0, 1 << 62, 4), (1, 1, 1)), "too large for any array"),
+    "storage_record_claims_4_gb": _zip_case("m.pt", _tensor_pickle(4, (4,), (1,)),
+                                            "ends past the end|zip record m/data/0 claims", lie=("m/data/0", 0xFFFFFFF0)),
+    # zipfile would ask the file for all of it in one read (1 GB allocated)
+    "data_pkl_record_claims_4_gb": _zip_case("m.pt", _tensor_pickle(4, (4,), (1,)), "zip record m/data.pkl claims",
+                                             lie=("m/data.pkl", 0xFFFFFFF0)),
+    "broadcast_view_of_4_bytes_claiming_4_tb": _zip_case("b.pt", _tensor_pickle(4, (TB, TB), (0, 0)), "would expand to"),
+    "storage_compression_unknown": _unknown_compression,
+    "legacy_storage_size_2_62": _legacy_case(struct.pack("<q", 1 << 62), "ends past the end"),
+    "legacy_storage_size_negative": _legacy_case(struct.pack("<q", -4) + b"\0" * 16, "ends past the end"),
+    "legacy_storage_truncated": _legacy_case(b"\x04", "truncated"),
+    "storage_key_with_a_terminal_escape": _escaped_storage_key,
+}
+
+
 class TestTorchContract(FormatContract):
     FORMAT = "torch"
+    SEEDS = ("torch_zip", "torch_legacy", "torch_lightning", "torch_script", "corpus_torch_legacy", "corpus_torch_zip")
+    # pickle: the zip's data.pkl mutated and the zip rebuilt with valid CRCs
+    FUZZ = {
+        "torch_zip": (("torch_zip", "corpus_torch_zip"), "raw"),
+        "torch_zip_pickle": (("torch_zip", "corpus_torch_zip"), "pickle"),
+        "torch_legacy": (("torch_legacy", "corpus_torch_legacy"), "raw"),
+        "torch_lightning_pickle": (("torch_lightning",), "pickle"),
+        "torch_script": (("torch_script",), "raw"),
+        "torch_script_pickle": (("torch_script",), "pickle"),
+    }
+    HOSTILE = HOSTILE
+
+    @classmethod
+    def make_seeds(cls, root):
+        return [*_seeds(root), *(s for name, folder in _CORPUS_SEEDS
+                                 for s in corpus_seed(root, name, "torch", folder, "model.ckpt", ("model.ckpt",)))]
 
     def oracle_read(self, path):
         return {k: torch_to_numpy(v) for k, v in torch.load(path, weights_only=True).items()}
@@ -525,15 +689,15 @@ def test_memory_bounded_by_largest_tensor(tmp_path):
 def test_reads_and_writes_without_torch(tmp_path, good_files):
     code = f"""
 import sys
-sys.modules["torch"] = None  # importing torch now fails
 from convert.formats import torch as pt
 td = pt.read({str(good_files / 'zip.pt')!r})
 td2 = pt.read({str(good_files / 'legacy.pt')!r})
 pt.write(td, {str(tmp_path / 'nt.pt')!r})
-assert "torch" not in sys.modules or sys.modules["torch"] is None
+assert sys.modules.get("torch") is None
 print(sorted(td), float(td2["t"].numpy()[3, 2]))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+                         env=blocker(tmp_path, ("torch",)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['a', 'b', 't'] 23.0"
     assert torch.equal(torch.load(tmp_path / "nt.pt", weights_only=True)["t"], torch.arange(100.0).reshape(10, 10).t())
@@ -629,3 +793,197 @@ def test_tied_weights_to_safetensors_are_copied_and_reported(tmp_path, capsys):
     got = safetensors_read(tmp_path / "tied.safetensors")
     assert np.array_equal(got["emb.weight"], emb.weight.data.numpy())
     assert np.array_equal(got["head.weight"], emb.weight.data.numpy())
+
+
+# ---- hostile pickles, and the damage torch.load does not see --------------------------------------
+
+def test_tensor_pickle_helper_matches_torch(tmp_path):
+    """The hand-written data.pkl above is one torch.load reads (the oracle)."""
+    path = _torch_zip(tmp_path / "ok.pt", _tensor_pickle(4, (2, 2), (2, 1)), np.arange(4, dtype=np.float32).tobytes())
+    assert torch.load(path, weights_only=True)["w"].tolist() == [[0, 1], [2, 3]]
+    assert convert.read(path, "torch")["w"].numpy().tolist() == [[0, 1], [2, 3]]
+
+
+PICKLE_BOMBS = {
+    # protocol 2 pickles, by hand; each is a state_dict-shaped dict holding something hostile
+    "binbytes8_claims_1TB": (b"\x80\x04}X\x01\x00\x00\x00w\x8e" + struct.pack("<Q", 1 << 40) + b"abcds.", "damaged|truncated"),
+    "binunicode8_claims_1TB": (b"\x80\x04}X\x01\x00\x00\x00w\x8d" + struct.pack("<Q", 1 << 40) + b"abcds.", "damaged|truncated"),
+    "frame_claims_1TB": (b"\x80\x04\x95" + struct.pack("<Q", 1 << 40) + b"}.", None),  # the frame ends short
+    "bytearray8_claims_1TB": (b"\x80\x05}X\x01\x00\x00\x00w\x96" + struct.pack("<Q", 1 << 40) + b"s.", "out-of-band|damaged"),
+    "long4_claims_2GB": (b"\x80\x02}X\x01\x00\x00\x00w\x8b" + struct.pack("<i", (1 << 31) - 1) + b"\x01s.", "damaged|truncated"),
+    "long_text_100k_digits": (b"\x80\x02}X\x01\x00\x00\x00wL" + b"9" * 100000 + b"L\ns.", "damaged|Exceeds"),
+    "nested_10k_lists": (b"\x80\x02" + b"]" * 10000 + b"a" * 9999 + b".", "nested deeper than"),
+    "list_contains_itself": (b"\x80\x02]q\x00h\x00a.", "contains itself"),
+    "dict_contains_itself": (b"\x80\x02}q\x00X\x01\x00\x00\x00wh\x00s.", "contains itself"),
+    "billion_laughs": (b"\x80\x02]q\x00X\x03\x00\x00\x00lolaq\x00" + b"".join(
+        b"h\x00h\x00\x86q\x00" for _ in range(64)) + b".", "refer to each other so often"),
+    "memo_get_missing": (b"\x80\x02}h\x07s.", "damaged pickle|Memo"),
+    "put_huge_index": (b"\x80\x02}r\xff\xff\xff\xff.", None),  # a memo dict entry, not 4 G of list: reads
+}
+
+
+@pytest.mark.parametrize("case", list(PICKLE_BOMBS))
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_pickle_bombs(case, layout, tmp_path):
+    """Pickles built to exhaust memory or time: lengths claiming terabytes, nesting 10000 deep, objects
+    holding themselves, a memo "billion laughs" (64 levels of (x, x): 2**64 leaves); refused quickly,
+    small, with a ConvertError (or read, when the pickle is merely odd)."""
+    pkl, message = PICKLE_BOMBS[case]
+    path = tmp_path / "bomb.pt"
+    if layout == "zip":
+        _zip(path, {"m/data.pkl": pkl, "m/byteorder": b"little"})
+    else:
+        _legacy(path, pkl, keys=b"\x80\x02].")
+    err = run_guarded(lambda: exercise(path, "torch"), max_bytes=SMALL, seconds=5)
+    if message is not None or err is not None:
+        assert isinstance(err, CorruptFileError) and str(path) in str(err), err
+        assert re.search(message or ".", str(err)), str(err)
+
+
+# ---- malicious pickles: nothing from a file ever runs
+
+def _payloads(marker: Path) -> dict[str, tuple[bytes, bool]]:
+    """Pickles by every route the pickle machine has to call or construct something (GLOBAL+REDUCE,
+    STACK_GLOBAL, INST, OBJ, NEWOBJ(_EX), BUILD, copyreg reconstructors, extension codes, persistent
+    ids, NumPy object dtypes), each inside a state_dict-shaped dict. The flag says whether plain
+    ``pickle.loads`` creates ``marker`` with it (the routes that only construct cannot run code)."""
+    m = str(marker)
+    code = f"open({m!r}, 'w').close()".encode()
+    uni = b"X" + struct.pack("<I", len(code)) + code
+    touch = f"touch {m}".encode()
+    touch_u = b"X" + struct.pack("<I", len(touch)) + touch
+
+    def in_dict(obj: bytes, proto: bytes = b"\x80\x02") -> bytes:
+        return proto + b"}X\x01\x00\x00\x00w" + obj + b"s."
+
+    return {
+        "reduce_builtins_eval": (in_dict(b"cbuiltins\neval\n(" + uni + b"tR"), True),
+        "reduce_builtins_exec": (in_dict(b"cbuiltins\nexec\n(" + uni + b"tR"), True),
+        "reduce_py2_builtin_eval": (in_dict(b"c__builtin__\neval\n(" + uni + b"tR"), True),
+        "global_os_system": (in_dict(b"cos\nsystem\n(" + touch_u + b"tR"), True),
+        "global_posix_system": (in_dict(b"cposix\nsystem\n(" + touch_u + b"tR"), True),
+        "stack_global_exec": (in_dict(b"\x8c\x08builtins\x8c\x04exec\x93(" + uni + b"tR", b"\x80\x04"), True),
+        "inst_exec": (in_dict(b"(" + uni + b"ibuiltins\nexec\n"), True),
+        "obj_exec": (in_dict(b"(cbuiltins\nexec\n" + uni + b"o"), True),
+        "obj_allowed_class": (in_dict(b"(ccollections\nOrderedDict\no"), False),
+        "apply_via_functools_partial": (in_dict(b"cfunctools\npartial\n(cbuiltins\nexec\n" + uni + b"tR)R"), True),
+        "getattr_import_chain": (in_dict(b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(X\x02\x00\x00\x00ostR"
+                                         b"X\x06\x00\x00\x00systemtR(" + touch_u + b"tR"), True),
+        "subprocess_popen": (in_dict(b"csubprocess\nPopen\n((X\x05\x00\x00\x00touchX" + struct.pack("<I", len(m))
+                                     + m.encode() + b"ltR"), True),
+        "newobj_object": (in_dict(b"cbuiltins\nobject\n)\x81"), False),
+        "newobj_allowed_class": (in_dict(b"ccollections\nOrderedDict\n)\x81"), False),
+        "newobj_ex_allowed_class": (in_dict(b"ccollections\nOrderedDict\n)}\x92", b"\x80\x04"), False),
+        "copyreg_newobj": (in_dict(b"ccopyreg\n__newobj__\n(cbuiltins\nobject\ntR"), False),
+        "copyreg_reconstructor": (in_dict(b"ccopy_reg\n_reconstructor\n(cbuiltins\nobject\ncbuiltins\nobject\nNtR"),
+                                  False),
+        "build_on_a_list": (in_dict(b"]}b"), False),
+        "build_state_with_code": (in_dict(b"ccollections\nOrderedDict\n)R}X\x0c\x00\x00\x00__setstate__"
+                                          b"cbuiltins\nexec\nsb"), False),
+        "extension_code": (in_dict(b"\x82\x01"), False),
+        "persistent_id_module": (b"\x80\x02}X\x01\x00\x00\x00w(X\x06\x00\x00\x00modulecbuiltins\nexec\n" + uni
+                                 + b"tQs.", False),
+        "numpy_object_scalar": (in_dict(b"cnumpy.core.multiarray\nscalar\n(cnumpy\ndtype\n(X\x02\x00\x00\x00O8tR"
+                                        b"C\x08\x00\x00\x00\x00\x00\x00\x00\x00tR"), False),
+        "numpy_reconstruct": (in_dict(b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tC\x01btR"),
+                              False),
+        "torch_rebuild_with_code_in_its_args": (
+            b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(cbuiltins\nexec\n(" + uni + b"tR"
+            b"K\x00)))\x89ccollections\nOrderedDict\n)RtRs.", False),
+        "rebuild_from_type_with_a_foreign_function": (
+            in_dict(b"ctorch._tensor\n_rebuild_from_type_v2\n(ccollections\nOrderedDict\nctorch\nTensor\n)}tR"), False),
+    }
+
+
+PAYLOAD_NAMES = list(_payloads(Path("/x")))
+
+
+def _wait_for(path: Path, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if path.exists():
+            return True
+        time.sleep(0.02)
+    return path.exists()
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+@pytest.mark.parametrize("route", PAYLOAD_NAMES)
+def test_malicious_pickle_never_runs(route, layout, tmp_path):
+    """Reading never runs the payload, and is a ConvertError naming the file: a refused global
+    (ReadError) or a pickle that builds what no state_dict holds (CorruptFileError). The payload is
+    live: a plain ``pickle.loads`` in a child process does create the marker file (zip layout only,
+    for the routes that can call something)."""
+    marker = tmp_path / "pwned"
+    pkl, live = _payloads(marker)[route]
+    path = tmp_path / "evil.pt"
+    if layout == "zip":
+        _zip(path, {"archive/data.pkl": pkl, "archive/byteorder": b"little", "archive/version": b"3\n"})
+    else:
+        _legacy(path, pkl, keys=b"\x80\x02].")
+    err = run_guarded(lambda: exercise(path, "torch"), max_bytes=SMALL)
+    assert not _wait_for(marker, 0.2 if route == "subprocess_popen" else 0), "the payload ran"
+    assert isinstance(err, (ReadError, CorruptFileError)) and str(path) in str(err), err
+    assert "refused to load global" in str(err) or "not a torch state_dict pickle" in str(err), str(err)
+    if live and layout == "zip":
+        (tmp_path / "payload.pkl").write_bytes(pkl)
+        child = subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read())",
+                                str(tmp_path / "payload.pkl")], capture_output=True, timeout=60, cwd=tmp_path)
+        assert _wait_for(marker, 5), f"the test's payload is not live: {child.stderr.decode()[-300:]}"
+
+
+def test_every_calling_opcode_has_a_route():
+    """The routes above use every opcode that can call or construct something."""
+    used = set()
+    for pkl, _ in _payloads(Path("/x")).values():
+        used |= {op.name for op, _, _ in pickletools.genops(pkl)}
+    calling = {"REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "GLOBAL", "STACK_GLOBAL", "BINPERSID", "EXT1"}
+    assert calling <= used, calling - used
+
+
+def test_torch_zip_crcs_are_checked(tmp_path):
+    """torch zips carry a CRC-32 per record: a flipped bit in ``data.pkl`` or in a storage a tensor
+    covers whole is a CorruptFileError, although ``torch.load`` (the oracle) reads the flipped
+    storage without complaint (it checks no CRC)."""
+    seed = next(s for s in _seeds(tmp_path / "seeds") if s.name == "torch_zip")
+    data = (seed.root / seed.target).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = {i.filename.split("/", 1)[1]: i for i in zf.infolist()}
+
+    def payload_offset(info):
+        name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+        return info.header_offset + 30 + name_len + extra_len
+
+    folder = tmp_path / "copy"
+    target = clone(seed, folder)
+
+    def damaged(data):
+        replace_file(folder / seed.target, data)
+        err = run_guarded(lambda: exercise(target, "torch"))
+        one_line_naming(err, folder)
+        return err
+
+    pkl = bytearray(data)
+    pkl[payload_offset(infos["data.pkl"]) + 40] ^= 0x04
+    err = damaged(bytes(pkl))
+    assert isinstance(err, CorruptFileError) and "CRC" in str(err), err
+
+    storage = bytearray(data)
+    storage[payload_offset(infos["data/0"]) + 1] ^= 0x40
+    err = damaged(bytes(storage))
+    assert isinstance(err, CorruptFileError) and "crc32" in str(err) and "fc.weight" in str(err), err
+    flipped = torch.load(folder / seed.target, weights_only=True)["state_dict"]["fc.weight"]
+    original = torch.load(seed.path, weights_only=True)["state_dict"]["fc.weight"]
+    assert not torch.equal(flipped, original)  # torch read the damage as data
+
+
+def test_deflate_bomb_storage_is_read_within_its_tensor(tmp_path):
+    """A deflated storage record (torch never writes one, but zip allows it) is decompressed only as
+    far as its tensor needs: a 1 MB record of zeros behind a 1 KB compressed one reads as 1 MB."""
+    raw = b"\0" * (1 << 20)
+    assert len(zlib.compress(raw)) < 2048
+    path = _zip(tmp_path / "m.pt", {"m/data.pkl": _tensor_pickle(1 << 18, (1 << 18,), (1,)), "m/byteorder": b"little",
+                                    "m/data/0": raw}, compress={"m/data/0": zipfile.ZIP_DEFLATED})
+    assert path.stat().st_size < 4096
+    td = convert.read(path, "torch")
+    assert run_guarded(lambda: td["w"].numpy(), max_bytes=8 << 20) is None
