@@ -16,9 +16,10 @@ from typing import Any, cast
 import google_crc32c
 
 from . import compare, dtypes, fileio, registry, storage
+from .copying import digest_many
 from .errors import ConvertError, ReadError, UsageError, VerificationError, WriteError
 from .formats.base import Format, Writer, WriteReport
-from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest, digest_many, open_files
+from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest, open_files
 from .lazy import np
 
 PathLike = os.PathLike | str
@@ -338,7 +339,7 @@ def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path
         g = got[name]
         if g.dtype != t.dtype or g.shape != t.shape:
             raise VerificationError(path, f"reads back as {g.dtype} {list(g.shape)}, wrote {t.dtype} {list(t.shape)}", name)
-    # in the output's order, so that runs of small tensors are read in one go (ir.digest_many)
+    # in the output's order, so that runs of small tensors are read in one go (copying.digest_many)
     order = sorted(expected, key=lambda n: (r.path, r.offset) if (r := got[n].source.region()) else ("", 0))
     got_digests = dict(zip(order, digest_many([got[n] for n in order]), strict=True))
     for name, t in expected.items():

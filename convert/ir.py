@@ -16,7 +16,7 @@ import math
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -66,11 +66,11 @@ class Source:
         return crc
 
     def region(self) -> FileRegion | None:
-        """The file region whose bytes this source gives unchanged, if it is one (see :func:`copy_many`)."""
+        """The file region whose bytes this source gives unchanged, if it is one (see :func:`convert.copying.copy_many`)."""
         return None
 
     def copied(self, crc32c: int) -> None:
-        """Told, after :func:`copy_many` copied :meth:`region` for it, the CRC-32C of the bytes."""
+        """Told, after :func:`convert.copying.copy_many` copied :meth:`region` for it, the CRC-32C of the bytes."""
 
     def verified_after(self) -> bool:
         """Whether the output this source is copied into is read back and compared with the CRC-32C
@@ -178,7 +178,7 @@ class FileRegion(Source):
                 progress(len(data))
             return google_crc32c.value(data)
         copy = getattr(os, "copy_file_range", None)
-        if copy is None or not _has_fd(out):  # an upload (convert.storage) has none
+        if copy is None or not has_fd(out):  # an upload (convert.storage) has none
             return Source.copy_into(self, out, nbytes, progress)  # no bare super(): a slots dataclass is a new class
         vouched = verified_after and self.crc32c is not None and self.crc32 is None and self.span is None
         with _open(self.path, self.label) as f:
@@ -197,7 +197,7 @@ class FileRegion(Source):
                     try:
                         n = copy(src, dst, min(4 * CHUNK, self.length - done), self.offset + done, start + done)
                     except OSError as e:
-                        if done or e.errno not in _NO_COPY_RANGE:
+                        if done or e.errno not in NO_COPY_RANGE:
                             raise
                         n = -1
                     if n <= 0:
@@ -220,13 +220,13 @@ class FileRegion(Source):
             return crc
 
     def run_limits(self) -> tuple[int, int]:
-        """(regions under this size join runs, bytes per run) for :func:`copy_many`: a run of a
+        """(regions under this size join runs, bytes per run) for :func:`convert.copying.copy_many`: a run of a
         local file is one ``pread``; a remote region's are larger (a GET costs a round trip)."""
         return SMALL, RUN
 
     def read_at(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of this region's file, unchecked (a run of regions:
-        :func:`copy_many`); fewer at its end. A remote region reads them in one ranged GET."""
+        :func:`convert.copying.copy_many`); fewer at its end. A remote region reads them in one ranged GET."""
         return _pread_region(self.path, offset, length, self.label)
 
     def _small(self) -> bytes:
@@ -297,10 +297,10 @@ class Checksums:
             self.outer = google_crc32c.extend(self.outer, piece)
 
 
-_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
 
 
-def _has_fd(out: BinaryIO) -> bool:
+def has_fd(out: BinaryIO) -> bool:
     try:
         out.fileno()
     except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
@@ -369,7 +369,7 @@ def open_files() -> Iterator[None]:
 
 
 @contextmanager
-def _descriptor(path: str, label: str | None) -> Iterator[int]:
+def descriptor(path: str, label: str | None) -> Iterator[int]:
     """A read-only descriptor of ``path``: :func:`open_files`' one when it is open, else a new one closed after."""
     fds = getattr(_cache, "fds", None)
     fd = fds.get(path) if fds is not None else None
@@ -392,114 +392,11 @@ def _descriptor(path: str, label: str | None) -> Iterator[int]:
 
 def _pread_region(path: str, offset: int, length: int, label: str | None) -> bytes:
     """``length`` bytes at ``offset`` of ``path`` (through the descriptor of :func:`open_files` when one is open)."""
-    with _descriptor(path, label) as fd:
+    with descriptor(path, label) as fd:
         return os.pread(fd, length, offset)
 
 
-RUN = 8 << 20  # bytes read at once by copy_many / digest_many
-
-
-def _runs(tensors: Sequence[Tensor]) -> Iterator[tuple[list[tuple[Tensor, FileRegion]], Tensor | None]]:
-    """Consecutive tensors whose bytes are small regions (no ``span``) following each other in one
-    file, grouped into runs of at most :data:`RUN` bytes; each other tensor alone, as ``([], t)``."""
-    run: list[tuple[Tensor, FileRegion]] = []
-    size = 0
-    for t in tensors:
-        r = t.source.region() if t.dtype.kind != "string" else None
-        small, limit = r.run_limits() if r is not None else (0, 0)
-        if r is None or r.length >= small or r.span is not None or r.length != t.nbytes:
-            if run:
-                yield run, None
-                run, size = [], 0
-            yield [], t
-            continue
-        if run and (r.path != run[-1][1].path or r.offset != run[-1][1].offset + run[-1][1].length
-                    or size + r.length > limit):
-            yield run, None
-            run, size = [], 0
-        run.append((t, r))
-        size += r.length
-    if run:
-        yield run, None
-
-
-def _read_run(run: list[tuple[Tensor, FileRegion]]) -> bytes:
-    first = run[0][1]
-    length = run[-1][1].offset + run[-1][1].length - first.offset
-    data = first.read_at(first.offset, length)
-    if len(data) != length:
-        raise CorruptFileError(first.path, "file is truncated", first.label)
-    return data  # sliced per tensor: a copy of a few KB costs less than a memoryview google_crc32c refuses
-
-
-def copy_many(tensors: Sequence[Tensor], out: BinaryIO) -> list[int]:
-    """``t.copy_into(out)`` for each tensor in turn; their CRC-32Cs. A run of small tensors whose
-    bytes follow each other in one file (a checkpoint of 50,000 biases and norms) is read with one
-    ``pread`` and written with one ``write``, each tensor's checksums checked on its slice: per
-    tensor, no system call. What a writer with many tensors calls instead of ``copy_into``."""
-    crcs = []
-    kernel = getattr(os, "copy_file_range", None) is not None and _has_fd(out)
-    for run, single in _runs(tensors):
-        if single is not None:
-            crcs.append(single.copy_into(out))
-            continue
-        if kernel and type(run[0][1]) is FileRegion and all(
-                t.source.verified_after() and r.crc32c is not None and r.crc32 is None for t, r in run):
-            # the output is read back and compared with the CRC-32Cs the source stores: copied in the kernel
-            if _copy_run(run, out):
-                for t, r in run:
-                    assert r.crc32c is not None  # the run was taken for the CRC-32Cs its source stores
-                    t.source.copied(r.crc32c)
-                    crcs.append(r.crc32c)
-                continue
-            kernel = False
-        data = _read_run(run)
-        pos = 0
-        for t, r in run:
-            crc = r._check_slice(data[pos:pos + r.length])
-            t.source.copied(crc)
-            crcs.append(crc)
-            pos += r.length
-        out.write(data)
-    return crcs
-
-
-def _copy_run(run: list[tuple[Tensor, FileRegion]], out: BinaryIO) -> bool:
-    """The run's bytes copied into ``out`` at its position by ``copy_file_range``; False (nothing
-    copied) where the kernel refuses it (another file system)."""
-    first = run[0][1]
-    length = run[-1][1].offset + run[-1][1].length - first.offset
-    out.flush()
-    dst, start = out.fileno(), out.tell()
-    done = 0
-    with _descriptor(first.path, first.label) as src:
-        while done < length:
-            try:
-                n = os.copy_file_range(src, dst, length - done, first.offset + done, start + done)
-            except OSError as e:
-                if done or e.errno not in _NO_COPY_RANGE:
-                    raise
-                return False
-            if n <= 0:
-                raise CorruptFileError(first.path, "file is truncated", first.label)
-            done += n
-    out.seek(start + length)
-    return True
-
-
-def digest_many(tensors: Sequence[Tensor]) -> list[int]:
-    """:func:`digest` of each tensor, runs of small consecutive regions read as :func:`copy_many` reads them."""
-    crcs = []
-    for run, single in _runs(tensors):
-        if single is not None:
-            crcs.append(digest(single))
-            continue
-        data = _read_run(run)
-        pos = 0
-        for _, r in run:
-            crcs.append(r._check_slice(data[pos:pos + r.length]))
-            pos += r.length
-    return crcs
+RUN = 8 << 20  # bytes read at once by convert.copying's copy_many / digest_many
 
 
 @dataclass(frozen=True, eq=False)

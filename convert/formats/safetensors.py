@@ -42,8 +42,9 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from .. import dtypes, storage
+from ..copying import copy_many
 from ..errors import CorruptFileError, ReadError, WriteError
-from ..ir import FileRegion, Tensor, TensorDict, copy_many
+from ..ir import FileRegion, Tensor, TensorDict
 from ..units import parse_size
 from .base import Format, Option, ShardWriter, Writer
 

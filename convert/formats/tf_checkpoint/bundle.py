@@ -27,9 +27,10 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ... import storage, wire
+from ...copying import copy_many
 from ...dtypes import DType, from_tf
 from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
-from ...ir import ArraySource, FileRegion, Tensor, copy_many
+from ...ir import ArraySource, FileRegion, Tensor
 from ...lazy import np
 from ...wire import ProtoError
 from .protowire import BundleEntry, BundleHeader
@@ -246,7 +247,7 @@ def write_data_shard(tensors: Sequence[Tensor], path: str | storage.RemotePath, 
     entries = []
     with _create(path) as f:
         offset = 0
-        numeric: list[Tensor] = []  # copied together (ir.copy_many: runs of small tensors in one read)
+        numeric: list[Tensor] = []  # copied together (copying.copy_many: runs of small tensors in one read)
 
         def flush() -> None:
             nonlocal offset
