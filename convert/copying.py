@@ -19,22 +19,26 @@ def _runs(tensors: Sequence[Tensor]) -> Iterator[tuple[list[tuple[Tensor, FileRe
     """Consecutive tensors whose bytes are small regions (no ``span``) following each other in one
     file, grouped into runs of at most :data:`convert.ir.RUN` bytes; each other tensor alone, as ``([], t)``."""
     run: list[tuple[Tensor, FileRegion]] = []
-    size = 0
-    for t in tensors:
+    size = end = 0
+    path = None
+    limits: dict[type, tuple[int, int]] = {}  # run_limits() of each kind of region (a constant of its class)
+    for t in tensors:  # 50,000 tensors at a time: kept lean
         r = t.source.region() if t.dtype.kind != "string" else None
-        small, limit = r.run_limits() if r is not None else (0, 0)
+        if r is not None:
+            kind = type(r)
+            small, limit = limits.get(kind) or limits.setdefault(kind, r.run_limits())
         if r is None or r.length >= small or r.span is not None or r.length != t.nbytes:
             if run:
                 yield run, None
                 run, size = [], 0
             yield [], t
             continue
-        if run and (r.path != run[-1][1].path or r.offset != run[-1][1].offset + run[-1][1].length
-                    or size + r.length > limit):
+        if run and (r.offset != end or r.path != path or size + r.length > limit):
             yield run, None
             run, size = [], 0
         run.append((t, r))
         size += r.length
+        path, end = r.path, r.offset + r.length
     if run:
         yield run, None
 

@@ -138,6 +138,38 @@ def iter_block(data, seek: bytes | None = None) -> Iterator[tuple[bytes, memoryv
         pos += vlen
 
 
+def block_entries(data) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of one decoded block, in order, in one pass: what :func:`iter_block`
+    yields, as bytes (no memoryviews), for a reader that wants them all (a V2 index of 50,000
+    entries). Entries whose three lengths are one-byte varints (all of a TF index's) take a
+    short path; the others, and every malformation, go through :func:`~convert.wire.read_varint`."""
+    b = bytes(data)
+    n = len(b)
+    if n < 4:
+        raise ProtoError("block too short")
+    num_restarts = int.from_bytes(b[n - 4:], "little")
+    limit = n - 4 - 4 * num_restarts
+    if num_restarts == 0 and n > 4 or limit < 0:
+        raise ProtoError("bad restart array")
+    out = []
+    pos, key = 0, b""
+    while pos < limit:
+        shared, non_shared, vlen = b[pos:pos + 3] if pos + 3 <= limit else (0x80, 0, 0)
+        if (shared | non_shared | vlen) & 0x80:
+            shared, pos = read_varint(b, pos)
+            non_shared, pos = read_varint(b, pos)
+            vlen, pos = read_varint(b, pos)
+        else:
+            pos += 3
+        end = pos + non_shared
+        if shared > len(key) or end + vlen > limit:
+            raise ProtoError("bad block entry")
+        key = key[:shared] + b[pos:end] if shared else b[pos:end]
+        pos = end + vlen
+        out.append((key, b[end:pos]))
+    return out
+
+
 class TableReader:
     """Random and sequential access to one table file; every block's crc is checked.
 
@@ -190,7 +222,7 @@ class TableReader:
             raise CorruptFileError(self.path, "file is truncated", label)
         ctype = raw[size]
         stored = struct.unpack_from("<I", raw, size + 1)[0]
-        actual = mask_crc(crc32c_extend(crc32c_extend(0, memoryview(raw)[:size]), raw[size:size + 1]))
+        actual = mask_crc(google_crc32c.extend(google_crc32c.value(raw[:size]), raw[size:size + 1]))  # bytes: no NumPy
         if stored != actual:
             raise CorruptFileError(self.path, f"block checksum mismatch at offset {offset}", label)
         data: bytes | memoryview
@@ -229,6 +261,17 @@ class TableReader:
                 yield from iter_block(block)
             except ProtoError as e:
                 raise CorruptFileError(self.path, f"bad data block at offset {handle[0]}: {e}") from None
+
+    def entries(self) -> list[tuple[bytes, bytes]]:
+        """:meth:`items`, all at once (:func:`block_entries`: one pass per block, bytes values)."""
+        out: list[tuple[bytes, bytes]] = []
+        for _, handle in self.index:
+            block = self.read_block(handle)
+            try:
+                out += block_entries(block)
+            except ProtoError as e:
+                raise CorruptFileError(self.path, f"bad data block at offset {handle[0]}: {e}") from None
+        return out
 
     def block_for(self, key: bytes) -> tuple[int, int] | None:
         """The handle (offset, size) of the only block that may hold ``key``, or None."""
