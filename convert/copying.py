@@ -15,11 +15,14 @@ from .errors import CorruptFileError
 from .ir import NO_COPY_RANGE, FileRegion, Tensor, descriptor, digest, has_fd
 
 
-def _runs(tensors: Sequence[Tensor]) -> Iterator[tuple[list[tuple[Tensor, FileRegion]], Tensor | None]]:
+def _runs(tensors: Sequence[Tensor], gap: int = 0
+          ) -> Iterator[tuple[list[tuple[Tensor, FileRegion]], Tensor | None]]:
     """Consecutive tensors whose bytes are small regions (no ``span``) following each other in one
-    file, grouped into runs of at most :data:`convert.ir.RUN` bytes; each other tensor alone, as ``([], t)``."""
+    file, grouped into runs of at most :data:`convert.ir.RUN` bytes; each other tensor alone, as ``([], t)``.
+    ``gap``: bytes a run may skip between two regions (a reader's, not a copy's: a zip member's
+    header and padding lie between two tensors of a torch file)."""
     run: list[tuple[Tensor, FileRegion]] = []
-    size = end = 0
+    start = end = 0
     path = None
     limits: dict[type, tuple[int, int]] = {}  # run_limits() of each kind of region (a constant of its class)
     for t in tensors:  # 50,000 tensors at a time: kept lean
@@ -30,14 +33,15 @@ def _runs(tensors: Sequence[Tensor]) -> Iterator[tuple[list[tuple[Tensor, FileRe
         if r is None or r.length >= small or r.span is not None or r.length != t.nbytes:
             if run:
                 yield run, None
-                run, size = [], 0
+                run = []
             yield [], t
             continue
-        if run and (r.offset != end or r.path != path or size + r.length > limit):
+        if run and (not end <= r.offset <= end + gap or r.path != path or r.offset + r.length - start > limit):
             yield run, None
-            run, size = [], 0
+            run = []
+        if not run:
+            start = r.offset
         run.append((t, r))
-        size += r.length
         path, end = r.path, r.offset + r.length
     if run:
         yield run, None
@@ -108,15 +112,19 @@ def _copy_run(run: list[tuple[Tensor, FileRegion]], out: BinaryIO) -> bool:
 
 
 def digest_many(tensors: Sequence[Tensor]) -> list[int]:
-    """:func:`digest` of each tensor, runs of small consecutive regions read as :func:`copy_many` reads them."""
+    """:func:`digest` of each tensor, runs of small regions near each other in one file read at once."""
     crcs = []
-    for run, single in _runs(tensors):
+    for run, single in _runs(tensors, GAP):
         if single is not None:
             crcs.append(digest(single))
             continue
         data = _read_run(run)
-        pos = 0
+        first = run[0][1].offset
         for _, r in run:
+            pos = r.offset - first
             crcs.append(r._check_slice(data[pos:pos + r.length]))
-            pos += r.length
     return crcs
+
+
+GAP = 4096
+"""Bytes :func:`digest_many` reads past between two small regions rather than starting a new read."""

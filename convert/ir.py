@@ -320,6 +320,12 @@ def mapped_checksums(fd: int, offset: int, length: int, crc32: bool = False, crc
     """Checksums of ``length`` bytes at ``offset`` of an open file whose size was checked, read
     through a memory map: no copy into Python."""
     sums, end = Checksums(crc32c, crc32, outer), offset + length
+    if length < SMALL:  # a few KB (one of 50,000 tensors): a map and its unmapping cost more than a read
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise CorruptFileError(None, "file is truncated")
+        sums.add(data)
+        return sums
     pos = offset - offset % mmap.ALLOCATIONGRANULARITY
     while pos < end:  # one window at a time: mapped pages count in RSS while the map lives
         size = min(CHUNK, end - pos)
@@ -392,6 +398,10 @@ def descriptor(path: str, label: str | None) -> Iterator[int]:
 
 def _pread_region(path: str, offset: int, length: int, label: str | None) -> bytes:
     """``length`` bytes at ``offset`` of ``path`` (through the descriptor of :func:`open_files` when one is open)."""
+    fds = getattr(_cache, "fds", None)
+    fd = fds.get(path) if fds is not None else None
+    if fd is not None:  # the common case, once per small tensor: no context manager
+        return os.pread(fd, length, offset)
     with descriptor(path, label) as fd:
         return os.pread(fd, length, offset)
 

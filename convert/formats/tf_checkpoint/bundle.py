@@ -128,7 +128,7 @@ def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = 
         except UnicodeDecodeError:
             raise CorruptFileError(index_path, f"tensor name {key!r} is not UTF-8") from None
         entry = decode_entry(value, name)
-        dtype = kinds.get(entry.dtype)  # type: ignore[assignment]  # None until looked up below
+        dtype = kinds.get(entry.dtype)  # None until looked up below
         if dtype is None:
             try:
                 dtype = kinds[entry.dtype] = from_tf(entry.dtype)

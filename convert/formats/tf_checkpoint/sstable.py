@@ -181,6 +181,8 @@ class TableReader:
         self.path = str(self.remote) if self.remote is not None else os.fspath(path)  # type: ignore[arg-type]
         self._cache: OrderedDict[int, bytes | memoryview] = OrderedDict()
         self._cache_size = cache_blocks
+        self._lookups: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()  # blocks decoded for get()
+        self._asked: set[int] = set()  # blocks get() looked into once
         try:
             size = self.remote.stat().st_size if self.remote is not None else os.path.getsize(self.path)
             with _open(self.remote or self.path) as f:
@@ -278,12 +280,27 @@ class TableReader:
         i = bisect.bisect_left(self._index_keys, key)
         return self.index[i][1] if i < len(self.index) else None
 
-    def get(self, key: bytes, label: str | None = None) -> memoryview | None:
+    def get(self, key: bytes, label: str | None = None) -> bytes | memoryview | None:
         """The value stored under ``key``, or None."""
         handle = self.block_for(key)
         if handle is None:
             return None
+        offset = handle[0]
+        found = self._lookups.get(offset)
+        if found is not None:
+            self._lookups.move_to_end(offset)
+            return found.get(key)
         block = self.read_block(handle, label)
+        if offset in self._asked and len(block) <= _CACHE_LIMIT:
+            # a second key of this block (a V1 file read tensor by tensor): decoded whole, once
+            try:
+                self._lookups[offset] = found = dict(block_entries(block))
+            except ProtoError as e:
+                raise CorruptFileError(self.path, f"bad data block: {e}", label) from None
+            if len(self._lookups) > self._cache_size:
+                self._lookups.popitem(last=False)
+            return found.get(key)
+        self._asked.add(offset)
         try:
             for k, v in iter_block(block, key):
                 if k == key:
