@@ -16,9 +16,10 @@ from typing import Any, cast
 import google_crc32c
 
 from . import compare, dtypes, fileio, registry, storage
+from .copying import digest_many
 from .errors import ConvertError, ReadError, UsageError, VerificationError, WriteError
 from .formats.base import Format, Writer, WriteReport
-from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest, digest_many, open_files
+from .ir import CHUNK, Source, Tensor, TensorDict, array_digest, derived, digest, open_files
 from .lazy import np
 
 PathLike = os.PathLike | str
@@ -111,7 +112,9 @@ def label(info: registry.FormatInfo, writer: Writer) -> str:
 
 def check_dtypes(td: TensorDict, info: registry.FormatInfo, writer: Writer, path: PathLike) -> None:
     """Fail before writing anything when the writer cannot hold some tensor's dtype, listing them all."""
-    bad = [t for t in td.values() if not writer.holds(t.dtype)]
+    held: dict[str, bool] = {}  # by dtype name: a checkpoint has a few dtypes and 50,000 tensors
+    bad = [t for t in td.values()
+           if not (held[t.dtype.name] if t.dtype.name in held else held.setdefault(t.dtype.name, writer.holds(t.dtype)))]
     if bad:
         kinds = ", ".join(sorted({t.dtype.name for t in bad}))
         names = ", ".join(t.name for t in bad)
@@ -289,6 +292,8 @@ class _Recording(Source):
     """Passes a tensor's data through unchanged, noting its digest for verification and
     telling ``progress`` how many bytes went by."""
 
+    __slots__ = ("tensor", "seen", "progress", "verify")  # one per tensor
+
     def __init__(self, tensor: Tensor, seen: dict[str, int], progress: Callable[[int], None] | None,
                  verify: bool):
         self.tensor, self.seen, self.progress, self.verify = tensor, seen, progress, verify
@@ -332,19 +337,22 @@ def _recording(td: TensorDict, seen: dict[str, int], progress: Callable[[int], N
 
 
 def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path: Path) -> None:
-    for name, t in expected.items():
-        if name not in got:
+    back = dict(got.items())
+    for name, t in expected.items():  # 50,000 tensors at a time: kept lean
+        g = back.get(name)
+        if g is None:
             raise VerificationError(path, "missing from the written output", name)
-        g = got[name]
-        if g.dtype != t.dtype or g.shape != t.shape:
+        if g.dtype is not t.dtype and g.dtype != t.dtype or g.shape != t.shape:
             raise VerificationError(path, f"reads back as {g.dtype} {list(g.shape)}, wrote {t.dtype} {list(t.shape)}", name)
-    # in the output's order, so that runs of small tensors are read in one go (ir.digest_many)
-    order = sorted(expected, key=lambda n: (r.path, r.offset) if (r := got[n].source.region()) else ("", 0))
-    got_digests = dict(zip(order, digest_many([got[n] for n in order]), strict=True))
-    for name, t in expected.items():
-        want = seen[name] if name in seen else digest(t)
-        if got_digests[name] != want:
-            digest(t)  # a copy returns the checksum its source stores unchecked: a damaged source fails here
+    # in the output's order, so that runs of small tensors are read in one go (copying.digest_many)
+    order = sorted(expected, key=lambda n: (r.path, r.offset) if (r := back[n].source.region()) else ("", 0))
+    got_digests = digest_many([back[n] for n in order])
+    for name, crc in zip(order, got_digests, strict=True):
+        want = seen.get(name)
+        if want is None:
+            want = digest(expected[name])
+        if crc != want:
+            digest(expected[name])  # a copy returns the checksum its source stores unchecked: a damaged source fails here
             raise VerificationError(path, "reads back with different values", name)
 
 
@@ -587,8 +595,8 @@ def inspect(path: PathLike, format: str | None = None, *, verify: bool = False,
     """
     info = _format(path, format)
     td = read(path, info.name, **opts)
-    tensors = [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "bytes": t.nbytes,
-                **{k: v for k, v in t.attrs.items()}} for t in td.values()]
+    tensors = [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "bytes": t.nbytes, **t.attrs}
+               for t in td.values()]
     report = {"path": str(path), "format": info.name, "tensors": tensors, "count": len(tensors),
               "total_bytes": sum(t.nbytes for t in td.values()), "metadata": dict(td.metadata)}
     if verify:

@@ -16,7 +16,7 @@ import math
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -66,11 +66,11 @@ class Source:
         return crc
 
     def region(self) -> FileRegion | None:
-        """The file region whose bytes this source gives unchanged, if it is one (see :func:`copy_many`)."""
+        """The file region whose bytes this source gives unchanged, if it is one (see :func:`convert.copying.copy_many`)."""
         return None
 
     def copied(self, crc32c: int) -> None:
-        """Told, after :func:`copy_many` copied :meth:`region` for it, the CRC-32C of the bytes."""
+        """Told, after :func:`convert.copying.copy_many` copied :meth:`region` for it, the CRC-32C of the bytes."""
 
     def verified_after(self) -> bool:
         """Whether the output this source is copied into is read back and compared with the CRC-32C
@@ -178,7 +178,7 @@ class FileRegion(Source):
                 progress(len(data))
             return google_crc32c.value(data)
         copy = getattr(os, "copy_file_range", None)
-        if copy is None or not _has_fd(out):  # an upload (convert.storage) has none
+        if copy is None or not has_fd(out):  # an upload (convert.storage) has none
             return Source.copy_into(self, out, nbytes, progress)  # no bare super(): a slots dataclass is a new class
         vouched = verified_after and self.crc32c is not None and self.crc32 is None and self.span is None
         with _open(self.path, self.label) as f:
@@ -197,7 +197,7 @@ class FileRegion(Source):
                     try:
                         n = copy(src, dst, min(4 * CHUNK, self.length - done), self.offset + done, start + done)
                     except OSError as e:
-                        if done or e.errno not in _NO_COPY_RANGE:
+                        if done or e.errno not in NO_COPY_RANGE:
                             raise
                         n = -1
                     if n <= 0:
@@ -220,13 +220,13 @@ class FileRegion(Source):
             return crc
 
     def run_limits(self) -> tuple[int, int]:
-        """(regions under this size join runs, bytes per run) for :func:`copy_many`: a run of a
+        """(regions under this size join runs, bytes per run) for :func:`convert.copying.copy_many`: a run of a
         local file is one ``pread``; a remote region's are larger (a GET costs a round trip)."""
         return SMALL, RUN
 
     def read_at(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of this region's file, unchecked (a run of regions:
-        :func:`copy_many`); fewer at its end. A remote region reads them in one ranged GET."""
+        :func:`convert.copying.copy_many`); fewer at its end. A remote region reads them in one ranged GET."""
         return _pread_region(self.path, offset, length, self.label)
 
     def _small(self) -> bytes:
@@ -297,10 +297,10 @@ class Checksums:
             self.outer = google_crc32c.extend(self.outer, piece)
 
 
-_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
 
 
-def _has_fd(out: BinaryIO) -> bool:
+def has_fd(out: BinaryIO) -> bool:
     try:
         out.fileno()
     except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
@@ -320,6 +320,12 @@ def mapped_checksums(fd: int, offset: int, length: int, crc32: bool = False, crc
     """Checksums of ``length`` bytes at ``offset`` of an open file whose size was checked, read
     through a memory map: no copy into Python."""
     sums, end = Checksums(crc32c, crc32, outer), offset + length
+    if length < SMALL:  # a few KB (one of 50,000 tensors): a map and its unmapping cost more than a read
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise CorruptFileError(None, "file is truncated")
+        sums.add(data)
+        return sums
     pos = offset - offset % mmap.ALLOCATIONGRANULARITY
     while pos < end:  # one window at a time: mapped pages count in RSS while the map lives
         size = min(CHUNK, end - pos)
@@ -369,7 +375,7 @@ def open_files() -> Iterator[None]:
 
 
 @contextmanager
-def _descriptor(path: str, label: str | None) -> Iterator[int]:
+def descriptor(path: str, label: str | None) -> Iterator[int]:
     """A read-only descriptor of ``path``: :func:`open_files`' one when it is open, else a new one closed after."""
     fds = getattr(_cache, "fds", None)
     fd = fds.get(path) if fds is not None else None
@@ -392,114 +398,15 @@ def _descriptor(path: str, label: str | None) -> Iterator[int]:
 
 def _pread_region(path: str, offset: int, length: int, label: str | None) -> bytes:
     """``length`` bytes at ``offset`` of ``path`` (through the descriptor of :func:`open_files` when one is open)."""
-    with _descriptor(path, label) as fd:
+    fds = getattr(_cache, "fds", None)
+    fd = fds.get(path) if fds is not None else None
+    if fd is not None:  # the common case, once per small tensor: no context manager
+        return os.pread(fd, length, offset)
+    with descriptor(path, label) as fd:
         return os.pread(fd, length, offset)
 
 
-RUN = 8 << 20  # bytes read at once by copy_many / digest_many
-
-
-def _runs(tensors: Sequence[Tensor]) -> Iterator[tuple[list[tuple[Tensor, FileRegion]], Tensor | None]]:
-    """Consecutive tensors whose bytes are small regions (no ``span``) following each other in one
-    file, grouped into runs of at most :data:`RUN` bytes; each other tensor alone, as ``([], t)``."""
-    run: list[tuple[Tensor, FileRegion]] = []
-    size = 0
-    for t in tensors:
-        r = t.source.region() if t.dtype.kind != "string" else None
-        small, limit = r.run_limits() if r is not None else (0, 0)
-        if r is None or r.length >= small or r.span is not None or r.length != t.nbytes:
-            if run:
-                yield run, None
-                run, size = [], 0
-            yield [], t
-            continue
-        if run and (r.path != run[-1][1].path or r.offset != run[-1][1].offset + run[-1][1].length
-                    or size + r.length > limit):
-            yield run, None
-            run, size = [], 0
-        run.append((t, r))
-        size += r.length
-    if run:
-        yield run, None
-
-
-def _read_run(run: list[tuple[Tensor, FileRegion]]) -> bytes:
-    first = run[0][1]
-    length = run[-1][1].offset + run[-1][1].length - first.offset
-    data = first.read_at(first.offset, length)
-    if len(data) != length:
-        raise CorruptFileError(first.path, "file is truncated", first.label)
-    return data  # sliced per tensor: a copy of a few KB costs less than a memoryview google_crc32c refuses
-
-
-def copy_many(tensors: Sequence[Tensor], out: BinaryIO) -> list[int]:
-    """``t.copy_into(out)`` for each tensor in turn; their CRC-32Cs. A run of small tensors whose
-    bytes follow each other in one file (a checkpoint of 50,000 biases and norms) is read with one
-    ``pread`` and written with one ``write``, each tensor's checksums checked on its slice: per
-    tensor, no system call. What a writer with many tensors calls instead of ``copy_into``."""
-    crcs = []
-    kernel = getattr(os, "copy_file_range", None) is not None and _has_fd(out)
-    for run, single in _runs(tensors):
-        if single is not None:
-            crcs.append(single.copy_into(out))
-            continue
-        if kernel and type(run[0][1]) is FileRegion and all(
-                t.source.verified_after() and r.crc32c is not None and r.crc32 is None for t, r in run):
-            # the output is read back and compared with the CRC-32Cs the source stores: copied in the kernel
-            if _copy_run(run, out):
-                for t, r in run:
-                    assert r.crc32c is not None  # the run was taken for the CRC-32Cs its source stores
-                    t.source.copied(r.crc32c)
-                    crcs.append(r.crc32c)
-                continue
-            kernel = False
-        data = _read_run(run)
-        pos = 0
-        for t, r in run:
-            crc = r._check_slice(data[pos:pos + r.length])
-            t.source.copied(crc)
-            crcs.append(crc)
-            pos += r.length
-        out.write(data)
-    return crcs
-
-
-def _copy_run(run: list[tuple[Tensor, FileRegion]], out: BinaryIO) -> bool:
-    """The run's bytes copied into ``out`` at its position by ``copy_file_range``; False (nothing
-    copied) where the kernel refuses it (another file system)."""
-    first = run[0][1]
-    length = run[-1][1].offset + run[-1][1].length - first.offset
-    out.flush()
-    dst, start = out.fileno(), out.tell()
-    done = 0
-    with _descriptor(first.path, first.label) as src:
-        while done < length:
-            try:
-                n = os.copy_file_range(src, dst, length - done, first.offset + done, start + done)
-            except OSError as e:
-                if done or e.errno not in _NO_COPY_RANGE:
-                    raise
-                return False
-            if n <= 0:
-                raise CorruptFileError(first.path, "file is truncated", first.label)
-            done += n
-    out.seek(start + length)
-    return True
-
-
-def digest_many(tensors: Sequence[Tensor]) -> list[int]:
-    """:func:`digest` of each tensor, runs of small consecutive regions read as :func:`copy_many` reads them."""
-    crcs = []
-    for run, single in _runs(tensors):
-        if single is not None:
-            crcs.append(digest(single))
-            continue
-        data = _read_run(run)
-        pos = 0
-        for _, r in run:
-            crcs.append(r._check_slice(data[pos:pos + r.length]))
-            pos += r.length
-    return crcs
+RUN = 8 << 20  # bytes read at once by convert.copying's copy_many / digest_many
 
 
 @dataclass(frozen=True, eq=False)
@@ -533,7 +440,7 @@ class BytesSource(Source):
 _NO_ATTRS: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False, slots=True)
 class Tensor:
     """One named tensor of the IR. Its data is read only when asked for.
 
@@ -555,14 +462,22 @@ class Tensor:
     dtype: DType
     shape: tuple[int, ...]
     source: Source
-    attrs: Mapping[str, str] = field(default_factory=dict)
+    attrs: Mapping[str, str] = field(default_factory=lambda: _NO_ATTRS)
     """Namespaced facts about the tensor (``role``: ``weight``/``optimizer``/``step``; ``origin``...)."""
+    _nbytes: int = field(default=-1, repr=False)  # :attr:`nbytes`, once known (strings: when first asked)
 
-    def __post_init__(self):  # 200,000 calls for a 50,000-tensor conversion: kept cheap
-        object.__setattr__(self, "shape", tuple(map(int, self.shape)))
-        attrs = self.attrs
+    def __init__(self, name: str, dtype: DType, shape: Iterable[int], source: Source,
+                 attrs: Mapping[str, str] = _NO_ATTRS):
+        # 200,000 calls for a 50,000-tensor conversion: slots (no instance dict) and no __post_init__
         if type(attrs) is not MappingProxyType:  # a proxy is already read-only: shared, not copied
-            object.__setattr__(self, "attrs", MappingProxyType(dict(attrs)) if attrs else _NO_ATTRS)
+            attrs = MappingProxyType(dict(attrs)) if attrs else _NO_ATTRS
+        shape = tuple(map(int, shape))
+        _set(self, "name", name)
+        _set(self, "dtype", dtype)
+        _set(self, "shape", shape)
+        _set(self, "source", source)
+        _set(self, "attrs", attrs)  # asked for several times per tensor by writers and checks: kept
+        _set(self, "_nbytes", dtype.nbytes(math.prod(shape)) if dtype.kind != "string" else -1)
 
     @classmethod
     def from_array(cls, name: str, array, attrs: Mapping[str, str] | None = None) -> Tensor:
@@ -584,12 +499,11 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the raw data; for strings, the sum of the element lengths (read lazily)."""
-        if self.dtype.kind == "string":
-            return sum(len(s) for s in self.numpy().reshape(-1))
-        n = self.__dict__.get("_nbytes")  # asked for several times per tensor by writers and checks
-        if n is None:
-            n = self.__dict__["_nbytes"] = self.dtype.nbytes(math.prod(self.shape))
+        """Bytes of the raw data; for strings, the sum of the element lengths (read lazily, once)."""
+        n = self._nbytes
+        if n < 0:
+            n = sum(len(s) for s in self.numpy().reshape(-1))
+            _set(self, "_nbytes", n)
         return n
 
     def numpy(self) -> np.ndarray:
@@ -639,16 +553,23 @@ class Tensor:
         """The same tensor with its bytes from ``source`` (of the same dtype and shape)."""
         return self._but(source=source)
 
-    def _but(self, **changes) -> Tensor:
-        # dataclasses.replace re-runs __init__ and __post_init__ (~5 µs); the fields here are already
-        # in their final form, so a copy of the instance dict does (~0.5 µs, at 50,000 tensors)
+    def _but(self, name: str | None = None, source: Source | None = None,
+             attrs: Mapping[str, str] | None = None) -> Tensor:
+        # the fields here are already in their final form: copied, not re-checked by __init__
         t = object.__new__(type(self))
-        t.__dict__.update(self.__dict__)
-        t.__dict__.update(changes)
+        _set(t, "name", self.name if name is None else name)
+        _set(t, "dtype", self.dtype)
+        _set(t, "shape", self.shape)
+        _set(t, "source", self.source if source is None else source)
+        _set(t, "attrs", self.attrs if attrs is None else attrs)
+        _set(t, "_nbytes", self._nbytes)
         return t
 
     def __repr__(self) -> str:
         return f"Tensor({self.name!r}, {self.dtype.name}, {list(self.shape)})"
+
+
+_set = object.__setattr__  # a frozen dataclass's fields are set past its __setattr__
 
 
 def derived(tensor: Tensor, fn: Callable[[np.ndarray], np.ndarray], dtype: DType,
@@ -694,11 +615,14 @@ class TensorDict(Mapping[str, Tensor]):
                  metadata: Mapping[str, str] | None = None):
         if isinstance(tensors, Mapping):
             tensors = tensors.values()
-        items: dict[str, Tensor] = {}
-        for t in tensors:
-            if t.name in items:
-                raise UsageError(f"two tensors are named '{t.name}'")
-            items[t.name] = t
+        given = list(tensors)
+        items = {t.name: t for t in given}
+        if len(items) != len(given):
+            seen: set[str] = set()
+            for t in given:
+                if t.name in seen:
+                    raise UsageError(f"two tensors are named '{t.name}'")
+                seen.add(t.name)
         self._tensors = items
         self.metadata: Mapping[str, str] = MappingProxyType({str(k): str(v) for k, v in (metadata or {}).items()})
 
@@ -712,6 +636,19 @@ class TensorDict(Mapping[str, Tensor]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
+
+    # the dict's own views and lookups, not Mapping's (one __getitem__ call per tensor)
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def keys(self) -> KeysView[str]:
+        return self._tensors.keys()
+
+    def values(self) -> ValuesView[Tensor]:
+        return self._tensors.values()
+
+    def items(self) -> ItemsView[str, Tensor]:
+        return self._tensors.items()
 
     def __len__(self) -> int:
         return len(self._tensors)

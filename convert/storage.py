@@ -504,7 +504,7 @@ class RemoteRegion(FileRegion):
         return REMOTE_RANGE, REMOTE_RANGE * REMOTE_PARALLEL
 
     def read_at(self, offset: int, length: int) -> bytes:
-        """The bytes of a run of tensors (:func:`convert.ir.copy_many`), by parallel ranged GETs."""
+        """The bytes of a run of tensors (:func:`convert.copying.copy_many`), by parallel ranged GETs."""
         return b"".join(self._ranges(offset, offset + length, REMOTE_RANGE))
 
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes]:

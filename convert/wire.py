@@ -60,6 +60,8 @@ def read_varint(buf: Bytes, pos: int) -> tuple[int, int]:
 
 def encode_varint(value: int) -> bytes:
     """Encode a non-negative int (or a negative one as its 64-bit two's complement)."""
+    if 0 <= value < 0x80:  # most of them (lengths, dtypes, small dims): 1.7 million for a 50,000-tensor V1 file
+        return _ONE_BYTE[value]
     if value < 0:
         value += 1 << 64
     out = bytearray()
@@ -71,6 +73,9 @@ def encode_varint(value: int) -> bytes:
         else:
             out.append(b)
             return bytes(out)
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def read_varint_from(f: BinaryIO) -> int | None:

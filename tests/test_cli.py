@@ -233,7 +233,7 @@ def test_sigterm_midway_leaves_nothing(st_file, capsys, monkeypatch):
 
     from convert.formats import safetensors
 
-    real = safetensors.copy_many  # the writer's copy of its tensors' bytes (ir.copy_many)
+    real = safetensors.copy_many  # the writer's copy of its tensors' bytes (copying.copy_many)
 
     def copy_then_terminate(tensors, out):
         crcs = real(tensors, out)

@@ -54,7 +54,7 @@ def test_v2_to_safetensors_copies_in_the_kernel(big_v2, tmp_path, monkeypatch):
     out = tmp_path / "m.safetensors"
     summary = convert.convert(src, out, to="safetensors")
     assert summary["outputs"][0]["verified"]
-    # every byte went by the kernel: the big tensors one by one, the small one as a run (ir.copy_many)
+    # every byte went by the kernel: the big tensors one by one, the small one as a run (copying.copy_many)
     assert sum(calls) == sum(rows * 4096 for rows in ROWS) + 5 * 4
     _same(safetensors_read(out), expected)
 

@@ -39,11 +39,13 @@ import math
 import re
 import struct
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path, PurePosixPath
 
 from .. import dtypes, storage
+from ..copying import copy_many
 from ..errors import CorruptFileError, ReadError, WriteError
-from ..ir import FileRegion, Tensor, TensorDict, copy_many
+from ..ir import FileRegion, Tensor, TensorDict
 from ..units import parse_size
 from .base import Format, Option, ShardWriter, Writer
 
@@ -137,25 +139,30 @@ def _read_file(path: Path) -> TensorDict:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptFileError(path, "__metadata__ must map strings to strings")
     entries = []
-    for name, info in header.items():
+    kinds: dict = {}  # safetensors dtype code -> row (a file has a few)
+    for name, info in header.items():  # 50,000 entries at a time: kept lean
         try:
-            dtype = dtypes.from_safetensors(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            code = info["dtype"]
+            dtype = kinds.get(code) or kinds.setdefault(code, dtypes.from_safetensors(code))
+            shape = tuple(map(int, info["shape"]))
+            begin, end = map(int, info["data_offsets"])
         except Exception as e:  # any malformed entry: KeyError, TypeError, ValueError, ConvertError
             raise CorruptFileError(path, f"malformed header entry ({type(e).__name__}: {e})", name) from None
-        if any(d < 0 for d in shape):
-            raise CorruptFileError(path, f"negative dimension in shape {list(shape)}", name)
-        if not 0 <= begin <= end <= data_size:
-            raise CorruptFileError(path, f"data_offsets [{begin}, {end}] lie outside the data section"
-                                         f" of {data_size} bytes (file truncated?)", name)
-        if dtype.block is not None and math.prod(shape) % dtype.block[0]:
-            raise CorruptFileError(path, f"{dtype} {list(shape)} does not end on a byte boundary", name)
-        if end - begin != dtype.nbytes(math.prod(shape)):
-            raise CorruptFileError(path, f"holds {end - begin} bytes but {dtype} {list(shape)} needs"
-                                         f" {dtype.nbytes(math.prod(shape))}", name)
+        numel = math.prod(shape)
+        if end - begin != dtype.nbytes(numel) or not 0 <= begin <= end <= data_size or dtype.block is not None \
+                or min(shape, default=0) < 0:  # one test for the common case, then which one failed
+            if any(d < 0 for d in shape):
+                raise CorruptFileError(path, f"negative dimension in shape {list(shape)}", name)
+            if not 0 <= begin <= end <= data_size:
+                raise CorruptFileError(path, f"data_offsets [{begin}, {end}] lie outside the data section"
+                                             f" of {data_size} bytes (file truncated?)", name)
+            if dtype.block is not None and numel % dtype.block[0]:
+                raise CorruptFileError(path, f"{dtype} {list(shape)} does not end on a byte boundary", name)
+            if end - begin != dtype.nbytes(numel):
+                raise CorruptFileError(path, f"holds {end - begin} bytes but {dtype} {list(shape)} needs"
+                                             f" {dtype.nbytes(numel)}", name)
         entries.append((begin, end, name, dtype, shape))
-    entries.sort(key=lambda e: (e[0], e[1]))
+    entries.sort(key=itemgetter(0, 1))
     pos = 0
     for begin, end, name, _, _ in entries:
         if begin != pos:
@@ -166,7 +173,7 @@ def _read_file(path: Path) -> TensorDict:
                    for begin, end, name, dtype, shape in entries]
     else:
         where = str(path)  # one string for every region
-        tensors = [Tensor(name, dtype, shape, FileRegion(where, start + begin, end - begin, label=name))
+        tensors = [Tensor(name, dtype, shape, FileRegion(where, start + begin, end - begin, None, name))
                    for begin, end, name, dtype, shape in entries]
     return TensorDict(tensors, {**meta, "source.format": NAME, **hf_config_beside(path)})
 
@@ -272,20 +279,20 @@ def _write_file(tensors: list[Tensor], metadata: dict, path: Path) -> list:
     if metadata:
         header["__metadata__"] = metadata
     offset = 0
+    starts = []
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype.safetensors, "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
+        n = t.nbytes
+        header[t.name] = {"dtype": t.dtype.safetensors, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        starts.append(offset)
+        offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes with spaces
     start = 8 + len(raw)
-    entries = []
     with path.open("wb") as f:  # remote: an upload (convert.storage)
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for t, crc in zip(tensors, copy_many(tensors, f), strict=True):
-            entries.append([t.name, start + header[t.name]["data_offsets"][0], t.nbytes, crc])
-    return entries
+        crcs = copy_many(tensors, f)
+    return [[t.name, start + at, t.nbytes, crc] for t, at, crc in zip(tensors, starts, crcs, strict=True)]
 
 
 # --split shards (convert.split): each shard a standalone file, the index written last

@@ -27,9 +27,10 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ... import storage, wire
+from ...copying import copy_many
 from ...dtypes import DType, from_tf
 from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError, WriteError
-from ...ir import ArraySource, FileRegion, Tensor, copy_many
+from ...ir import ArraySource, FileRegion, Tensor
 from ...lazy import np
 from ...wire import ProtoError
 from .protowire import BundleEntry, BundleHeader
@@ -58,17 +59,14 @@ def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = 
     """The tensors of the V2 checkpoint at ``prefix`` (in index order) and its header; ``attrs(name)``
     gives each tensor's attrs (made here, not copied onto 50,000 tensors afterwards)."""
     index_path = prefix + ".index"
-    table = TableReader(index_path)
+    rows = TableReader(index_path).entries()  # every block decoded in one pass each
     header = None
-    entries: dict[bytes, bytes] = {}
-    for key, value in table.items():
-        if key == b"":
-            try:
-                header = BundleHeader.decode(value)
-            except ProtoError as e:
-                raise CorruptFileError(index_path, f"bad bundle header: {e}") from None
-        else:
-            entries[key] = bytes(value)
+    if rows and rows[0][0] == b"":  # keys are sorted: the header's "" comes first
+        try:
+            header = BundleHeader.decode(rows[0][1])
+        except ProtoError as e:
+            raise CorruptFileError(index_path, f"bad bundle header: {e}") from None
+    entries = {key: value for key, value in rows if key[:1] == b"\x00"}  # slices of partitioned variables
     if header is None:
         raise CorruptFileError(index_path, "no bundle header (key \"\"); not a V2 checkpoint index")
     if header.big_endian:
@@ -100,9 +98,9 @@ def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = 
             return storage.RemoteRegion(shard_paths[shard], offset, size, remote=objs[shard], **checks)
         return FileRegion(shard_paths[shard], offset, size, **checks)
 
-    def decode(key: bytes, name: str) -> BundleEntry:
+    def decode_entry(value: bytes, name: str) -> BundleEntry:
         try:
-            return BundleEntry.decode(entries[key])
+            return BundleEntry.decode(value)
         except ProtoError as e:
             raise CorruptFileError(index_path, f"bad index entry: {e}", name) from None
 
@@ -121,21 +119,31 @@ def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = 
         return region(entry.shard_id, entry.offset, entry.size, crc32c=unmask_crc(entry.crc32c), label=name)
 
     tensors = []
-    for key in entries:
-        if key.startswith(b"\x00"):
-            continue  # a slice of a partitioned variable: read through its full entry
+    kinds: dict[int, DType] = {}  # TF dtype number -> row (a checkpoint has a few)
+    for key, value in rows:
+        if not key or key[0] == 0:
+            continue  # the header, or a slice of a partitioned variable: read through its full entry
         try:
             name = key.decode("utf-8")
         except UnicodeDecodeError:
             raise CorruptFileError(index_path, f"tensor name {key!r} is not UTF-8") from None
-        entry = decode(key, name)
-        try:
-            dtype = from_tf(entry.dtype)
-        except UnsupportedDTypeError:
-            raise ReadError(index_path, f"unsupported TensorFlow dtype {entry.dtype}", name) from None
+        entry = decode_entry(value, name)
+        dtype = kinds.get(entry.dtype)  # None until looked up below
+        if dtype is None:
+            try:
+                dtype = kinds[entry.dtype] = from_tf(entry.dtype)
+            except UnsupportedDTypeError:
+                raise ReadError(index_path, f"unsupported TensorFlow dtype {entry.dtype}", name) from None
         shape = entry.shape
         if not entry.slices:
-            tensors.append(Tensor(name, dtype, shape, source(entry, name, dtype, shape), attrs(name) if attrs else {}))
+            shard, end = entry.shard_id, entry.offset + entry.size
+            if (not remote and dtype.kind != "string" and shard < header.num_shards and end <= shard_sizes[shard]
+                    and entry.size == math.prod(shape) * dtype.itemsize):  # the common case, checked inline
+                src: FileRegion | ArraySource = FileRegion(shard_paths[shard], entry.offset, entry.size,
+                                                           unmask_crc(entry.crc32c), name)
+            else:
+                src = source(entry, name, dtype, shape)  # checked there, each failure named
+            tensors.append(Tensor(name, dtype, shape, src, attrs(name) if attrs else {}))
             continue
         # A partitioned variable's slices hold all its bytes (a string: at least a byte per element)
         # in the data files: a shape claiming more is refused before anything is allocated for it.
@@ -147,7 +155,7 @@ def read_bundle(prefix: str, attrs: Callable[[str], Mapping[str, str]] | None = 
             skey = slice_key(name, extents)
             if skey not in entries:
                 raise CorruptFileError(index_path, "a slice of this partitioned variable is missing", name)
-            sentry = decode(skey, name)
+            sentry = decode_entry(entries[skey], name)
             try:
                 _, sub = slice_bounds(extents, shape)
             except ValueError as e:
@@ -246,7 +254,7 @@ def write_data_shard(tensors: Sequence[Tensor], path: str | storage.RemotePath, 
     entries = []
     with _create(path) as f:
         offset = 0
-        numeric: list[Tensor] = []  # copied together (ir.copy_many: runs of small tensors in one read)
+        numeric: list[Tensor] = []  # copied together (copying.copy_many: runs of small tensors in one read)
 
         def flush() -> None:
             nonlocal offset

@@ -138,6 +138,38 @@ def iter_block(data, seek: bytes | None = None) -> Iterator[tuple[bytes, memoryv
         pos += vlen
 
 
+def block_entries(data) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of one decoded block, in order, in one pass: what :func:`iter_block`
+    yields, as bytes (no memoryviews), for a reader that wants them all (a V2 index of 50,000
+    entries). Entries whose three lengths are one-byte varints (all of a TF index's) take a
+    short path; the others, and every malformation, go through :func:`~convert.wire.read_varint`."""
+    b = bytes(data)
+    n = len(b)
+    if n < 4:
+        raise ProtoError("block too short")
+    num_restarts = int.from_bytes(b[n - 4:], "little")
+    limit = n - 4 - 4 * num_restarts
+    if num_restarts == 0 and n > 4 or limit < 0:
+        raise ProtoError("bad restart array")
+    out = []
+    pos, key = 0, b""
+    while pos < limit:
+        shared, non_shared, vlen = b[pos:pos + 3] if pos + 3 <= limit else (0x80, 0, 0)
+        if (shared | non_shared | vlen) & 0x80:
+            shared, pos = read_varint(b, pos)
+            non_shared, pos = read_varint(b, pos)
+            vlen, pos = read_varint(b, pos)
+        else:
+            pos += 3
+        end = pos + non_shared
+        if shared > len(key) or end + vlen > limit:
+            raise ProtoError("bad block entry")
+        key = key[:shared] + b[pos:end] if shared else b[pos:end]
+        pos = end + vlen
+        out.append((key, b[end:pos]))
+    return out
+
+
 class TableReader:
     """Random and sequential access to one table file; every block's crc is checked.
 
@@ -149,6 +181,8 @@ class TableReader:
         self.path = str(self.remote) if self.remote is not None else os.fspath(path)  # type: ignore[arg-type]
         self._cache: OrderedDict[int, bytes | memoryview] = OrderedDict()
         self._cache_size = cache_blocks
+        self._lookups: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()  # blocks decoded for get()
+        self._asked: set[int] = set()  # blocks get() looked into once
         try:
             size = self.remote.stat().st_size if self.remote is not None else os.path.getsize(self.path)
             with _open(self.remote or self.path) as f:
@@ -190,7 +224,7 @@ class TableReader:
             raise CorruptFileError(self.path, "file is truncated", label)
         ctype = raw[size]
         stored = struct.unpack_from("<I", raw, size + 1)[0]
-        actual = mask_crc(crc32c_extend(crc32c_extend(0, memoryview(raw)[:size]), raw[size:size + 1]))
+        actual = mask_crc(google_crc32c.extend(google_crc32c.value(raw[:size]), raw[size:size + 1]))  # bytes: no NumPy
         if stored != actual:
             raise CorruptFileError(self.path, f"block checksum mismatch at offset {offset}", label)
         data: bytes | memoryview
@@ -230,17 +264,43 @@ class TableReader:
             except ProtoError as e:
                 raise CorruptFileError(self.path, f"bad data block at offset {handle[0]}: {e}") from None
 
+    def entries(self) -> list[tuple[bytes, bytes]]:
+        """:meth:`items`, all at once (:func:`block_entries`: one pass per block, bytes values)."""
+        out: list[tuple[bytes, bytes]] = []
+        for _, handle in self.index:
+            block = self.read_block(handle)
+            try:
+                out += block_entries(block)
+            except ProtoError as e:
+                raise CorruptFileError(self.path, f"bad data block at offset {handle[0]}: {e}") from None
+        return out
+
     def block_for(self, key: bytes) -> tuple[int, int] | None:
         """The handle (offset, size) of the only block that may hold ``key``, or None."""
         i = bisect.bisect_left(self._index_keys, key)
         return self.index[i][1] if i < len(self.index) else None
 
-    def get(self, key: bytes, label: str | None = None) -> memoryview | None:
+    def get(self, key: bytes, label: str | None = None) -> bytes | memoryview | None:
         """The value stored under ``key``, or None."""
         handle = self.block_for(key)
         if handle is None:
             return None
+        offset = handle[0]
+        found = self._lookups.get(offset)
+        if found is not None:
+            self._lookups.move_to_end(offset)
+            return found.get(key)
         block = self.read_block(handle, label)
+        if offset in self._asked and len(block) <= _CACHE_LIMIT:
+            # a second key of this block (a V1 file read tensor by tensor): decoded whole, once
+            try:
+                self._lookups[offset] = found = dict(block_entries(block))
+            except ProtoError as e:
+                raise CorruptFileError(self.path, f"bad data block: {e}", label) from None
+            if len(self._lookups) > self._cache_size:
+                self._lookups.popitem(last=False)
+            return found.get(key)
+        self._asked.add(offset)
         try:
             for k, v in iter_block(block, key):
                 if k == key:
