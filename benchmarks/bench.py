@@ -594,7 +594,7 @@ def hf_contenders(src: Path, dst: Path, shards: list[Path], limit: str) -> dict[
     return {"-> torch shards": torch_side, "-> tf-ckpt": tf_side}
 
 
-def hf_scenario(tmp: Path, size_gb: int, repeat: int) -> dict:
+def hf_scenario(tmp: Path, size_gb: int, repeat: int, keep: tuple[str, ...] = ()) -> dict:
     """A Hugging Face style model of 4 bf16 safetensors shards -> torch shards and -> tf-ckpt, against
     the durable floor (cp + sync of the same bytes), with 1 and 2 workers, peers side by side."""
     free = shutil.disk_usage(tmp).free
@@ -617,6 +617,8 @@ def hf_scenario(tmp: Path, size_gb: int, repeat: int) -> dict:
                  "disk_free_gb": round(free / 1e9), "note": note, "targets": {}}
     try:
         for target, cmds in hf_contenders(src, dst, shards, f"{limit // 1000 + 1}KB").items():
+            if keep:  # --hf-only: the floor and the contenders named
+                cmds = {k: v for k, v in cmds.items() if k == "cp+sync" or any(w in k for w in keep)}
             runs: dict[str, list[dict]] = {k: [] for k in cmds}
             for _ in range(repeat):
                 for name, cmd in list(cmds.items()):
@@ -672,6 +674,9 @@ def main() -> None:
                     help="the sharded-model scenario at these sizes (e.g. 1,16): 4 bf16 safetensors shards -> torch "
                          "shards and -> tf-ckpt; needs about 2x the size free on --dir's disk (16 GB runs only "
                          "with >= 50 GB free, else 8 GB); '' (the default) skips it")
+    ap.add_argument("--hf-only", nargs="*", default=[], metavar="WORD",
+                    help="the sharded-model scenario's contenders whose name holds one of these words "
+                         "(cp+sync is always run), e.g. batch split")
     ap.add_argument("--make", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:
@@ -772,7 +777,7 @@ def main() -> None:
         if args.batch_runs and wanted("batch"):
             results["batch"] = batch_scenario(tmp, args.batch_runs, args.repeat)
         for gb in (int(g) for g in args.hf_gb.split(",") if g and wanted("hf")):
-            results.setdefault("hf", []).append(hf_scenario(tmp, gb, args.repeat))
+            results.setdefault("hf", []).append(hf_scenario(tmp, gb, args.repeat, tuple(args.hf_only)))
         if args.tensor_curve:
             print("\ntensor curve: tf-ckpt V2 -> safetensors and inspect, fastest of 3, by tensor count")
             results["tensor_curve"] = tensor_curve(tmp, [int(n) for n in args.tensor_curve.split(",")])
