@@ -90,8 +90,13 @@ lint: install
 docs: install
 	$(BIN)/python -m sphinx -W -n --keep-going -q -b html docs site
 
+# The default scenarios (about 15 minutes; benchmarks/README.md). BENCH_ARGS adds options, e.g. the
+# scenarios that are off by default, alone (the curves and remote ones left out):
+#   make bench BENCH_ARGS="--only batch --batch-runs 200 --curve= --tensor-curve= --remote-mb 0"
+#   make bench BENCH_ARGS="--only hf --hf-gb 1,16 --repeat 3 --curve= --tensor-curve= --remote-mb 0"
+BENCH_ARGS ?=
 bench: install
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 # The parser fuzzer at length: 20,000 random inputs per target (11 targets, ~30 min on one core);
 # the test suite runs the same harness derandomized, 500 per target. FUZZ_EXAMPLES=N to change.

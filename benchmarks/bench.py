@@ -3,6 +3,7 @@ a user would otherwise write with the frameworks, on a ~2 GB checkpoint of ~200 
 
 Usage: python benchmarks/bench.py [--size-mb 2048] [--repeat 5] [--dir DIR] [--json PATH]
                                   [--only NAME ...] [--curve 512,1024,2048,4096]
+                                  [--batch-runs 200] [--hf-gb 1,16]
 
 Every contender is a command run in a fresh process (import cost included); its wall time is
 measured around the process and its peak RSS is the child's ru_maxrss. ``cp`` is the floor of
@@ -21,11 +22,21 @@ s3fs copy of the same bytes through the client (``fs.open`` read in 16 MiB piece
 multipart upload of 64 MiB parts: what any S3 -> S3 tool must at least do) and against a
 server-side ``fs.copy`` (no byte leaves the server: no conversion can reach it), in MB/s of the
 input. convert also reads its output back remotely to verify it (``--no-verify`` shows the cost).
+
+Two scenarios run only when asked. ``--batch-runs N`` (``--only batch``): N small TF checkpoints
+-> safetensors with ``convert batch`` on 1 and 2 local workers and on a 2-CPU Ray cluster that
+the bench starts on 127.0.0.1 (in a process of its own) and stops, against a shell loop running
+``convert`` once per checkpoint; in jobs per second. ``--hf-gb 1,16`` (``--only hf``): a Hugging
+Face style model of 4 bf16 safetensors shards (Llama-3-8B's tensors at 16 GB, the same 291
+tensors narrower at smaller sizes) -> torch shards (``convert batch`` over the shards) and ->
+tf-ckpt (``--split shards``, 1 worker and ``--worker 0/2`` + ``1/2``), against the durable floor
+and the scripts a user would otherwise write; every output is removed after its run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -384,6 +395,262 @@ def remote_scenarios(tmp: Path, size_mb: int, repeat: int) -> list[dict]:
     return out
 
 
+# ---- many conversions: `convert batch` on local workers and on Ray (issue 17) -------------------
+
+def make_runs(root: Path, n: int) -> None:
+    """``n`` small training runs, one TF V2 checkpoint each (8 KB of weights, as tests/test_batch.py's
+    ``runs``), written by convert's own writer (whose bytes are TF's; no TensorFlow needed)."""
+    import numpy as np
+
+    import convert
+    from convert.ir import Tensor, TensorDict
+
+    root.mkdir(parents=True)
+    for i in range(n):
+        rng, run_dir = np.random.default_rng(i), root / f"run{i:03d}"
+        td = TensorDict([Tensor.from_array("dense/kernel", rng.standard_normal((32, 64), dtype=np.float32)),
+                         Tensor.from_array("dense/bias", rng.standard_normal(64, dtype=np.float32)),
+                         Tensor.from_array("global_step", np.array(100 + i, np.int64))])
+        convert.write(td, run_dir, "tf-ckpt", verify=False)
+        if not (run_dir / "checkpoint").exists():
+            (run_dir / "checkpoint").write_text('model_checkpoint_path: "model.ckpt"\n')
+
+
+# A local Ray cluster of 2 CPUs on this machine, in a process of its own (Ray 2.x binds its GCS to the
+# machine's own interface address, not 127.0.0.1, even when asked with _node_ip_address; nothing
+# leaves the machine): it prints the GCS address,
+# runs until its stdin closes, then shuts the cluster down (every raylet, GCS and worker with it).
+RAY_HEAD = ("import sys, ray\n"
+            "ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
+            "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+            "sys.stdin.read()\nray.shutdown()\n")
+
+
+class RayCluster:
+    """``with RayCluster() as address``: started on this machine, always stopped, never left running."""
+
+    def __enter__(self) -> str:
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([PY, "-c", RAY_HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        address = (self.proc.stdout.readline() if self.proc.stdout else "").strip()
+        if ":" not in address:
+            self.__exit__()
+            raise SystemExit(f"the local Ray cluster did not start (address {address!r})")
+        self.started_s = time.perf_counter() - t0
+        return address
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def batch_scenario(tmp: Path, n: int, repeat: int) -> dict:
+    """``n`` small TF checkpoints -> safetensors: ``convert batch`` with 1 and 2 local workers and on
+    a local 2-CPU Ray cluster, against a shell loop running ``convert`` once per checkpoint; jobs/s."""
+    runs_dir, out = tmp / "runs", tmp / "batch-out"
+    subprocess.run([PY, __file__, "--make", "runs", str(runs_dir), "--batch-runs", str(n)], check=True, cwd=ROOT)
+    subprocess.run(["sh", "-c", 'cat "$0"/*/* > /dev/null', str(runs_dir)], check=True)  # warm page cache
+    batch = [*CONVERT, "batch", str(runs_dir / "*" / "checkpoint"), "--to", "safetensors",
+             "-o", str(out / "{run}.safetensors"), "-q"]
+    loop = ["sh", "-c", 'mkdir -p "$1" && for d in "$0"/run*; do "$2" -m convert tf-ckpt "$d" --to safetensors '
+            '-o "$1/${d##*/}.safetensors" -q || exit 1; done', str(runs_dir), str(out), PY]
+    ray_ok = have("ray")
+    cmds = {"batch --workers 1": [*batch, "--workers", "1"], "batch --workers 2": [*batch, "--workers", "2"]}
+    if ray_ok:
+        cmds["batch --ray (2 CPUs)"] = []  # filled in once the cluster's address is known
+    cmds["shell loop"] = loop
+    results: dict = {"name": f"batch: {n} tf-ckpt -> safetensors", "jobs": n, "runs": {k: [] for k in cmds}}
+    print(f"\nbatch: {n} small TF V2 checkpoints -> safetensors, {repeat} interleaved rounds")
+    cluster = RayCluster() if ray_ok else contextlib.nullcontext("")
+    with cluster as address:
+        if ray_ok:
+            cmds["batch --ray (2 CPUs)"] = [*batch, "--ray", address]
+            results["ray_start_s"] = round(cluster.started_s, 2)  # type: ignore[union-attr]
+            print(f"  local Ray cluster on {address} (2 CPUs), started in {cluster.started_s:.1f} s")  # type: ignore[union-attr]
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # how a CLI process joins a token-auth cluster (DESIGN.md)
+        for _ in range(repeat):
+            for name, cmd in cmds.items():
+                r = run(cmd, out, env=env)
+                made = len(list(out.glob("*.safetensors")))
+                if made != n:
+                    raise SystemExit(f"{name}: {made} outputs, not {n}")
+                results["runs"][name].append(r)
+            shutil.rmtree(out)
+    shutil.rmtree(runs_dir)
+    med = {}
+    for name, rs in results["runs"].items():
+        secs = [r["seconds"] for r in rs]
+        med[name] = {"seconds": statistics.median(secs), "min": min(secs),
+                     "jobs_per_s": n / statistics.median(secs), "jobs_per_s_best": n / min(secs),
+                     "rss_mb": statistics.median(r["rss_mb"] for r in rs)}
+    results["median"] = med
+    loop_s = med["shell loop"]["seconds"]
+    print(f"  {'contender':<22} {'median s':>9} {'fastest s':>9} {'jobs/s':>8} {'best':>8} {'x loop':>7} {'RSS MB':>7}")
+    for name, m in med.items():
+        print(f"  {name:<22} {m['seconds']:9.2f} {m['min']:9.2f} {m['jobs_per_s']:8.1f} {m['jobs_per_s_best']:8.1f} "
+              f"{loop_s / m['seconds']:6.1f}x {m['rss_mb']:7.0f}", flush=True)
+    return results
+
+
+# ---- a Hugging Face style sharded model, tens of GB (issue 18) ------------------------------------
+
+def llama_shapes(total_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors of a Llama-3-8B-shaped model (32 layers, GQA 4:1, MLP 3.5x, vocabulary 31.3x the
+    width) whose width is picked so that its bf16 bytes come to about ``total_bytes``: width 4096
+    (Llama-3-8B itself, 16 GB) for 16 GB, 1024 for 1 GB. 291 tensors at every size."""
+    params_per_h2 = 2 * 31.3 + 32 * 13  # embeddings + lm_head, and 32 layers of 13 h^2 each
+    h = max(512, round((total_bytes / 2 / params_per_h2) ** 0.5 / 512) * 512)  # whole 128-wide KV heads
+    vocab, kv, mlp = round(h * 31.3125), h // 4, h * 7 // 2
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(32):
+        p = f"model.layers.{i}."
+        shapes += [(p + "input_layernorm.weight", (h,)), (p + "mlp.down_proj.weight", (h, mlp)),
+                   (p + "mlp.gate_proj.weight", (mlp, h)), (p + "mlp.up_proj.weight", (mlp, h)),
+                   (p + "post_attention_layernorm.weight", (h,)), (p + "self_attn.k_proj.weight", (kv, h)),
+                   (p + "self_attn.o_proj.weight", (h, h)), (p + "self_attn.q_proj.weight", (h, h)),
+                   (p + "self_attn.v_proj.weight", (kv, h))]
+    return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
+
+
+def make_hf(out: Path, size_mb: int) -> None:
+    """``size_mb`` (10^6 bytes) of a Hugging Face sharded folder (``model-0000K-of-00004.safetensors`` + ``model.safetensors.index.json``)
+    of random finite bf16 values, by convert's own streaming writer: one tensor in memory at a time."""
+    import numpy as np
+
+    import convert
+    from convert.ir import ArraySource, Tensor, TensorDict
+
+    bf16 = convert.dtypes.by_name("bfloat16")
+
+    def lazy(i: int, name: str, shape: tuple[int, ...]) -> Tensor:
+        def produce():  # bit patterns of bf16 values in +-[2^-8, 2^-7): finite, no NaN; fast to make
+            bits = np.random.default_rng(i).integers(0, 1 << 16, size=shape, dtype=np.uint16)
+            return ((bits & np.uint16(0x807F)) | np.uint16(0x3B80)).view(bf16.numpy)
+        return Tensor(name, bf16, shape, ArraySource(produce))
+    td = TensorDict(lazy(i, n, s) for i, (n, s) in enumerate(llama_shapes(size_mb * 10**6)))
+    limit = td.nbytes // 4 + td.nbytes // 40  # 4 shards, as HF's 5 GB limit gives Llama-3-8B
+    convert.write(td, out, "safetensors", verify=False, max_shard_size=str(limit))
+    h, vocab = td["model.norm.weight"].shape[0], td["lm_head.weight"].shape[0]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+              "intermediate_size": h * 7 // 2, "num_hidden_layers": 32, "num_attention_heads": h // 128,
+              "num_key_value_heads": h // 512, "vocab_size": vocab, "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5, "max_position_embeddings": 8192}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # what from_pretrained needs
+
+
+TORCH_PER_SHARD = ("import glob, os, sys, torch\nfrom safetensors.torch import load_file\nos.mkdir(sys.argv[2])\n"
+                   "for f in sorted(glob.glob(os.path.join(sys.argv[1], '*.safetensors'))):\n"
+                   "    stem = os.path.basename(f).removesuffix('.safetensors')\n"
+                   "    torch.save(load_file(f), os.path.join(sys.argv[2], stem + '.bin'))\n")
+HUB_SHARDED = ("import glob, os, sys, torch, huggingface_hub\nfrom safetensors.torch import load_file\n"
+               "state = {}\nfor f in sorted(glob.glob(os.path.join(sys.argv[1], '*.safetensors'))):\n"
+               "    state.update(load_file(f))\n"
+               "os.mkdir(sys.argv[2])\n"
+               "huggingface_hub.save_torch_state_dict(state, sys.argv[2], safe_serialization=False, "
+               "max_shard_size=sys.argv[3])\n")
+
+# What a transformers user types: the model class reads the shards and writes torch shards with an index
+# (save_pretrained shards with huggingface_hub's split_torch_state_dict_into_shards). The whole model is in memory.
+TRANSFORMERS_SAVE = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+                     "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16)\n"
+                     "model.save_pretrained(sys.argv[2], safe_serialization=False, max_shard_size=sys.argv[3])\n")
+WHOLE_MODEL_PEERS = ("hub save_torch_state_dict", "transformers save_pretrained")
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+
+
+def hf_contenders(src: Path, dst: Path, shards: list[Path], limit: str) -> dict[str, dict[str, list[str]]]:
+    """Per target, the contenders: the durable floor (once, or two copies at a time), convert with 1
+    and 2 workers the way the tool offers each (``convert batch`` over the shards for torch, which
+    has no sharded writer; ``--split shards`` with ``--worker I/2`` for tf-ckpt), and the peers."""
+    s = [str(p) for p in shards]
+    floor = {"cp+sync": ["sh", "-c", 'mkdir "$0" && cp "$@" "$0"/ && sync "$0"/* "$0"', str(dst), *s],
+             "cp+sync 2 at once": ["sh", "-c", 'mkdir "$0" && { cp "$1" "$3" "$0"/ & cp "$2" "$4" "$0"/ & wait; } '
+                                   '&& sync "$0"/* "$0"', str(dst), *s]}
+    batch = [*CONVERT, "batch", str(src / "*.safetensors"), "--to", "torch", "-o", str(dst / "{stem}.bin"), "-q"]
+    torch_side = {**floor, "batch --workers 1": [*batch, "--workers", "1"],
+                  "batch --workers 2": [*batch, "--workers", "2"]}
+    if have("torch") and have("safetensors"):
+        torch_side["torch.save(load_file) per shard"] = [PY, "-c", TORCH_PER_SHARD, str(src), str(dst)]
+        if have("huggingface_hub"):
+            torch_side["hub save_torch_state_dict"] = [PY, "-c", HUB_SHARDED, str(src), str(dst), limit]
+        if have("transformers"):
+            torch_side["transformers save_pretrained"] = [PY, "-c", TRANSFORMERS_SAVE, str(src), str(dst), limit]
+    split = [*CONVERT, "safetensors", str(src), "--to", "tf-ckpt", "-o", str(dst), "-q", "--split", "shards"]
+    tf_side = {**floor, "convert (one output shard)": [*CONVERT, "safetensors", str(src), "--to", "tf-ckpt",
+                                                       "-o", str(dst), "-q"],
+               "--split shards, 1 worker": split,
+               "--split shards, 2 workers": ["sh", "-c", '"$@" --worker 0/2 & a=$!; "$@" --worker 1/2 & b=$!; '
+                                             'wait $a && wait $b', "sh", *split]}
+    return {"-> torch shards": torch_side, "-> tf-ckpt": tf_side}
+
+
+def hf_scenario(tmp: Path, size_gb: int, repeat: int, keep: tuple[str, ...] = ()) -> dict:
+    """A Hugging Face style model of 4 bf16 safetensors shards -> torch shards and -> tf-ckpt, against
+    the durable floor (cp + sync of the same bytes), with 1 and 2 workers, peers side by side."""
+    free = shutil.disk_usage(tmp).free
+    note = ""
+    if size_gb >= 16 and free < 50e9:  # source + one output + headroom for the people sharing the disk
+        note = f"only {free / 1e9:.0f} GB free (< 50 GB): 8 GB instead of {size_gb} GB"
+        size_gb = 8
+        print(f"\nhf: {note}")
+    src, dst = tmp / f"hf-{size_gb}g", tmp / "hf-out"
+    t0 = time.perf_counter()
+    subprocess.run([PY, __file__, "--make", "hf", str(src), "--size-mb", str(size_gb * 1000)], check=True, cwd=ROOT)
+    shards = sorted(src.glob("*.safetensors"))
+    nbytes = sum(p.stat().st_size for p in shards)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    limit = index["metadata"]["total_size"] // 4 + index["metadata"]["total_size"] // 40
+    print(f"\nhf: {len(shards)} shards, {nbytes / 1e9:.2f} GB bf16, {len(index['weight_map'])} tensors "
+          f"(made in {time.perf_counter() - t0:.0f} s, {free / 1e9:.0f} GB free), {repeat} interleaved rounds")
+    out: dict = {"name": f"hf: {size_gb} GB, 4 safetensors shards", "size_gb": size_gb, "input_bytes": nbytes,
+                 "shard_bytes": [p.stat().st_size for p in shards], "tensors": len(index["weight_map"]),
+                 "disk_free_gb": round(free / 1e9), "note": note, "targets": {}}
+    try:
+        for target, cmds in hf_contenders(src, dst, shards, f"{limit // 1000 + 1}KB").items():
+            if keep:  # --hf-only: the floor and the contenders named
+                cmds = {k: v for k, v in cmds.items() if k == "cp+sync" or any(w in k for w in keep)}
+            runs: dict[str, list[dict]] = {k: [] for k in cmds}
+            for _ in range(repeat):
+                for name, cmd in list(cmds.items()):
+                    # a peer holding the whole model runs only with room to spare: 4 other people share this machine
+                    if name in WHOLE_MODEL_PEERS and mem_available() < nbytes * 1.2 + (3 << 30):
+                        print(f"  {name}: left out, {mem_available() / 1e9:.1f} GB available is under "
+                              f"1.2x the model + 3 GB", flush=True)
+                        out.setdefault("left_out", []).append(f"{target}: {name}")
+                        del cmds[name], runs[name]
+                        continue
+                    r = run(cmd, dst)
+                    if "torch" in target and name.startswith("batch"):  # every shard converted
+                        assert len(list(dst.glob("*.bin"))) == len(shards), name
+                    runs[name].append(r)
+                    shutil.rmtree(dst)  # one output on disk at a time
+            med = {k: {"seconds": statistics.median(r["seconds"] for r in rs), "min": min(r["seconds"] for r in rs),
+                       "rss_mb": max(r["rss_mb"] for r in rs)} for k, rs in runs.items()}
+            floor, floor_min = med["cp+sync"]["seconds"], med["cp+sync"]["min"]
+            print(f"  {target}\n  {'contender':<34} {'median s':>9} {'fastest s':>9} {'x sync med':>10} "
+                  f"{'x sync min':>10} {'GB/s best':>9} {'peak RSS MB':>11}")
+            for name, m in med.items():
+                m["x_durable"], m["x_durable_min"] = m["seconds"] / floor, m["min"] / floor_min
+                print(f"  {name:<34} {m['seconds']:9.2f} {m['min']:9.2f} {m['x_durable']:10.2f} "
+                      f"{m['x_durable_min']:10.2f} {nbytes / 1e9 / m['min']:9.2f} {m['rss_mb']:11.0f}", flush=True)
+            out["targets"][target] = {"median": med, "runs": runs}
+    finally:
+        shutil.rmtree(src)
+        if dst.exists():
+            shutil.rmtree(dst)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=2048)
@@ -400,10 +667,26 @@ def main() -> None:
                          "in the same rounds, as contender @LABEL")
     ap.add_argument("--remote-mb", type=int, default=512,
                     help="size of the remote (local S3 server) scenarios' input; 0 skips them")
+    ap.add_argument("--batch-runs", type=int, default=0, metavar="N",
+                    help="the batch scenario: N small TF checkpoints through `convert batch` (1, 2 workers, Ray) "
+                         "and a shell loop; 0 (the default) skips it; e.g. 200")
+    ap.add_argument("--hf-gb", default="", metavar="GB,...",
+                    help="the sharded-model scenario at these sizes (e.g. 1,16): 4 bf16 safetensors shards -> torch "
+                         "shards and -> tf-ckpt; needs about 2x the size free on --dir's disk (16 GB runs only "
+                         "with >= 50 GB free, else 8 GB); '' (the default) skips it")
+    ap.add_argument("--hf-only", nargs="*", default=[], metavar="WORD",
+                    help="the sharded-model scenario's contenders whose name holds one of these words "
+                         "(cp+sync is always run), e.g. batch split")
     ap.add_argument("--make", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:
         kind, path = args.make
+        if kind == "runs":
+            make_runs(Path(path), args.batch_runs)
+            return
+        if kind == "hf":
+            make_hf(Path(path), args.size_mb)
+            return
         if kind in ("v2n", "stn", "ptn"):
             make_many(kind, Path(path), args.many)
             return
@@ -490,6 +773,11 @@ def main() -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if args.remote_mb and (not args.only or any(w.lower() in "remote" for w in args.only)):
             results["remote"] = remote_scenarios(tmp, args.remote_mb, args.repeat)
+        wanted = lambda word: not args.only or any(w.lower() in word for w in args.only)  # noqa: E731
+        if args.batch_runs and wanted("batch"):
+            results["batch"] = batch_scenario(tmp, args.batch_runs, args.repeat)
+        for gb in (int(g) for g in args.hf_gb.split(",") if g and wanted("hf")):
+            results.setdefault("hf", []).append(hf_scenario(tmp, gb, args.repeat, tuple(args.hf_only)))
         if args.tensor_curve:
             print("\ntensor curve: tf-ckpt V2 -> safetensors and inspect, fastest of 3, by tensor count")
             results["tensor_curve"] = tensor_curve(tmp, [int(n) for n in args.tensor_curve.split(",")])
