@@ -422,7 +422,7 @@ def _metadata_pickle_with(obj_bytes: bytes) -> bytes:
 
 
 def test_malicious_metadata_never_runs(tmp_path):
-    from test_hostile import _payloads, _wait_for
+    from test_torch import _payloads, _wait_for
 
     marker = tmp_path / "pwned"
     for route, (pkl, _) in _payloads(marker).items():
@@ -457,7 +457,7 @@ def test_malicious_bytes_item_never_runs(single, tmp_path):
 
 
 def test_pickle_bombs_in_metadata(tmp_path):
-    from test_hostile import PICKLE_BOMBS
+    from test_torch import PICKLE_BOMBS
 
     for case, (pkl, _) in PICKLE_BOMBS.items():
         folder = tmp_path / case

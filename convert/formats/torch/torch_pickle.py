@@ -653,7 +653,10 @@ def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: 
     OSError from ``file``), nothing else.
     """
     try:
-        obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals,
+        # a BytesIO already never reads past its end, nor allocates what a length claims: the guard
+        # would only add a Python call per opcode argument (1.8 M of them for 50,000 tensors)
+        source = file if type(file) is io.BytesIO else _Bounded(file)
+        obj = RestrictedUnpickler(source, storages=storages, allow_globals=allow_globals,
                                   stubbed=stubbed).load()
     except (RefusedGlobal, PickleFormatError, OSError):
         raise
