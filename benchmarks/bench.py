@@ -321,7 +321,8 @@ def tensor_curve(tmp: Path, counts: list[int]) -> list[dict]:
 
 
 REMOTE_SCENARIOS = [("remote: safetensors -> safetensors", "safetensors", "out.safetensors"),
-                    ("remote: safetensors -> tf-ckpt V2", "tf-ckpt", "out-ckpt")]
+                    ("remote: safetensors -> tf-ckpt V2", "tf-ckpt", "out-ckpt"),
+                    ("remote: safetensors -> torch", "torch", "out.pt")]
 S3FS = "import json, sys, s3fs\nfs = s3fs.S3FileSystem(**json.loads(sys.argv[1]))\n"
 STREAM_COPY = S3FS + ("with fs.open(sys.argv[2], 'rb', block_size=16 << 20) as f, "
                       "fs.open(sys.argv[3], 'wb', block_size=64 << 20) as g:\n"

@@ -75,7 +75,7 @@ def read(path: PathLike, format: str | None = None, **opts) -> TensorDict:
 
     Args:
         path: a file or folder; a URL (``s3://...``, ``memory://...``) for the formats that take remote
-            paths (safetensors, tf-ckpt V2).
+            paths (``convert.registry.remote_formats()``: safetensors, tf-ckpt V2, torch, npz, gguf, dcp, onnx).
         format: a format name from ``convert formats``; None or "auto" detects it from content.
         **opts: format-specific reading options (e.g. ``step=190`` for tf-ckpt).
 

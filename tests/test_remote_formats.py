@@ -1,8 +1,9 @@
 """Format adapters on remote paths (issue 17, phase 2), against a real local S3 (moto's server
 on 127.0.0.1, the ``s3`` fixture of conftest.py).
 
-safetensors single files and sharded folders read from and written to the bucket, the values
-checked with the safetensors library's own reading of downloaded copies; reads are ranged (a
+safetensors single files and sharded folders, tf-ckpt V2, torch (zip; legacy read), npz, GGUF and
+DCP folders read from and written to the bucket, the values checked with each format's own library
+(safetensors, TensorFlow, torch.load, numpy.load, gguf.GGUFReader) reading downloaded copies; reads are ranged (a
 tensor costs its bytes and a few header blocks, never the whole object); a failure while
 writing leaves no object and no incomplete upload; ``--force`` replaces an output without a
 mix; formats that take local paths only are refused in one line naming the format.
@@ -245,19 +246,21 @@ def test_local_only_formats_are_refused_naming_the_format(s3, tmp_path):
     src = tmp_path / "m.safetensors"
     safetensors.numpy.save_file({"w": np.ones(3, np.float32)}, str(src))
     s3.fs().put(str(src), f"{bucket}/m.safetensors")
-    s3.fs().pipe_file(f"{bucket}/m.pt", b"PK\x03\x04 not really")
-    with pytest.raises(UsageError, match="writing torch to remote paths is not supported yet"):
-        convert.convert(src, f"s3://{bucket}/m.pt", to="torch")
-    with pytest.raises(UsageError, match="reading torch from remote paths is not supported yet"):
-        convert.read(f"s3://{bucket}/m.pt")
-    res = _cli("auto", f"s3://{bucket}/m.pt", "--to", "safetensors", options=s3.options_json)
+    s3.fs().pipe_file(f"{bucket}/m.tflite", b"\x1c\x00\x00\x00TFL3 not really")
+    with pytest.raises(UsageError, match="writing saved-model to remote paths is not supported yet"):
+        convert.convert(src, f"s3://{bucket}/m-saved", to="saved-model")
+    with pytest.raises(UsageError, match="reading tflite from remote paths is not supported yet"):
+        convert.read(f"s3://{bucket}/m.tflite")
+    res = _cli("auto", f"s3://{bucket}/m.tflite", "--to", "safetensors", options=s3.options_json)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert "torch from remote paths" in res.stderr and "safetensors" in res.stderr
+    assert "tflite from remote paths" in res.stderr
+    assert all(f in res.stderr for f in ("safetensors", "tf-ckpt", "torch", "npz", "gguf", "dcp", "onnx", "keras")), \
+        res.stderr
     # argparse's own error quotes the command line: the storage options' secret is redacted there too
-    res = _cli("auto", f"s3://{bucket}/m.pt", "--to", "safetensors", "--no-such-flag", options=s3.options_json)
+    res = _cli("auto", f"s3://{bucket}/m.tflite", "--to", "safetensors", "--no-such-flag", options=s3.options_json)
     assert res.returncode == 2 and "--no-such-flag" in res.stderr, res.stderr
     assert FAKE_SECRET not in res.stderr
-    assert s3.fs().find(bucket) == [f"{bucket}/m.pt", f"{bucket}/m.safetensors"]
+    assert s3.fs().find(bucket) == [f"{bucket}/m.safetensors", f"{bucket}/m.tflite"]
 
 
 def test_a_default_output_of_a_remote_input_is_beside_it(s3, tmp_path):
@@ -411,3 +414,271 @@ def test_batch_converts_checkpoints_in_a_bucket_into_the_bucket_and_a_rerun_skip
     assert res.returncode == 0, res.stderr
     assert [json.loads(line)["status"] for line in res.stdout.splitlines()] == ["skipped", "skipped"]
     assert FAKE_SECRET not in res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------ torch, npz, gguf, dcp
+
+def _download(fs, key: str, tmp_path: Path) -> Path:
+    local = tmp_path / f"dl-{key.replace('/', '_')}"
+    fs.invalidate_cache()
+    if fs.isdir(key):
+        fs.get(key + "/", str(local) + "/", recursive=True)
+    else:
+        fs.get(key, str(local))
+    return local
+
+
+def _torch_arrays(torch, sd) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in sd.items()}
+
+
+def test_torch_checkpoints_in_s3_read_and_written_by_ranged_gets(s3, tmp_path, fetched, commit_order):
+    """A torch.save zip in the bucket -> a .pt in the bucket (streamed: data descriptors) that
+    torch.load reads back; the read is ranged (the tensors' bytes and a few blocks, however many
+    storage records the archive has); a legacy (pre-1.6) file reads too."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    sd = {f"layers.{i}.w": torch.from_numpy(rng.standard_normal((64, 32)).astype(np.float32)) for i in range(40)}
+    sd["embed"] = torch.from_numpy(rng.standard_normal((2500, 1000)).astype(np.float32))  # 10 MB
+    sd["half"] = torch.from_numpy(rng.standard_normal(300).astype(np.float16))
+    sd["ids"] = torch.arange(50, dtype=torch.int64)
+    sd["tied"] = sd["ids"]  # a tensor sharing another's storage
+    src = tmp_path / "model.pt"
+    torch.save(sd, src)
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    fs.put(str(src), f"{bucket}/runs/model.pt")
+    url, out = f"s3://{bucket}/runs/model.pt", f"s3://{bucket}/exports/model.pt"
+
+    fetched.clear()
+    td = convert.read(url, format="torch")
+    assert isinstance(td["embed"].source, storage.RemoteRegion)
+    # the central directory, data.pkl and 30 bytes of each of the 44 records' local headers:
+    # a few read-ahead blocks, not one per record, and not the 10 MB of data
+    assert sum(fetched) <= 3 * storage.HEADER_BLOCK, fetched
+    fetched.clear()
+    assert np.array_equal(td["layers.3.w"].numpy(), sd["layers.3.w"].numpy())
+    assert sum(fetched) == sd["layers.3.w"].numel() * 4, fetched  # that tensor's bytes, no more
+
+    res = convert.convert(url, out, to="torch")["outputs"][0]
+    assert res["verified"] and res["output"] == out and commit_order == ["model.pt"]
+    got = torch.load(_download(fs, out[5:], tmp_path), weights_only=True)
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    # safetensors in the bucket to torch in the bucket
+    arrays = _arrays(12)
+    st = tmp_path / "m.safetensors"
+    safetensors.numpy.save_file(arrays, str(st))
+    fs.put(str(st), f"{bucket}/hf/m.safetensors")
+    convert.convert(f"s3://{bucket}/hf/m.safetensors", f"s3://{bucket}/exports/from-st.pt", to="torch")
+    got = torch.load(_download(fs, f"{bucket}/exports/from-st.pt", tmp_path), weights_only=True)
+    _equal({k: v.numpy() for k, v in got.items()}, arrays)
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"a": sd["embed"][:5], "b": sd["half"], "c": sd["embed"].t()[:3]}, legacy,
+               _use_new_zipfile_serialization=False)
+    fs.put(str(legacy), f"{bucket}/old/legacy.pt")
+    want = torch.load(legacy, weights_only=True)
+    back = tmp_path / "legacy.safetensors"
+    convert.convert(f"s3://{bucket}/old/legacy.pt", back, to="safetensors")
+    _equal(safetensors.numpy.load_file(str(back)), {k: v.contiguous().numpy() for k, v in want.items()})
+    assert s3.pending_uploads(bucket) == []
+
+
+def test_a_failure_while_writing_torch_or_npz_or_gguf_leaves_no_object(s3, tmp_path):
+    pytest.importorskip("gguf")
+    src = _failing_source(tmp_path)
+    bucket = s3.new_bucket()
+    for fmt, name in (("torch", "m.pt"), ("npz", "m.npz"), ("gguf", "m.gguf")):
+        with pytest.raises(WriteError, match="value 1e\\+30 cannot be held by float16"):
+            convert.convert(src, f"s3://{bucket}/out/{name}", to=fmt, dtype="float16")
+    assert s3.fs().find(bucket) == [] and s3.pending_uploads(bucket) == []
+
+
+def test_npz_archives_in_s3_read_and_written(s3, tmp_path, fetched):
+    """np.savez and np.savez_compressed archives in the bucket -> an npz in the bucket that
+    numpy.load reads; a stored member's array is a ranged read."""
+    rng = np.random.default_rng(13)
+    arrays = {f"w{i}": rng.standard_normal((50, 20)).astype(np.float32) for i in range(30)}
+    arrays.update(big=rng.standard_normal((800, 1000)).astype(np.float32), ids=np.arange(9, dtype=np.int16),
+                  fortran=np.asfortranarray(rng.standard_normal((6, 4))), flags=np.array([True, False]))
+    plain, packed = tmp_path / "plain.npz", tmp_path / "packed.npz"
+    np.savez(plain, **arrays)
+    np.savez_compressed(packed, **arrays)
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    fs.put(str(plain), f"{bucket}/in/plain.npz")
+    fs.put(str(packed), f"{bucket}/in/packed.npz")
+
+    fetched.clear()
+    td = convert.read(f"s3://{bucket}/in/plain.npz", format="npz")
+    assert sum(fetched) <= 3 * storage.HEADER_BLOCK, fetched  # not a read-ahead block per member
+    assert isinstance(td["big"].source, storage.RemoteRegion)
+    fetched.clear()
+    assert np.array_equal(td["w7"].numpy(), arrays["w7"]) and sum(fetched) == arrays["w7"].nbytes
+
+    for name in ("plain", "packed"):
+        out = f"s3://{bucket}/out/{name}.npz"
+        assert convert.convert(f"s3://{bucket}/in/{name}.npz", out, to="npz")["outputs"][0]["verified"]
+        with np.load(_download(fs, out[5:], tmp_path)) as got:
+            _equal(dict(got), arrays)
+    assert s3.pending_uploads(bucket) == []
+
+
+def test_gguf_files_in_s3_read_and_written(s3, tmp_path, fetched):
+    """A GGUF file written by the gguf library (F32, F16, Q8_0 blocks, typed key/values) in the
+    bucket -> GGUF in the bucket that gguf.GGUFReader reads with the same tensors and values."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(14)
+    f32 = rng.standard_normal((512, 1024)).astype(np.float32)  # 2 MB
+    f16 = rng.standard_normal((8, 64)).astype(np.float16)
+    q8 = quantize(rng.standard_normal((16, 64)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    src = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(src), arch="llama")
+    w.add_uint32("llama.block_count", 2)
+    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(20000)])  # a header of a few blocks
+    w.add_tensor("token_embd.weight", f32)
+    w.add_tensor("blk.0.attn_norm.weight", f16)
+    w.add_tensor("blk.0.ffn_up.weight", q8, raw_dtype=GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    fs.put(str(src), f"{bucket}/in/m.gguf")
+
+    fetched.clear()
+    td = convert.read(f"s3://{bucket}/in/m.gguf", format="gguf")
+    assert sum(fetched) <= src.stat().st_size - f32.nbytes + 2 * storage.HEADER_BLOCK, fetched
+    assert isinstance(td["token_embd.weight"].source, storage.RemoteRegion)
+    out = f"s3://{bucket}/out/m.gguf"
+    assert convert.convert(f"s3://{bucket}/in/m.gguf", out, to="gguf")["outputs"][0]["verified"]
+    local = _download(fs, out[5:], tmp_path)
+    want = {t.name: (int(t.tensor_type), np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(str(src)).tensors}
+    got = {t.name: (int(t.tensor_type), np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(str(local)).tensors}
+    assert got == want
+    fields = gguf.GGUFReader(str(local)).fields
+    assert fields["llama.block_count"].contents() == 2
+    assert fields["tokenizer.ggml.tokens"].contents()[19999] == "tok19999"
+    assert local.read_bytes() == src.read_bytes()  # GGUF -> GGUF is byte for byte, remotely too
+    assert s3.pending_uploads(bucket) == []
+
+
+def test_a_dcp_checkpoint_in_s3_converts_to_safetensors_in_s3(s3, tmp_path):
+    """torch.distributed.checkpoint.save's folder (.metadata + __0_0.distcp) in the bucket, read
+    remotely (the tensors' bytes by ranged GETs) into safetensors in the bucket."""
+    torch = pytest.importorskip("torch")
+    tdcp = pytest.importorskip("torch.distributed.checkpoint")
+    rng = np.random.default_rng(15)
+    sd = {"model": {"embed": torch.from_numpy(rng.standard_normal((600, 900)).astype(np.float32)),
+                    "fc.bias": torch.from_numpy(rng.standard_normal(10).astype(np.float16))},
+          "step": 42}
+    folder = tmp_path / "step-42"
+    tdcp.save(sd, checkpoint_id=str(folder))
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    fs.put(str(folder) + "/", f"{bucket}/runs/step-42/", recursive=True)
+    td = convert.read(f"s3://{bucket}/runs/step-42")
+    assert td.metadata["dcp.extra.step"] == "42"
+    out = f"s3://{bucket}/exports/step-42.safetensors"
+    assert convert.convert(f"s3://{bucket}/runs/step-42", out, to="safetensors")["outputs"][0]["verified"]
+    got = safetensors.numpy.load_file(str(_download(fs, out[5:], tmp_path)))
+    _equal(got, {f"model.{k}": v.numpy() for k, v in sd["model"].items()})
+    # a folder whose .metadata (written last, by the coordinator) is missing is an unfinished checkpoint
+    fs.rm(f"{bucket}/runs/step-42/.metadata")
+    fs.invalidate_cache()
+    with pytest.raises(ReadError):
+        convert.read(f"s3://{bucket}/runs/step-42", format="dcp")
+
+
+def _onnx_model(onnx, arrays: dict[str, np.ndarray]):
+    """A small runnable model: y = x @ w + b, every array an initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_onnx_models_in_s3_inline_and_with_external_data(s3, tmp_path):
+    """ONNX models in the bucket, weights inline and in a data file beside the model, read remotely;
+    written to the bucket inline, which onnxruntime runs (a weights-only model returns its weights)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(16)
+    arrays = {"w": rng.standard_normal((64, 32)).astype(np.float32), "b": rng.standard_normal(32).astype(np.float32),
+              "unused.big": rng.standard_normal((500, 1000)).astype(np.float32)}
+    model = _onnx_model(onnx, arrays)
+    inline, external = tmp_path / "inline", tmp_path / "external"
+    inline.mkdir()
+    external.mkdir()
+    onnx.save(model, str(inline / "m.onnx"))
+    onnx.save_model(model, str(external / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    for folder in (inline, external):
+        fs.put(str(folder) + "/", f"{bucket}/{folder.name}/", recursive=True)
+    for name in ("inline", "external"):
+        td = convert.read(f"s3://{bucket}/{name}/m.onnx")
+        assert isinstance(td["unused.big"].source, storage.RemoteRegion)
+        assert td["w"].attrs["origin"] == ("external:m.onnx.data" if name == "external" else "initializer")
+        out = f"s3://{bucket}/out/{name}.onnx"
+        assert convert.convert(f"s3://{bucket}/{name}/m.onnx", out, to="onnx")["outputs"][0]["verified"]
+        local = _download(fs, out[5:], tmp_path)
+        got = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(local)).graph.initializer}
+        _equal(got, arrays)
+        session = ort.InferenceSession(str(local), providers=["CPUExecutionProvider"])
+        ran = dict(zip([o.name for o in session.get_outputs()], session.run(None, {}), strict=True))
+        _equal(ran, arrays)
+    # external data beside a remote output is refused before anything is written
+    with pytest.raises(WriteError, match="external data .* local paths only"):
+        convert.convert(f"s3://{bucket}/inline/m.onnx", f"s3://{bucket}/out2/m.onnx", to="onnx",
+                        write_opts={"external_data_threshold": 0})
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/out2") and s3.pending_uploads(bucket) == []
+
+
+@pytest.mark.slow
+def test_keras_files_in_s3_read_as_keras_sees_them(s3, tmp_path):
+    """A .keras zip, its unzipped folder and the weights file in it in the bucket, read
+    remotely (h5py over ranged reads) to safetensors in the bucket: the values are Keras's own;
+    writing Keras to a URL is refused in one line."""
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("h5py")
+    import zipfile
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(3)
+    x = keras.Input((6,))
+    model = keras.Model(x, keras.layers.Dense(3)(keras.layers.LayerNormalization()(keras.layers.Dense(40)(x))))
+    d = tmp_path / "k"
+    d.mkdir()
+    model.save(d / "m.keras")
+    with zipfile.ZipFile(d / "m.keras") as zf:
+        zf.extractall(d / "unzipped")
+    want = {w.path: np.asarray(w.numpy()) for w in model.weights}
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    fs.put(str(d) + "/", f"{bucket}/k/", recursive=True)
+    for layout in ("m.keras", "unzipped", "unzipped/model.weights.h5"):
+        td = convert.read(f"s3://{bucket}/k/{layout}")
+        assert {n for n, t in td.items() if t.attrs["role"] == "weight"} == set(want), layout
+        out = f"s3://{bucket}/out/{layout.replace('/', '-')}.safetensors"
+        assert convert.convert(f"s3://{bucket}/k/{layout}", out, to="safetensors", weights_only=True)["outputs"][0][
+            "verified"]
+        _equal(safetensors.numpy.load_file(str(_download(fs, out[5:], tmp_path))), want)
+    assert isinstance(convert.read(f"s3://{bucket}/k/m.keras")["dense/kernel"].source, storage.RemoteRegion)
+    with pytest.raises(WriteError, match="Keras files are written to local paths only"):
+        convert.convert(f"s3://{bucket}/out/m.keras.safetensors", f"s3://{bucket}/out2/w.weights.h5", to="keras")
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/out2") and s3.pending_uploads(bucket) == []

@@ -309,11 +309,19 @@ def test_batch_lists_a_remote_pattern_and_says_what_is_not_there_yet(s3, tmp_pat
     for run in ("run1", "run2"):
         state = torch.load(tmp_path / "out" / f"{run}-{run}.pt", weights_only=True)
         assert torch.equal(state["w"], torch.ones(3))
-    # torch is written to local paths only: a remote output of it fails naming the format
+    # torch is written to remote paths too
     args[args.index("-o") + 1] = f"s3://{bucket}/out/{{run}}.pt"
+    res = subprocess.run([*args, "--json", "--workers", "1"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert [json.loads(line)["status"] for line in res.stdout.splitlines()] == ["done", "done"]
+    fs.get(f"{bucket}/out/run1.pt", str(tmp_path / "remote-run1.pt"))
+    assert torch.equal(torch.load(tmp_path / "remote-run1.pt", weights_only=True)["w"], torch.ones(3))
+    # saved-model is written to local paths only: a remote output of it fails naming the format
+    args[args.index("--to") + 1] = "saved-model"
+    args[args.index("-o") + 1] = f"s3://{bucket}/out/{{run}}-saved"
     res = subprocess.run([*args, "--json", "--workers", "1"], capture_output=True, text=True, env=ENV, timeout=120)
     assert res.returncode == 1
     records = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["status"] for r in records] == ["failed", "failed"]
-    assert all("writing torch to remote paths is not supported yet" in r["error"] for r in records)
+    assert all("writing saved-model to remote paths is not supported yet" in r["error"] for r in records), records
     assert FAKE_SECRET not in res.stdout + res.stderr

@@ -29,6 +29,12 @@ when their tensor is read, so listing a checkpoint reads ``.metadata`` and the n
 
 Names are DCP's flattened names. Non-tensor entries go to metadata as ``dcp.extra.<name>`` (JSON,
 strings as they are); what cannot be carried is listed in ``dcp.skipped``.
+
+Remote folders (``Format.remote``, :mod:`convert.storage`; training checkpoints live in buckets):
+``.metadata`` is one GET, each ``.distcp`` file one HEAD for its size; an item's archive is read
+when its tensor is, through a read-ahead file of small blocks (its records but the storage are a
+few KB), and the chunk's bytes as a :class:`~convert.storage.RemoteRegion` (large ranged GETs,
+the CRC-32 checked on the way).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from .. import dtypes
+from .. import storage as remote_storage
 from ..crc import CRC32C, combine
 from ..errors import ConvertError, CorruptFileError, ReadError
 from ..ir import CHUNK, Source, Tensor, TensorDict
@@ -193,19 +200,23 @@ def _translated(path, what: str, label: str | None = None):
 
 # ---- detect ------------------------------------------------------------------------------------
 
-def _metadata_file(path: Path) -> Path:
-    return path / METADATA if path.is_dir() else path
+def _metadata_file(path: os.PathLike | str) -> Path:
+    p: Path = remote_storage.as_path(path)  # type: ignore[assignment]  # a RemotePath for a URL
+    return p / METADATA if p.is_dir() else p
 
 
 def detect(path: Path) -> bool:
     """A folder (or its ``.metadata``) whose ``.metadata`` is a pickle of DCP's ``Metadata``."""
     try:
-        meta = _metadata_file(Path(path))
+        meta = _metadata_file(path)
         if meta.name != METADATA or not meta.is_file():
             return False
-        with open(meta, "rb") as f:
-            head = f.read(256)
-    except OSError:
+        if isinstance(meta, remote_storage.RemotePath):
+            head = meta.read_range(0, 256)  # one small GET
+        else:
+            with meta.open("rb") as f:
+                head = f.read(256)
+    except (OSError, ReadError):  # ReadError: a remote path's
         return False
     return head.startswith(b"\x80") and _MODULE.encode() in head
 
@@ -216,7 +227,7 @@ def detect(path: Path) -> bool:
 class _Item:
     """Where one item's bytes lie: ``length`` bytes at ``offset`` of a ``.distcp`` file."""
 
-    path: str
+    path: str | remote_storage.RemotePath
     offset: int
     length: int
 
@@ -296,7 +307,8 @@ def _storage(meta: Path, folder: Path, root: _Record) -> dict[tuple[str, tuple[i
                                    f"end of the file ({sizes[name]} bytes; truncated?)")
         if index in out:
             raise CorruptFileError(meta, f"two storage entries for '{fqn}' at offsets {index[1]}")
-        out[index] = _Item(str(folder / name), start, length)
+        file = folder / name
+        out[index] = _Item(file if isinstance(file, remote_storage.RemotePath) else str(file), start, length)
     return out
 
 
@@ -323,9 +335,12 @@ class _ItemSource(Source):
     def _open(self) -> Source:
         item, name = self.item, self.label
         with _translated(item.path, "not a torch.save tensor item", name):
-            with open(item.path, "rb") as f:
-                f.seek(item.offset)
-                head = f.read(10)
+            if isinstance(item.path, remote_storage.RemotePath):
+                head = item.path.read_range(item.offset, item.offset + 10)
+            else:
+                with open(item.path, "rb") as f:
+                    f.seek(item.offset)
+                    head = f.read(10)
             if head[8:10] == b'{"':  # a safetensors header where the archive should be
                 raise ReadError(item.path, "saved with serialization_format=SAFETENSORS, which is not supported "
                                 "(torch's own dcp_to_torch_save cannot read it either)", name)
@@ -450,7 +465,7 @@ def read(path: os.PathLike | str, **_opts) -> TensorDict:
         >>> td["model.layers.0.attention.wq.weight"].shape  # doctest: +SKIP
         (4096, 4096)
     """
-    meta = _metadata_file(Path(path))
+    meta = _metadata_file(path)
     folder = meta.parent
     if not meta.is_file():
         raise ReadError(path, f"no {METADATA} file: not a DCP checkpoint folder")
@@ -557,4 +572,5 @@ FORMAT = Format(
     suffixes=(),
     name_endings=(),
     checksums="CRC-32 of every tensor chunk (the torch.save archive of each item)",
+    remote=True,
 )

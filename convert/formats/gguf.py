@@ -37,6 +37,11 @@ copy for a tensor that is only renamed), padded as the writer pads it. Its own d
 need every tensor as a NumPy array. Output is deterministic: the writer adds nothing of its own
 (no architecture key unless the metadata has one, no timestamps). A GGUF file written by
 ``gguf`` comes out byte-identical through GGUF -> GGUF.
+
+Remote paths (``Format.remote``, :mod:`convert.storage`): the header is read from the start of
+the object in a few growing reads (a 128k-token vocabulary is a few MB), each tensor is a
+:class:`~convert.storage.RemoteRegion`; a remote output is ``GGUFWriter``'s file replaced by an
+upload, written in one pass as locally (GGUF has no field to patch afterwards).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import mmap
 import struct
 from pathlib import Path
 
-from .. import dtypes
+from .. import dtypes, storage
 from ..errors import ConvertError, CorruptFileError, ReadError, WriteError
 from ..ir import FileRegion, Tensor, TensorDict
 from .base import Format, Writer
@@ -72,9 +77,12 @@ _MIN_INFO = 8 + 4 + 4 + 8  # name length, rank, type, offset
 
 def detect(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        p = storage.as_path(path)
+        if isinstance(p, storage.RemotePath):
+            return p.read_range(0, 4) == MAGIC  # one small GET, not a read-ahead block
+        with p.open("rb") as f:
             return f.read(4) == MAGIC
-    except OSError:
+    except (OSError, ReadError):  # ReadError: a remote path's
         return False
 
 
@@ -85,16 +93,18 @@ class _Bad(Exception):
 
 
 class _Header:
-    """A bounds-checked cursor over the mapped file."""
+    """A bounds-checked cursor over the mapped file (or a remote file's header, read as it goes)."""
 
-    def __init__(self, buf, size: int):
-        self.buf, self.size, self.pos = buf, size, 0
+    def __init__(self, buf, size: int, grow=None):
+        self.buf, self.size, self.pos, self.grow = buf, size, 0, grow
 
     def take(self, n: int, what: str) -> int:
         if n < 0 or n > self.size - self.pos:
             raise _Bad(f"{what} runs past the end of the file (truncated?)")
         start = self.pos
         self.pos += n
+        if self.grow is not None:
+            self.grow(self.pos)
         return start
 
     def scalar(self, fmt: str, size: int, what: str):
@@ -144,11 +154,31 @@ class _Header:
         raise _Bad(f"{what} has unknown item type {itype}")
 
 
+class _Growing:
+    """The start of a remote object, read further (ranged GETs of doubling size) as the header
+    parser needs: the header costs a few GETs, the tensors none."""
+
+    def __init__(self, path: storage.RemotePath):
+        self.path, self.buf = path, bytearray()
+
+    def __call__(self, end: int) -> None:
+        if end > len(self.buf):
+            start = len(self.buf)
+            self.buf += self.path.read_range(start, start + max(end - start, start, storage.HEADER_BLOCK))
+
+
 def read(path: Path) -> TensorDict:
     """Read a ``.gguf`` file lazily: the header now, each tensor's bytes when a writer asks."""
-    path = Path(path)
+    path = storage.as_path(path)  # type: ignore[assignment]  # a RemotePath for a URL
     try:
-        with open(path, "rb") as f:
+        if isinstance(path, storage.RemotePath):
+            size = path.stat().st_size
+            if size < 24:
+                raise CorruptFileError(path, f"is {size} bytes, shorter than a GGUF header")
+            grow = _Growing(path)
+            grow(8)
+            return _parse(path, grow.buf, size, grow)
+        with path.open("rb") as f:
             size = path.stat().st_size
             if size < 24:
                 raise CorruptFileError(path, f"is {size} bytes, shorter than a GGUF header")
@@ -160,8 +190,8 @@ def read(path: Path) -> TensorDict:
         raise CorruptFileError(path, str(e)) from None
 
 
-def _parse(path: Path, buf, size: int) -> TensorDict:
-    h = _Header(buf, size)
+def _parse(path: Path, buf, size: int, grow=None) -> TensorDict:
+    h = _Header(buf, size, grow)
     if bytes(buf[:4]) != MAGIC:
         raise _Bad(f"does not start with the GGUF magic (found {bytes(buf[:4])!r})")
     h.pos = 4
@@ -203,6 +233,14 @@ def _parse(path: Path, buf, size: int) -> TensorDict:
         infos.append((name, dims, ggml, offset))
     data_start = -(-h.pos // alignment) * alignment
     data_size = size - data_start
+    if isinstance(path, storage.RemotePath):
+        def source(offset: int, nbytes: int, name: str) -> FileRegion:
+            return storage.region(path, offset, nbytes, label=name)
+    else:
+        where = str(path)  # one string for every region
+
+        def source(offset: int, nbytes: int, name: str) -> FileRegion:
+            return FileRegion(where, offset, nbytes, label=name)
     tensors, seen, spans = [], set(), []
     for name, dims, ggml, offset in infos:
         if name in seen:
@@ -224,7 +262,7 @@ def _parse(path: Path, buf, size: int) -> TensorDict:
             raise _Bad(f"tensor '{name}' ({dtype} {list(shape)}, {nbytes} bytes at offset {offset}) lies past the "
                        f"end of the data section of {max(data_size, 0)} bytes (file truncated?)")
         spans.append((offset, offset + nbytes, name))
-        tensors.append(Tensor(name, dtype, shape, FileRegion(str(path), data_start + offset, nbytes, label=name)))
+        tensors.append(Tensor(name, dtype, shape, source(data_start + offset, nbytes, name)))
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
         if begin < end:
@@ -284,7 +322,8 @@ def write(td: TensorDict, path: Path) -> None:
     from gguf.constants import GGMLQuantizationType, GGUFValueType
     from gguf.gguf_writer import GGUFWriter
 
-    path = Path(path)
+    path = storage.as_path(path)  # type: ignore[assignment]  # remote: the RemotePath of an atomic output
+    remote = isinstance(path, storage.RemotePath)
     kvs = []
     alignment = DEFAULT_ALIGNMENT
     for key, text in td.portable_metadata.items():
@@ -304,13 +343,19 @@ def write(td: TensorDict, path: Path) -> None:
         if t.dtype.is_quantized and block and (not t.shape or t.shape[-1] % block[0]):
             raise WriteError(path, f"{t.dtype} rows must be whole blocks of {block[0]}, "
                                    f"not shape {list(t.shape)}", t.name)
-    writer = GGUFWriter(path, arch="")  # arch "": no general.architecture unless the metadata has one
+    # arch "": no general.architecture unless the metadata has one
+    writer = GGUFWriter(None if remote else path, arch="")
     writer.data_alignment = alignment
     for key, value, vtype, item in kvs:
         writer.add_key_value(key, value, vtype, sub_type=item)
     for t in td.values():
         assert t.dtype.gguf is not None  # the core refused, before writing, every dtype GGUF cannot hold
         writer.add_tensor_info(t.name, t.shape, t.dtype.numpy, t.nbytes, raw_dtype=GGMLQuantizationType(t.dtype.gguf))
+    if remote:  # the writer's own file is an upload (its open_output_file keeps an output already open)
+        from gguf.gguf_writer import WriterState
+
+        writer.fout = [path.open("wb")]
+        writer.state = WriterState.EMPTY
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -334,4 +379,5 @@ FORMAT = Format(
     writers=(Writer("", write, dtypes.held_by("gguf"), suffix=".gguf"),),
     suffixes=(".gguf",),
     checksums="",
+    remote=True,
 )

@@ -30,6 +30,13 @@ npz holds: the dtypes whose NumPy ``descr`` ``numpy.load`` reads back as themsel
 uints, float16/32/64, complex); not bfloat16 or float8 (NumPy saves ml_dtypes types as raw
 ``V2``/``V1`` bytes), not strings (they would need pickling or fixed-width ``S`` arrays, which
 drop trailing NUL bytes). An npz has no place for metadata: it is left out, with a note.
+
+Remote paths (``Format.remote``, :mod:`convert.storage`): the zip directory is read through a
+read-ahead file, every member's local header and ``.npy`` header in one batch of concurrent
+ranged GETs, a stored member's array as a :class:`~convert.storage.RemoteRegion`; a compressed
+member is decompressed from a read-ahead file of large blocks. A remote output is one upload
+written in one pass: zipfile then puts each member's CRC-32 and sizes in a data descriptor after
+its bytes (the only difference from ``np.savez``'s bytes; ``numpy.load`` reads both).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from .. import dtypes
+from .. import dtypes, storage
 from ..crc import shift as crc32_shift
 from ..errors import ConvertError, CorruptFileError, ReadError, WriteError
 from ..ir import CHUNK, ArraySource, FileRegion, Source, Tensor, TensorDict, zlib_crc32
@@ -58,6 +65,7 @@ MAGIC = b"\x93NUMPY"
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # a zip local file header (APPNOTE 4.3.7)
 _LOCAL_SIG = 0x04034B50
 _MAX_HEADER = 10000  # numpy.load's max_header_size
+_PEEK = 4096  # bytes first read of each stored member: its .npy header (64-128 bytes but for many dimensions)
 _DEFLATE_RATIO = 1032  # deflate expands at most ~1032:1 (zlib's technical details)
 _MAX_NOTED = 5
 _MAX_DIMS = 64  # NumPy 2's NPY_MAXDIMS
@@ -66,13 +74,14 @@ _MAX_DIMS = 64  # NumPy 2's NPY_MAXDIMS
 def detect(path: Path) -> bool:
     """A zip whose first member is a ``.npy`` file (an empty one has no member: ``.npz`` hints it)."""
     try:
-        with open(path, "rb") as f:
+        p = storage.as_path(path)
+        with (p.open("rb", block_size=4096) if isinstance(p, storage.RemotePath) else p.open("rb")) as f:
             head = f.read(_LOCAL.size)
             if len(head) < _LOCAL.size or not head.startswith(b"PK\x03\x04"):
                 return False
             name_len = _LOCAL.unpack(head)[9]
             return f.read(name_len).endswith(NPY.encode())
-    except OSError:
+    except (OSError, ReadError):  # ReadError: a remote path's
         return False
 
 
@@ -84,9 +93,9 @@ class _Bad(Exception):
 
 def read(path: Path) -> TensorDict:
     """Read an ``.npz`` lazily: the zip directory and every ``.npy`` header now, data when asked."""
-    path = Path(path)
+    path = storage.as_path(path)  # type: ignore[assignment]  # a RemotePath for a URL
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             size = path.stat().st_size
             try:
                 zf = zipfile.ZipFile(f)
@@ -94,7 +103,8 @@ def read(path: Path) -> TensorDict:
                     ValueError, EOFError) as e:
                 raise CorruptFileError(path, f"is not a readable zip archive ({e})") from None
             with zf:
-                tensors, seen = [], set()
+                seen: set[str] = set()
+                members = []
                 for info in zf.infolist():
                     key = info.filename[:-len(NPY)] if info.filename.endswith(NPY) else None
                     if key is None:
@@ -103,8 +113,27 @@ def read(path: Path) -> TensorDict:
                     if key in seen:
                         raise CorruptFileError(path, "appears twice in the archive", key)
                     seen.add(key)
+                    members.append((key, info))
+                # the local headers, then the .npy headers of the stored members: remote, each batch one round trip
+                heads = _peek(f, path, [(i.header_offset, i.header_offset + _LOCAL.size) for _, i in members])
+                starts = []
+                for (key, info), local in zip(members, heads, strict=True):
                     try:
-                        tensors.append(_member(path, f, zf, info, key, size))
+                        starts.append(_data_start(info, local, size))
+                    except _Bad as e:
+                        raise CorruptFileError(path, str(e), key) from None
+                stored = [(s, i) for s, (_, i) in zip(starts, members, strict=True)
+                          if i.compress_type == zipfile.ZIP_STORED]
+                prefixes = iter(_peek(f, path, [(s, s + min(i.file_size, _PEEK)) for s, i in stored]))
+                tensors = []
+                for (key, info), start in zip(members, starts, strict=True):
+                    try:
+                        prefix = None
+                        if info.compress_type == zipfile.ZIP_STORED:
+                            prefix = next(prefixes)
+                            if len(prefix) < min(info.file_size, _npy_header_length(prefix)):  # a long header
+                                prefix, = _peek(f, path, [(start, start + min(info.file_size, _MAX_HEADER + 12))])
+                        tensors.append(_member(path, zf, info, key, start, prefix))
                     except _Bad as e:
                         raise CorruptFileError(path, str(e), key) from None
     except OSError as e:
@@ -112,7 +141,28 @@ def read(path: Path) -> TensorDict:
     return TensorDict(tensors, {"source.format": NAME})
 
 
-def _member(path: Path, f, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, size: int) -> Tensor:
+def _npy_header_length(prefix: bytes) -> int:
+    """How many bytes the ``.npy`` header at the start of ``prefix`` says it takes (0 if unreadable)."""
+    if len(prefix) >= 10 and prefix[6] == 1:
+        return 10 + struct.unpack_from("<H", prefix, 8)[0]
+    if len(prefix) >= 12 and prefix[6] in (2, 3):
+        return 12 + struct.unpack_from("<I", prefix, 8)[0]
+    return 0
+
+
+def _peek(f, path, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Bytes ``[a, b)`` of the file at each range (remote: concurrent GETs, one round trip)."""
+    if isinstance(path, storage.RemotePath):
+        return path.read_ranges(ranges)
+    out = []
+    for a, b in ranges:
+        f.seek(a)
+        out.append(f.read(b - a))
+    return out
+
+
+def _data_start(info: zipfile.ZipInfo, local: bytes, size: int) -> int:
+    """Where a member's data begins (after its local header), its sizes and method checked."""
     if info.flag_bits & 1:
         raise _Bad("is encrypted")
     stored = info.compress_type == zipfile.ZIP_STORED
@@ -120,8 +170,6 @@ def _member(path: Path, f, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
         raise _Bad(f"is compressed with zip method {info.compress_type}; NumPy writes stored or deflated members")
     if not stored and info.file_size > info.compress_size * _DEFLATE_RATIO + (1 << 16):
         raise _Bad(f"claims {info.file_size} bytes from {info.compress_size} compressed, more than deflate can expand")
-    f.seek(info.header_offset)
-    local = f.read(_LOCAL.size)
     if len(local) < _LOCAL.size or _LOCAL.unpack(local)[0] != _LOCAL_SIG:
         raise _Bad("has no local file header where the zip directory says (file truncated?)")
     name_len, extra_len = _LOCAL.unpack(local)[9:]
@@ -130,10 +178,14 @@ def _member(path: Path, f, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
         raise _Bad(f"needs {info.compress_size} bytes at offset {start} of a {size}-byte file (file truncated?)")
     if stored and info.compress_size != info.file_size:
         raise _Bad(f"is stored but its sizes differ ({info.compress_size} and {info.file_size})")
-    if stored:
-        f.seek(start)
-        prefix = f.read(min(info.file_size, _MAX_HEADER + 12))
-    else:
+    return start
+
+
+def _member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, start: int,
+            prefix: bytes | None) -> Tensor:
+    """The tensor of one member; ``prefix``: a stored member's first bytes (None: compressed)."""
+    stored = prefix is not None
+    if prefix is None:
         prefix = _guard(path, key, lambda: _stream_prefix(zf, info))
     shape, fortran, dt, header_len = _npy_header(prefix, info.file_size)
     numel = math.prod(shape)
@@ -144,9 +196,9 @@ def _member(path: Path, f, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
     if stored:
         # the member's CRC-32 covers the .npy header too: the region's own is what remains of it
         data_crc = info.CRC ^ crc32_shift(zlib_crc32(prefix[:header_len], 0), nbytes)
-        raw: Source = FileRegion(str(path), start + header_len, nbytes, label=key, crc32=data_crc)
+        raw: Source = storage.region(path, start + header_len, nbytes, label=key, crc32=data_crc)
     else:
-        raw = _Streamed(str(path), info.filename, header_len, key)
+        raw = _Streamed(path if isinstance(path, storage.RemotePath) else str(path), info.filename, header_len, key)
     if dt.kind in "SU":
         return Tensor(key, dtypes.STRING, shape, ArraySource(lambda: _strings(raw, dt, shape, fortran, nbytes)))
     try:
@@ -233,15 +285,17 @@ class _Streamed(Source):
     """The array bytes of a compressed member, decompressed by zipfile one piece at a time (which
     checks the member's CRC-32 at its end)."""
 
-    path: str
+    path: str | storage.RemotePath
     member: str
     skip: int
     label: str
 
     def chunks(self, nbytes: int, size: int = CHUNK) -> Iterator[bytes | np.ndarray]:
-        path = Path(self.path)
+        path = self.path if isinstance(self.path, storage.RemotePath) else Path(self.path)
         try:
-            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as stream:
+            with (path.open("rb", block_size=storage.REMOTE_RANGE) if isinstance(path, storage.RemotePath)
+                  else open(path, "rb")) as raw, \
+                    zipfile.ZipFile(raw) as zf, zf.open(self.member) as stream:
                 stream.read(self.skip)
                 left = nbytes
                 while left:
@@ -276,7 +330,7 @@ def write(td: TensorDict, path: Path) -> WriteReport | None:
     """Write ``td`` as ``np.savez`` would (memory: one chunk of one tensor at a time)."""
     from numpy.lib import format as npy
 
-    path = Path(path)
+    path = storage.as_path(path)  # type: ignore[assignment]  # remote: the RemotePath of an atomic output
     for t in td.values():
         try:
             t.name.encode("utf-8")
@@ -286,7 +340,9 @@ def write(td: TensorDict, path: Path) -> WriteReport | None:
             raise WriteError(path, "names with a NUL character cannot be zip member names", t.name)
         if len(t.shape) > _MAX_DIMS:
             raise WriteError(path, f"NumPy arrays have at most {_MAX_DIMS} dimensions, not {len(t.shape)}", t.name)
-    with zipfile.ZipFile(path, "x", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    # remote: an upload, which zipfile cannot seek in (it writes data descriptors then)
+    with (path.open("wb") if isinstance(path, storage.RemotePath) else open(path, "xb")) as f, \
+            zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for t in td.values():
             header = io.BytesIO()
             d = {"descr": npy.dtype_to_descr(t.dtype.numpy), "fortran_order": False, "shape": t.shape}
@@ -313,4 +369,5 @@ FORMAT = Format(
     writers=(Writer("", write, holds, suffix=".npz"),),
     suffixes=(".npz",),
     checksums="CRC-32 of every zip member (the .npy header and the array bytes)",
+    remote=True,
 )

@@ -28,13 +28,17 @@ a legacy ``.h5`` weights file (``keras:legacy``).
 
 HDF5 access goes through :mod:`.hdf5` (links, virtual and external datasets refused; claimed
 sizes checked against stored ones).
+
+Remote paths (``Format.remote``, :mod:`convert.storage`): every layout is read from object storage
+(h5py through a read-ahead file of small blocks, contiguous datasets as ranged reads); the writers
+write local paths only (HDF5 writes its superblock last, which an upload cannot seek back to).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from ... import storage
 from ...ir import TensorDict
 from ..base import Format, Option
 from . import reading, writing
@@ -59,7 +63,7 @@ def read(path: os.PathLike | str, names: str | None = None) -> TensorDict:
         on each tensor; metadata ``source.format``, ``keras.layout`` and, when known,
         ``keras.version``.
     """
-    return reading.read(Path(path), names)
+    return reading.read(storage.as_path(path), names)  # type: ignore[arg-type]  # a RemotePath for a URL
 
 
 FORMAT = Format(
@@ -71,4 +75,5 @@ FORMAT = Format(
     options=(NAMES_OPTION, *writing.OPTIONS),
     suffixes=(".keras", ".h5", ".hdf5"),
     checksums="",
+    remote=True,
 )

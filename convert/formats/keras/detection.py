@@ -8,18 +8,20 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from ...errors import MissingDependencyError
+from ... import storage
+from ...errors import ConvertError, MissingDependencyError, ReadError
 from . import hdf5, reading
 
 
 def _is_zip_keras(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             if f.read(4) != b"PK\x03\x04":
                 return False
-        with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
-    except reading.ZIP_ERRORS:
+            f.seek(0)
+            with zipfile.ZipFile(f) as zf:
+                names = set(zf.namelist())
+    except (*reading.ZIP_ERRORS, ReadError):  # ReadError: a remote path's
         return False
     return reading.WEIGHTS_MEMBER in names and reading.CONFIG_MEMBER in names
 
@@ -34,13 +36,13 @@ def _is_keras_hdf5(path: Path) -> bool:
     if not _is_hdf5(path):
         return False
     try:
-        h5py = hdf5.h5py_module()
+        hdf5.h5py_module()
     except MissingDependencyError:
         return True
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with hdf5.Where(path).open() as f:
             return reading.kind_of(f) is not None
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError):
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, ConvertError):  # Where.open's: CorruptFileError
         return False
 
 
@@ -52,13 +54,14 @@ def _is_weights_map(path: Path) -> bool:
         if path.stat().st_size > reading.MAX_JSON:
             return False
         doc = reading.load_json(path.read_bytes(), str(path), path.name)
-    except (OSError, reading.CorruptFileError):
+    except (OSError, reading.CorruptFileError, ReadError):
         return False
     wm = doc.get("weight_map")
     return isinstance(wm, dict) and bool(wm) and all(isinstance(k, str) and k.endswith("/vars") for k in wm)
 
 
 def detect(path: Path) -> bool:
+    path = storage.as_path(path)  # type: ignore[assignment]  # a RemotePath for a URL
     try:
         if path.is_dir():
             return (_is_hdf5(path / reading.WEIGHTS_MEMBER) and (path / reading.CONFIG_MEMBER).is_file()) \
@@ -66,5 +69,5 @@ def detect(path: Path) -> bool:
         if not path.is_file():
             return False
         return _is_zip_keras(path) or _is_keras_hdf5(path) or _is_weights_map(path)
-    except OSError:
+    except (OSError, ReadError):  # ReadError: a remote path's
         return False

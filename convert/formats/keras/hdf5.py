@@ -18,6 +18,10 @@ Tensors: a contiguous, unfiltered, little-endian dataset is a :class:`~convert.i
 (h5py gives its file offset, ``dataset.id.get_offset()``), so its bytes are copied raw and
 never pass through h5py or NumPy; anything else (chunked, compressed, compact, big-endian,
 strings) is read by h5py, one tensor at a time, when a writer asks.
+
+Remote files (:class:`~convert.storage.RemotePath`): h5py reads them through its file-object
+driver over a read-ahead file of small blocks (HDF5's metadata is many small reads spread over
+the file), and a contiguous dataset is a :class:`~convert.storage.RemoteRegion`.
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ... import dtypes
+from ... import dtypes, storage
 from ...errors import ConvertError, CorruptFileError, MissingDependencyError, ReadError
-from ...ir import CHUNK, ArraySource, FileRegion, Tensor
+from ...ir import CHUNK, ArraySource, Tensor
 from ...lazy import np
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -45,6 +49,19 @@ EXPANSION = 1024
 FLOOR = 256 << 20
 """...or this many bytes, whichever is larger (a small all-zero tensor compresses very well)."""
 MAX_DEPTH = 64
+REMOTE_BLOCK = 256 << 10
+"""Read-ahead block of a remote HDF5 file (its metadata: object headers, B-trees, heaps)."""
+
+
+def _open_raw(path):
+    """A file open for reading: local, or a remote object (ranged GETs of :data:`REMOTE_BLOCK`)."""
+    if isinstance(path, storage.RemotePath):
+        return path.open("rb", block_size=REMOTE_BLOCK)
+    return open(path, "rb")
+
+
+def _size(path, f) -> int:
+    return path.stat().st_size if isinstance(path, storage.RemotePath) else os.fstat(f.fileno()).st_size
 
 
 def h5py_module():
@@ -58,15 +75,15 @@ def h5py_module():
 def signature_at(path: Path) -> int | None:
     """Where the HDF5 superblock starts (0, or after a user block of 512 * 2^k bytes), or None."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with _open_raw(path) as f:
+            size = _size(path, f)
             offset = 0
             while offset + 8 <= size and offset <= 1 << 16:
                 f.seek(offset)
                 if f.read(8) == SIGNATURE:
                     return offset
                 offset = 512 if offset == 0 else offset * 2
-    except OSError:
+    except (OSError, ReadError):  # ReadError: a remote path's
         return None
     return None
 
@@ -77,7 +94,8 @@ class Window(io.RawIOBase):
 
     def __init__(self, path: Path, start: int, size: int):
         super().__init__()
-        self._f = open(path, "rb")
+        self._remote = isinstance(path, storage.RemotePath)
+        self._f = _open_raw(path)
         self._start, self._size, self._pos = start, size, 0
 
     def readable(self) -> bool:
@@ -96,7 +114,11 @@ class Window(io.RawIOBase):
 
     def readinto(self, buf) -> int:
         n = max(0, min(len(buf), self._size - self._pos))
-        data = os.pread(self._f.fileno(), n, self._start + self._pos) if n else b""
+        if n and self._remote:
+            self._f.seek(self._start + self._pos)
+            data = self._f.read(n)
+        else:
+            data = os.pread(self._f.fileno(), n, self._start + self._pos) if n else b""
         buf[:len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -135,11 +157,13 @@ class Where:
         archive = None
         try:
             try:
+                remote = isinstance(self.path, storage.RemotePath)
                 if self.member is not None:
-                    archive = zipfile.ZipFile(self.path)
+                    archive = zipfile.ZipFile(_open_raw(self.path) if remote else self.path)
                     handle = archive.open(self.member)
-                elif self.base or self.size is not None:
-                    size = self.size if self.size is not None else os.path.getsize(self.path) - self.base
+                elif self.base or self.size is not None or remote:  # h5py opens local files by name only
+                    size = self.size if self.size is not None else (
+                        self.path.stat().st_size if remote else os.path.getsize(self.path)) - self.base
                     handle = Window(self.path, self.base, size)
                 f = h5py.File(handle if handle is not None else self.path, "r", locking=False)
             except FileNotFoundError:
@@ -291,8 +315,8 @@ def dataset_tensor(name: str, ds, where: Where, attrs: dict[str, str], file_size
                                       f"{list(shape)} needs {nbytes}", name)
                 if offset + nbytes > file_size:
                     raise where.error(f"dataset '{path_in_file}' lies past the end of the file (truncated?)", name)
-                return Tensor(name, dtype, shape, FileRegion(str(where.path), where.base + offset, nbytes,
-                                                             label=name), attrs)
+                return Tensor(name, dtype, shape, storage.region(where.path, where.base + offset, nbytes,
+                                                                 label=name), attrs)
         if nbytes > max(FLOOR, EXPANSION * stored):
             raise where.error(f"dataset '{path_in_file}' claims {dtype} {list(shape)} ({nbytes} bytes) but "
                               f"stores {stored} bytes; refused", name)

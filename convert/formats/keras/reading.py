@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ... import storage
 from ...errors import CorruptFileError, ReadError, UsageError
 from ...ir import Tensor, TensorDict
 from . import hdf5, names
@@ -302,9 +303,12 @@ def check_members(zf: zipfile.ZipFile, path: Path) -> None:
 def member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
     """Where a stored member's bytes start: after its local header (whose name and extra
     field lengths may differ from the central directory's)."""
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        head = f.read(30)
+    if isinstance(path, storage.RemotePath):
+        head = path.read_range(info.header_offset, info.header_offset + 30)
+    else:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            head = f.read(30)
     if len(head) != 30 or head[:4] != b"PK\x03\x04":
         raise CorruptFileError(path, f"archive member '{info.filename}' has no local header")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
@@ -314,7 +318,7 @@ def member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
 def read_archive(path: Path, keys: bool) -> TensorDict:
     size = path.stat().st_size
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(hdf5._open_raw(path) if isinstance(path, storage.RemotePath) else path)
     except ZIP_ERRORS as e:
         raise CorruptFileError(path, f"not a readable zip archive ({e})") from None
     with zf:
@@ -398,14 +402,15 @@ def read_sharded(index: Path, keys: bool, config: dict | None) -> Found:
         if not all(isinstance(v, str) for v in files):
             raise CorruptFileError(index, f"weight_map entry '{key}' does not name shard files")
         shards += [v for v in files if v not in shards]
-    folder = index.parent.resolve()
+    remote = isinstance(index, storage.RemotePath)  # no symbolic links in object storage
+    folder = index.parent if remote else index.parent.resolve()
     found = Found()
     seen: dict[str, str] = {}
     for shard in shards:
         shard_path = index.parent / shard
         # shards sit beside the map: a name leading elsewhere ('../', '/abs', a symlink out) is refused
         if "/" in shard or "\\" in shard or "\0" in shard or shard in ("", ".", "..") \
-                or not shard_path.resolve().is_relative_to(folder):
+                or not (remote or shard_path.resolve().is_relative_to(folder)):
             raise CorruptFileError(index, f"shard '{shard}' is not a file of the map's folder; refused")
         if not shard_path.is_file():
             raise ReadError(index, f"shard '{shard}' named in the map does not exist")
@@ -432,7 +437,7 @@ def read(path: Path, names_mode: str | None) -> TensorDict:
         return read_folder(path, keys)
     if not path.exists():
         raise ReadError(path, "no such file or directory")
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":
         return read_archive(path, keys)

@@ -25,7 +25,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from ... import dtypes
+from ... import dtypes, storage
 from ...errors import ConvertError, UsageError, WriteError
 from ...ir import Tensor, TensorDict
 from ...template import Resolution, resolve
@@ -195,6 +195,12 @@ def write_weights_file(td: TensorDict, path: Path) -> list[str]:
     return write_weights_notes(guessed)
 
 
+def _local_only(path) -> None:
+    if storage.is_remote(path):  # h5py writes the superblock last: an upload cannot seek back
+        raise WriteError(str(path), "Keras files are written to local paths only (read them from remote storage, "
+                                    "write them locally)")
+
+
 def write_weights_notes(guessed: list[str]) -> list[str]:
     if not guessed:
         return []
@@ -210,6 +216,7 @@ def write_weights(td: TensorDict, path: os.PathLike | str, template: str | os.Pa
     ``max_shard_size`` a folder of sharded weights as Keras 3.9+ writes them."""
     if opts:
         raise UsageError(f"keras writer does not take option(s) {', '.join(sorted(opts))}")
+    _local_only(path)
     td = _prepared(td, template, template_fill)
     if max_shard_size is None:
         notes = write_weights_file(td, Path(path))
@@ -276,6 +283,7 @@ def write_keras(td: TensorDict, path: os.PathLike | str, template: str | os.Path
     """Write a ``.keras`` zip on ``--template`` (see the module docstring)."""
     if opts:
         raise UsageError(f"keras writer does not take option(s) {', '.join(sorted(opts))}")
+    _local_only(path)
     out = Path(path)
     if template is None:
         raise UsageError("writing a .keras file needs --template m.keras (its config.json and metadata.json "
@@ -310,6 +318,7 @@ def write_legacy(td: TensorDict, path: os.PathLike | str, **opts) -> WriteReport
     """Write legacy Keras 2 HDF5 weights at ``path`` (see the module docstring)."""
     if opts:
         raise UsageError(f"keras:legacy writer does not take option(s) {', '.join(sorted(opts))}")
+    _local_only(path)
     out = Path(path)
     layers: dict[str, list[Tensor]] = {}
     optimizer: list[Tensor] = []

@@ -86,6 +86,13 @@ Writing with a template (``--template graph.onnx``)
     Nodes, opsets, producer and metadata of the template are kept as they are; template
     tensors kept that used external data are loaded inline so the output does not depend
     on the template's files.
+
+Remote paths (``Format.remote``, :mod:`convert.storage`)
+    A model in object storage is walked through a read-ahead file of 256 KiB blocks (skipping
+    each initializer's ``raw_data`` costs at most a block), its inline and external weights
+    (a data file beside the model) are :class:`~convert.storage.RemoteRegion` s. A remote output
+    is one upload, written inline (``--external-data-threshold`` over a remote output, and
+    ``--graph``, are refused: their files go to local paths); ``--template`` is a local file.
 """
 
 from __future__ import annotations
@@ -125,6 +132,7 @@ FORMAT = Format(
                "random inputs and fail unless they agree within 1e-5"),
     ),
     suffixes=(".onnx",),
+    remote=True,
 )
 
 __all__ = ["NAME", "FORMAT", "detect", "read", "write"]

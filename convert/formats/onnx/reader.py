@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from ... import dtypes
+from ... import dtypes, storage
 from ...errors import CorruptFileError, ReadError, UnsupportedDTypeError
 from ...ir import ArraySource, FileRegion, Tensor, TensorDict
 from ...lazy import np
@@ -42,7 +42,7 @@ def read(path: os.PathLike | str, *, initializers_only: bool = False) -> TensorD
         >>> td["fc.weight"].attrs["origin"]  # doctest: +SKIP
         'external:model.onnx.data'
     """
-    p = Path(path)
+    p: Path = storage.as_path(path)  # type: ignore[assignment]  # a RemotePath for a URL (convert.storage)
     model, regions = _load_model(p)
     reader = _GraphReader(p)
     reader.raw_regions = regions
@@ -175,7 +175,7 @@ class _GraphReader:
             if length != nbytes:
                 raise CorruptFileError(self.path, f"raw_data holds {length} bytes, expected {nbytes} "
                                        f"for shape {list(shape)}", name)
-            source = FileRegion(str(self.path), offset, length, label=name)
+            source = storage.region(self.path, offset, length, label=name)
         else:
             source = self.inline_source(proto, name, dtype, shape)
         self.tensors.append(Tensor(name, dtype, shape, source, attrs))
@@ -304,6 +304,8 @@ class _GraphReader:
             raise CorruptFileError(self.path, f"external data location {location!r} holds a NUL byte", name)
         if rel.is_absolute() or ".." in rel.parts or rel.drive:
             raise CorruptFileError(self.path, f"external data location {location!r} is outside the model's folder", name)
+        if isinstance(self.base_dir, storage.RemotePath):  # no symbolic links in object storage
+            return self.base_dir / rel.as_posix()
         try:
             base = self.base_dir.resolve()
             file = (base / rel).resolve()
@@ -366,12 +368,12 @@ class _GraphReader:
         if file not in self.file_sizes:
             try:
                 self.file_sizes[file] = file.stat().st_size
-            except OSError:
+            except (OSError, ReadError):  # ReadError: a remote object's
                 raise ReadError(self.base_dir / location, f"external data file of {self.path} is missing", name) from None
         if offset + length > self.file_sizes[file]:
             raise CorruptFileError(file, f"external data at offset {offset} length {length} runs past the end "
                                    f"of the file ({self.file_sizes[file]} bytes)", name)
-        return FileRegion(str(file), offset, length, label=name), location
+        return storage.region(file, offset, length, label=name), location
 
 
 def _join(origin: str | None, sub: str) -> str:

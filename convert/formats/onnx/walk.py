@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ... import storage
+from ...errors import ReadError
 from ...wire import encode_varint, read_varint_from
 
 # ModelProto top-level fields -> wire type (0 varint, 2 length-delimited), onnx.proto.
@@ -16,6 +18,7 @@ _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 2
 # First tag byte of a GraphProto: one of its length-delimited fields 1, 2, 5, 10..16.
 _GRAPH_FIRST_TAGS = {(f << 3) | 2 for f in (1, 2, 5, 10, 11, 12, 13, 14, 15)} | {0x82}
 _MAX_TOP_FIELDS = 1_000_000
+_REMOTE_BLOCK = 256 << 10
 
 
 def detect(path: os.PathLike | str) -> bool:
@@ -30,13 +33,13 @@ def detect(path: os.PathLike | str) -> bool:
     with 0; safetensors, zips and raw data fail the field walk.
     """
     try:
-        p = Path(path)
+        p = storage.as_path(path)
         if not p.is_file():
             return False
         size = p.stat().st_size
         if size < 4:
             return False
-        with open(p, "rb") as f:
+        with p.open("rb") as f:
             if f.read(1) != b"\x08":
                 return False
             f.seek(0)
@@ -73,7 +76,7 @@ def detect(path: os.PathLike | str) -> bool:
                     f.seek(pos)
                 seen.add(field)
             return pos == size and 1 in seen and 7 in seen
-    except OSError:
+    except (OSError, ReadError):  # ReadError: a remote path's
         return False
 
 
@@ -90,7 +93,9 @@ def _strip_initializer_raw_data(p: Path) -> tuple[bytes, list[tuple[int, int] | 
     """
     size = p.stat().st_size
     regions: list[tuple[int, int] | None] = []
-    with open(p, "rb", buffering=1 << 16) as f:
+    # remote: a read-ahead file of blocks small enough that skipping each raw_data costs little
+    with (p.open("rb", block_size=_REMOTE_BLOCK) if isinstance(p, storage.RemotePath)
+          else open(p, "rb", buffering=1 << 16)) as f:
 
         def varint() -> int:
             v = read_varint_from(f)

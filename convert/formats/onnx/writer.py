@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ... import storage
 from ...errors import UsageError, WriteError
 from ...ir import Tensor, TensorDict
 from ...lazy import np
@@ -55,16 +56,19 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
     """
     import onnx
 
-    out = Path(path)
+    out = storage.as_path(path)  # remote: the RemotePath of an atomic output (one upload)
+    remote = isinstance(out, storage.RemotePath)
     if opset is not None and not 1 <= opset <= onnx.defs.onnx_opset_version():
         raise UsageError(f"--opset must be between 1 and {onnx.defs.onnx_opset_version()} (onnx {onnx.__version__}), "
                          f"got {opset}")
     if graph:
         if template is not None:
             raise UsageError("--graph and --template exclude each other")
+        if remote:
+            raise WriteError(out, "--graph writes ONNX models to local paths only (tf2onnx writes the file)")
         from . import from_tf
 
-        return from_tf.write_onnx(td, out, inputs or [], outputs or [], opset, check)
+        return from_tf.write_onnx(td, out, inputs or [], outputs or [], opset, check)  # type: ignore[arg-type]
     if inputs or outputs or check:
         raise UsageError("--inputs, --outputs and --check apply to ONNX with --graph")
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else int(external_data_threshold)
@@ -76,7 +80,7 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
     if template is not None:
         if opset is not None:
             raise UsageError("--opset does not apply with --template (the template's opsets are kept)")
-        model, tensors = _template_model(td, Path(template), out)
+        model, tensors = _template_model(td, Path(template), out)  # type: ignore[arg-type]  # names it only
     else:
         model, tensors = _weights_only_model(td, DEFAULT_OPSET if opset is None else int(opset))
 
@@ -87,7 +91,10 @@ def write(td: TensorDict, path: os.PathLike | str, *, template: str | os.PathLik
         if Path(data_name).name != data_name or data_name in ("", ".", "..", out.name):
             raise UsageError(f"--external-data-name must be a plain file name other than the model's, "
                              f"got '{data_name}'")
-    _emit(model, tensors, out, data_name, onnx)
+        if remote:  # the data file is an object beside the model, outside the output being written
+            raise WriteError(out, f"ONNX models with external data (over --external-data-threshold, {threshold} "
+                                  "bytes) are written to local paths only; remote models are written inline")
+    _emit(model, tensors, out, data_name, onnx)  # type: ignore[arg-type]
     return None
 
 
@@ -173,7 +180,7 @@ def _emit(model, tensors: list[Tensor], out: Path, data_name: str | None, onnx) 
 
     data_path = None if data_name is None else out.parent / data_name
     try:
-        with open(out, "xb") as f:
+        with out.open("wb") if isinstance(out, storage.RemotePath) else open(out, "xb") as f:
             f.write(_ser(model_head))
             f.write(_len_field(7, graph_len))
             f.write(graph_head_b)

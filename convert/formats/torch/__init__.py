@@ -53,6 +53,14 @@ deterministic bytes (fixed timestamps, a serialization id derived from the conte
 storages streamed one at a time with 64-byte alignment, tied tensors (the same source
 object) sharing one storage. The TensorDict's metadata rides along in an extra record
 ``<stem>/convert/metadata.json`` that torch ignores.
+
+Remote paths (``Format.remote``, :mod:`convert.storage`): a zip checkpoint in object storage is
+read by ranged GETs: the central directory and ``data.pkl`` through a read-ahead file, the
+30-byte local headers of every storage record in one batch of concurrent GETs, each storage as a
+:class:`~convert.storage.RemoteRegion` (its CRC-32 checked on the way). A legacy file costs a
+small GET per storage to walk its blocks. A remote output is one upload written in one pass:
+as the upload cannot seek back to patch a member's CRC-32, each member carries it after its bytes
+in a data descriptor (torch.load and zipfile read it from the central directory).
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ FORMAT = Format(
     suffixes=(".pt", ".pth"),
     name_endings=(r"\.bin", r"\.ckpt"),
     checksums="zip layouts: CRC-32 of every storage record (legacy pickle files have none)",
+    remote=True,
 )
 
 __all__ = ["NAME", "FORMAT", "MAGIC_NUMBER", "PROTOCOL_VERSION", "detect", "read", "write"]

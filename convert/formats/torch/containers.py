@@ -11,6 +11,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import storage
 from ...errors import CorruptFileError, ReadError
 from . import script
 from . import torch_pickle as tp
@@ -19,6 +20,7 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
 PROTOCOL_VERSION = 1001
 _METADATA_RECORD = "convert/metadata.json"
 _LEGACY_HEAD = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
+_DETECT_BLOCK = 64 << 10
 
 
 # ---- detect ------------------------------------------------------------------------------------
@@ -26,9 +28,10 @@ _LEGACY_HEAD = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
 def detect(path: Path) -> bool:
     """A torch zip archive (``*/data.pkl``) or a legacy pickle stream starting with torch's magic number."""
     try:
-        if not Path(path).is_file():
+        p = storage.as_path(path)
+        if not p.is_file():
             return False
-        with open(path, "rb") as f:
+        with open_input(p if isinstance(p, storage.RemotePath) else str(p), _DETECT_BLOCK) as f:  # remote: small blocks (a zip's directory is at its end)
             head = f.read(64)
             if head.startswith(b"PK\x03\x04"):
                 f.seek(0)
@@ -38,8 +41,8 @@ def detect(path: Path) -> bool:
             if head.startswith(b"\x80") and len(head) > 2:  # other pickle protocols: read the first object
                 f.seek(0)
                 return tp.load(io.BytesIO(f.read(4096)), allow_globals=False) == MAGIC_NUMBER
-    except (OSError, zipfile.BadZipFile, tp.RefusedGlobal, tp.PickleFormatError, tp.DamagedPickle):
-        return False  # not mine: no zip, no pickle (or not torch's)
+    except (OSError, ReadError, zipfile.BadZipFile, tp.RefusedGlobal, tp.PickleFormatError, tp.DamagedPickle):
+        return False  # not mine (ReadError: a remote path's): no zip, no pickle (or not torch's)
     return False
 
 
@@ -63,11 +66,38 @@ def _zip_prefix(zf: zipfile.ZipFile) -> str | None:
 
 # ---- read: containers ----------------------------------------------------------------------------
 
+Where = str | storage.RemotePath
+"""A checkpoint's file: a local path, or an object in remote storage (read by ranged GETs)."""
+
+
+def open_input(path: Where, block_size: int = storage.HEADER_BLOCK):
+    """``path`` open for reading (remote: read-ahead blocks of ``block_size``; see
+    :func:`convert.storage.open_input`)."""
+    return path.open("rb", block_size=block_size) if isinstance(path, storage.RemotePath) else open(path, "rb")
+
+
+_EMBEDDED_BLOCK = 64 << 10
+"""Read-ahead of a torch.save archive embedded in a larger object (a DCP item): its records but the
+storage are a few KB, and a block of the default size would fetch the neighbouring items' data."""
+
+
+def _peek(f, path: Where, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Bytes ``[a, b)`` of the file at each range: remote, all GETs at once (a read-ahead file
+    would fetch a whole block for each of a zip's 30-byte local headers)."""
+    if isinstance(path, storage.RemotePath):
+        return path.read_ranges(ranges)
+    out = []
+    for a, b in ranges:
+        f.seek(a)
+        out.append(f.read(b - a))
+    return out
+
+
 @dataclass(frozen=True)
 class _Blob:
     """Where a storage's bytes are: ``nbytes`` at ``offset`` of the file, or inside a compressed member."""
 
-    path: str
+    path: Where
     offset: int
     nbytes: int
     member: str | None = None  # set when the zip member is compressed (then offset is unused)
@@ -77,7 +107,7 @@ class _Blob:
     def read(self, start: int, length: int, label: str) -> bytes:
         if self.member is not None:
             try:
-                with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+                with open_input(self.path) as raw, zipfile.ZipFile(raw) as zf, zf.open(self.member) as f:
                     f.seek(start)
                     data = f.read(length)
             except OSError as e:
@@ -85,10 +115,8 @@ class _Blob:
             except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, NotImplementedError (method), EOFError
                 raise CorruptFileError(self.path, f"damaged zip record {self.member} ({type(e).__name__}: {e})",
                                        label) from None
-        else:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset + start)
-                data = f.read(length)
+        else:  # remote: parallel ranged GETs
+            data = storage.region(self.path, self.offset + start, length, label=label).read()
         if len(data) != length:
             raise CorruptFileError(self.path, "file is truncated", label)
         return data
@@ -107,7 +135,7 @@ _MAX_RECORD = 1 << 30  # data.pkl and the small records: more is not a state_dic
 _MAX_RATIO = 1100  # deflate's best ratio is 1032:1; a record claiming more is lying about its size
 
 
-def _check_record(info: zipfile.ZipInfo, size: int, path: str, limit: int | None = None) -> None:
+def _check_record(info: zipfile.ZipInfo, size: int, path: Where, limit: int | None = None) -> None:
     """Refuse a zip record whose sizes cannot be true, before anything is allocated for it
     (zipfile would ask the file for all ``compress_size`` bytes in one read)."""
     stored = info.compress_type == zipfile.ZIP_STORED
@@ -117,7 +145,7 @@ def _check_record(info: zipfile.ZipInfo, size: int, path: str, limit: int | None
                                f"({info.compress_size} compressed) in a file of {size} bytes")
 
 
-def _read_record(zf: zipfile.ZipFile, name: str, size: int, path: str) -> bytes:
+def _read_record(zf: zipfile.ZipFile, name: str, size: int, path: Where) -> bytes:
     _check_record(zf.getinfo(name), size, path, _MAX_RECORD)
     return zf.read(name)
 
@@ -147,11 +175,16 @@ class _Window:
         return data
 
 
-def _load_zip(path: str, start: int = 0, length: int | None = None, stubs: bool = False) -> _Loaded:
+def _load_zip(path: Where, start: int = 0, length: int | None = None, stubs: bool = False) -> _Loaded:
     """The archive that is the file, or (``length`` given) the one at ``[start, start + length)`` of it.
     ``stubs``: globals not loaded become placeholders (else they are refused)."""
-    with open(path, "rb") as raw:
-        size = os.fstat(raw.fileno()).st_size if length is None else length
+    with open_input(path, storage.HEADER_BLOCK if length is None else _EMBEDDED_BLOCK) as raw:
+        if length is not None:
+            size = length
+        elif isinstance(path, storage.RemotePath):
+            size = path.stat().st_size
+        else:
+            size = os.fstat(raw.fileno()).st_size
         f = raw if length is None else _Window(raw, start, length)
         zf = zipfile.ZipFile(f)
         prefix = _zip_prefix(zf)
@@ -181,6 +214,7 @@ def _load_zip(path: str, start: int = 0, length: int | None = None, stubs: bool 
             if isinstance(stored, dict):
                 metadata.update({str(k): str(v) for k, v in stored.items()})
         blobs = {}
+        records = []  # the stored (uncompressed) storage records
         for key, ref in storages.items():
             member = f"{prefix}data/{key}"
             if member not in names:
@@ -190,26 +224,28 @@ def _load_zip(path: str, start: int = 0, length: int | None = None, stubs: bool 
             if info.file_size < ref.nbytes:
                 raise CorruptFileError(path, f"storage '{key}' holds {info.file_size} bytes, expected {ref.nbytes}")
             if info.compress_type == zipfile.ZIP_STORED:
-                f.seek(info.header_offset)
-                header = f.read(30)
-                if len(header) != 30 or header[:4] != b"PK\x03\x04":
-                    raise CorruptFileError(path, f"bad local header for {member}")
-                name_len, extra_len = struct.unpack("<HH", header[26:30])
-                offset = info.header_offset + 30 + name_len + extra_len
-                if offset + info.file_size > size:
-                    raise CorruptFileError(path, f"file is truncated (storage '{key}' ends past the end)")
-                blobs[key] = _Blob(path, start + offset, info.file_size, big_endian=byteorder == "big", crc32=info.CRC)
+                records.append((key, member, info))
             elif length is not None:  # _Blob reopens a compressed member by path: the whole file's archive
                 raise CorruptFileError(path, f"compressed storage record {member} in an embedded archive")
             else:
                 blobs[key] = _Blob(path, 0, info.file_size, member=member, big_endian=byteorder == "big")
+        # the records' local headers (their name and extra lengths): remote, one round trip for all
+        heads = _peek(raw, path, [(start + i.header_offset, start + i.header_offset + 30) for _, _, i in records])
+        for (key, member, info), header in zip(records, heads, strict=True):
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise CorruptFileError(path, f"bad local header for {member}")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            offset = info.header_offset + 30 + name_len + extra_len
+            if offset + info.file_size > size:
+                raise CorruptFileError(path, f"file is truncated (storage '{key}' ends past the end)")
+            blobs[key] = _Blob(path, start + offset, info.file_size, big_endian=byteorder == "big", crc32=info.CRC)
     layout = "zip" if f"{prefix}byteorder" in names else "zip (no byteorder record)"
     if scripted:
         layout = f"torchscript {layout}"
     return _Loaded(root, blobs, layout, metadata, stubbed or {})
 
 
-def _unfold(root, path: str, metadata: dict[str, str]):
+def _unfold(root, path: Where, metadata: dict[str, str]):
     """Whole pickled models (``torch.save(model)``) in ``root`` as their state_dicts, said in ``torch.pickled_modules``."""
     found: dict[str, str] = {}
     root = script.unfold_modules(root, path, found)
@@ -218,9 +254,9 @@ def _unfold(root, path: str, metadata: dict[str, str]):
     return root
 
 
-def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+def _load_legacy(path: Where, stubs: bool = False) -> _Loaded:
+    with open_input(path) as f:
+        size = path.stat().st_size if isinstance(path, storage.RemotePath) else os.fstat(f.fileno()).st_size
         if tp.load(f, allow_globals=False) != MAGIC_NUMBER:
             raise CorruptFileError(path, "not a torch legacy file (bad magic number)")
         if (version := tp.load(f, allow_globals=False)) != PROTOCOL_VERSION:
@@ -237,7 +273,7 @@ def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
         if not isinstance(keys, list):
             raise CorruptFileError(path, "storage key list is missing")
         pos = f.tell()
-        blobs = {}
+        blobs: dict[str, _Blob] = {}
         for key in keys:
             key = str(key)
             ref = storages.get(key)
@@ -245,8 +281,7 @@ def _load_legacy(path: str, stubs: bool = False) -> _Loaded:
                 raise CorruptFileError(path, f"storage '{key}' is listed but no tensor uses it")
             if ref.dtype is None:
                 raise CorruptFileError(path, f"storage '{key}' is untyped, which a legacy file never holds")
-            f.seek(pos)
-            head = f.read(8)
+            head, = _peek(f, path, [(pos, pos + 8)])  # remote: one small GET per storage
             if len(head) != 8:
                 raise CorruptFileError(path, f"file is truncated (storage '{key}')")
             count = struct.unpack(">q" if big else "<q", head)[0]

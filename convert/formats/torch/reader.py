@@ -10,12 +10,12 @@ import os
 import pickle
 import zipfile
 
-from ... import dtypes
+from ... import dtypes, storage
 from ...errors import ConvertError, CorruptFileError, ReadError
 from ...ir import ArraySource, FileRegion, Source, Tensor, TensorDict
 from ...lazy import np
 from . import torch_pickle as tp
-from .containers import _MAX_RECORD, _Blob, _load_legacy, _load_zip, _Loaded
+from .containers import _MAX_RECORD, Where, _Blob, _load_legacy, _load_zip, _Loaded
 from .weights import (
     ROOT,
     Texts,
@@ -34,28 +34,31 @@ NAME = "torch"
 _MAX_BROADCAST = 1024  # an expanded (stride 0) view may be this much larger than the bytes it spans
 
 
-def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: str, path: str) -> Source:
+def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: str, path: Where) -> Source:
     itemsize = dtype.itemsize
-    storage = ref.storage
+    stored = ref.storage
     base = ref.offset * itemsize
-    if storage.view_of is not None:
-        if storage.dtype is None:
+    if stored.view_of is not None:
+        if stored.dtype is None:
             raise CorruptFileError(path, f"tensor '{name}' is a view of an untyped storage, which a legacy file never holds")
-        base += storage.view_offset * storage.dtype.itemsize
+        base += stored.view_offset * stored.dtype.itemsize
     numel = math.prod(ref.shape)
     if numel == 0:
         return ArraySource(lambda: np.zeros(ref.shape, dtype.numpy))
     span = (sum((d - 1) * s for d, s in zip(ref.shape, ref.stride, strict=True)) + 1) * itemsize
     if base + span > blob.nbytes:
-        raise CorruptFileError(path, f"tensor needs {base + span} bytes of storage '{storage.key}', "
+        raise CorruptFileError(path, f"tensor needs {base + span} bytes of storage '{stored.key}', "
                                f"which holds {blob.nbytes}", name)
     if numel * itemsize > max(_MAX_BROADCAST * span, _MAX_RECORD):
-        raise CorruptFileError(path, f"a view of {span} bytes of storage '{storage.key}' that would expand to "
+        raise CorruptFileError(path, f"a view of {span} bytes of storage '{stored.key}' that would expand to "
                                f"{numel * itemsize} bytes (strides {list(ref.stride)})", name)
     contiguous = all(s == c for d, s, c in zip(ref.shape, ref.stride, tp.contiguous_strides(ref.shape), strict=True) if d != 1)
     if contiguous and blob.member is None and not blob.big_endian and not (ref.conj or ref.neg):
         whole = base == 0 and numel * itemsize == blob.nbytes  # the zip CRC covers the whole storage
-        return FileRegion(path, blob.offset + base, numel * itemsize, label=name, crc32=blob.crc32 if whole else None)
+        crc32 = blob.crc32 if whole else None
+        if isinstance(blob.path, storage.RemotePath):
+            return storage.region(blob.path, blob.offset + base, numel * itemsize, label=name, crc32=crc32)
+        return FileRegion(blob.path, blob.offset + base, numel * itemsize, label=name, crc32=crc32)
 
     def produce() -> np.ndarray:
         raw = np.frombuffer(blob.read(base, span, name), dtype=np.uint8)
@@ -73,7 +76,7 @@ def _tensor_source(blob: _Blob, ref: tp.TensorRef, dtype: dtypes.DType, name: st
     return ArraySource(produce)
 
 
-def _refuse_stubbed(path: str, loaded: _Loaded):
+def _refuse_stubbed(path: Where, loaded: _Loaded):
     """Nothing to read outside the placeholders: refuse, naming what was not loaded."""
     first, rest = next(iter(loaded.stubbed)), len(loaded.stubbed) - 1
     named = f"'{first}'" + (f" (and {rest} other{'s' if rest != 1 else ''})" if rest else "")
@@ -109,38 +112,42 @@ def read(path: os.PathLike | str, key: str | None = None, keep_prefix: bool = Fa
         >>> td.metadata["torch.key"]  # doctest: +SKIP
         'state_dict'
     """
-    path = os.fspath(path)
+    p = storage.as_path(path)  # a RemotePath for a URL: ranged GETs (convert.storage)
+    where: Where = p if isinstance(p, storage.RemotePath) else os.fspath(p)
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
+        if isinstance(where, storage.RemotePath):
+            head = where.read_range(0, 4)  # one small GET, not a read-ahead block
+        else:
+            with open(where, "rb") as f:
+                head = f.read(4)
     except OSError as e:
-        raise ReadError(path, f"cannot open: {e.strerror}") from None
+        raise ReadError(where, f"cannot open: {e.strerror}") from None
     try:
-        loaded = _load_zip(path, stubs=True) if head == b"PK\x03\x04" else _load_legacy(path, stubs=True)
-        return _to_tensordict(path, loaded, key, keep_prefix)
+        loaded = _load_zip(where, stubs=True) if head == b"PK\x03\x04" else _load_legacy(where, stubs=True)
+        return _to_tensordict(where, loaded, key, keep_prefix)
     except ConvertError:
         raise
     except tp.RefusedGlobal as e:
-        raise ReadError(path, f"refused to load global '{e.what}': the pickle asks for more than tensors "
+        raise ReadError(where, f"refused to load global '{e.what}': the pickle asks for more than tensors "
                         "(a state_dict needs no such thing, and loading it could run code from the file). "
                         "If this is a whole pickled model, save model.state_dict() instead") from None
     except tp.PickleFormatError as e:
-        raise CorruptFileError(path, f"not a torch state_dict pickle: {e}") from None
+        raise CorruptFileError(where, f"not a torch state_dict pickle: {e}") from None
     except tp.DamagedPickle as e:
         if isinstance(e.cause, (pickle.UnpicklingError, EOFError)):
-            raise CorruptFileError(path, f"damaged pickle: {e.cause or 'unexpected end of data'}") from None
-        raise CorruptFileError(path, f"damaged checkpoint ({type(e.cause).__name__}: {e.cause})") from None
+            raise CorruptFileError(where, f"damaged pickle: {e.cause or 'unexpected end of data'}") from None
+        raise CorruptFileError(where, f"damaged checkpoint ({type(e.cause).__name__}: {e.cause})") from None
     except zipfile.BadZipFile as e:
-        raise CorruptFileError(path, f"damaged zip archive: {e}") from None
+        raise CorruptFileError(where, f"damaged zip archive: {e}") from None
     except (pickle.UnpicklingError, EOFError) as e:
-        raise CorruptFileError(path, f"damaged pickle: {e or 'unexpected end of data'}") from None
+        raise CorruptFileError(where, f"damaged pickle: {e or 'unexpected end of data'}") from None
     except OSError as e:
-        raise ReadError(path, f"cannot read: {e}") from None
+        raise ReadError(where, f"cannot read: {e}") from None
     except Exception as e:  # noqa: BLE001 - a damaged pickle can raise anything; never leak a traceback
-        raise CorruptFileError(path, f"damaged checkpoint ({type(e).__name__}: {e})") from None
+        raise CorruptFileError(where, f"damaged checkpoint ({type(e).__name__}: {e})") from None
 
 
-def _to_tensordict(path: str, loaded: _Loaded, key: str | None, keep_prefix: bool) -> TensorDict:
+def _to_tensordict(path: Where, loaded: _Loaded, key: str | None, keep_prefix: bool) -> TensorDict:
     root = loaded.root
     if key is not None:
         chosen, where = _follow(root, key, path)

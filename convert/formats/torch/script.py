@@ -34,7 +34,7 @@ def is_script(names: set[str], prefix: str) -> bool:
     return f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names)
 
 
-def code_records(zf: zipfile.ZipFile, prefix: str, path: str) -> list[str]:
+def code_records(zf: zipfile.ZipFile, prefix: str, path: object) -> list[str]:
     """The archive's class sources (``<stem>/code/**.py``), refused together above :data:`MAX_CODE`."""
     names = [i for i in zf.infolist() if i.filename.startswith(f"{prefix}code/") and i.filename.endswith(".py")]
     if sum(i.file_size for i in names) > MAX_CODE:
@@ -42,7 +42,7 @@ def code_records(zf: zipfile.ZipFile, prefix: str, path: str) -> list[str]:
     return [i.filename for i in names]
 
 
-def declared(sources: dict[str, bytes], prefix: str, path: str) -> dict[str, tuple[list[str], list[str]]]:
+def declared(sources: dict[str, bytes], prefix: str, path: object) -> dict[str, tuple[list[str], list[str]]]:
     """Qualified class name -> (parameter names, buffer names), from the ``code/`` sources (record name
     -> bytes): ``code/__torch__/torch/nn/modules/conv.py`` holds ``__torch__.torch.nn.modules.conv.Conv2d``."""
     out: dict[str, tuple[list[str], list[str]]] = {}
@@ -70,7 +70,7 @@ def _names(cls: ast.ClassDef, attr: str) -> list[str]:
     return []
 
 
-def state_dict(root, classes: dict[str, tuple[list[str], list[str]]], path: str) -> OrderedDict:
+def state_dict(root, classes: dict[str, tuple[list[str], list[str]]], path: object) -> OrderedDict:
     """The module tree under ``root`` (a placeholder of a ``__torch__`` class) as a flat state_dict:
     dotted attribute path -> tensor. A class whose source is missing gives every tensor attribute."""
     if not _is_module(root):
@@ -87,7 +87,7 @@ def state_dict(root, classes: dict[str, tuple[list[str], list[str]]], path: str)
     return _walk(root, parts, path)
 
 
-def eager_state_dict(root, path: str) -> OrderedDict:
+def eager_state_dict(root, path: object) -> OrderedDict:
     """A placeholder of a whole pickled ``nn.Module`` (``torch.save(model)``) as ``model.state_dict()``
     names it: per module its ``_parameters``, then its ``_buffers`` but the non-persistent ones, then
     each of its ``_modules``."""
@@ -109,7 +109,7 @@ def is_eager_module(obj) -> bool:
             and all(isinstance(obj.state.get(k), dict) for k in ("_parameters", "_buffers", "_modules")))
 
 
-def unfold_modules(obj, path: str, found: dict[str, str], where: str = "", depth: int = 0):
+def unfold_modules(obj, path: object, found: dict[str, str], where: str = "", depth: int = 0):
     """``obj`` with every whole pickled ``nn.Module`` in it (at the top, or in the dicts and lists of a
     training checkpoint) replaced by its state_dict; ``found`` gets dotted path -> class name."""
     if is_eager_module(obj):
@@ -127,7 +127,7 @@ def unfold_modules(obj, path: str, found: dict[str, str], where: str = "", depth
     return obj
 
 
-def _walk(root, parts, path: str) -> OrderedDict:
+def _walk(root, parts, path: object) -> OrderedDict:
     """Pre-order, as ``Module.state_dict`` goes: a module's own tensors, then each submodule's under its
     name (a submodule reachable by two names is listed under both, as torch does)."""
     out: OrderedDict = OrderedDict()

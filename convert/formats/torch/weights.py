@@ -32,7 +32,7 @@ def _count_tensors(obj, depth: int = 0) -> int:
     return 0
 
 
-def _follow(root, key: str, path: str):
+def _follow(root, key: str, path: object):
     """The object at dotted path ``key``; a dict key that itself contains dots is matched whole first."""
     if key in ("", ROOT):
         return root, ROOT

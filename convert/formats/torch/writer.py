@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import struct
+from typing import BinaryIO, cast
 
+from ... import storage
 from ...errors import ConvertError, WriteError
 from ...ir import Tensor, TensorDict, mapped_checksums, zlib_crc32
 from . import torch_pickle as tp
@@ -22,42 +24,46 @@ def write(td: TensorDict, path: os.PathLike | str, **_opts) -> None:
 
     Args:
         td: the tensors (every dtype but string).
-        path: the output file (must not exist).
+        path: the output file (must not exist); a :class:`~convert.storage.RemotePath` of
+            ``storage.atomic_output`` for a remote output (an upload, written in one pass).
 
     Example:
         >>> write(TensorDict.from_arrays({"w": np.ones((2, 2), np.float32)}), "model.pt")  # doctest: +SKIP
     """
-    path = os.fspath(path)
+    out = storage.as_path(path)
+    remote = isinstance(out, storage.RemotePath)
+    where = str(out)
     entries = []
     storage_of: list[tuple[Tensor, StorageOut, bool]] = []
     by_source: dict[int, tuple[Tensor, StorageOut]] = {}
     for t in td.values():
         prior = by_source.get(id(t.source))
         if prior is not None and prior[0].dtype == t.dtype and prior[0].shape == t.shape:
-            storage = prior[1]
+            out_storage = prior[1]
             fresh = False
         else:
             untyped = t.dtype.name not in tp.STORAGE_DTYPES.values()
             numel = t.numel * (t.dtype.itemsize if untyped else 1)
-            storage = StorageOut(str(len(by_source)), t.dtype, numel)
-            by_source[id(t.source)] = (t, storage)
+            out_storage = StorageOut(str(len(by_source)), t.dtype, numel)
+            by_source[id(t.source)] = (t, out_storage)
             fresh = True
-        entries.append((t.name, storage, t.shape))
-        storage_of.append((t, storage, fresh))
+        entries.append((t.name, out_storage, t.shape))
+        storage_of.append((t, out_storage, fresh))
     pkl = state_dict_pickle(entries)
     digest = hashlib.sha256(pkl).digest()
     serialization_id = str(int.from_bytes(digest[:16], "little")).zfill(40)
     prefix = "archive/"
     try:
-        with open(path, "xb+") as f:  # read too: CRCs are taken from a map of what was written
-            zf = _ZipWriter(f, path)
+        # local: read too (CRCs are taken from a map of what was written); remote: an upload
+        with out.open("wb") if isinstance(out, storage.RemotePath) else open(out, "xb+") as f:
+            zf = _ZipWriter(f, where, streaming=remote)
             zf.add(prefix + "data.pkl", pkl)
             zf.add(prefix + ".format_version", b"1")
             zf.add(prefix + ".storage_alignment", b"64")
             zf.add(prefix + "byteorder", b"little")
-            for t, storage, fresh in storage_of:
+            for t, out_storage, fresh in storage_of:
                 if fresh:
-                    zf.add(f"{prefix}data/{storage.key}", t)
+                    zf.add(f"{prefix}data/{out_storage.key}", t)
             zf.add(prefix + "version", b"3\n")
             zf.add(prefix + ".data/serialization_id", serialization_id.encode())
             if td.portable_metadata:
@@ -67,20 +73,42 @@ def write(td: TensorDict, path: os.PathLike | str, **_opts) -> None:
     except ConvertError:
         raise
     except FileExistsError:
-        raise WriteError(path, "already exists") from None
+        raise WriteError(where, "already exists") from None
+
+
+class _Crc32Out:
+    """A file that takes the CRC-32 of what goes through it (an upload cannot be read back)."""
+
+    def __init__(self, f):
+        self.f, self.crc = f, 0
+
+    def write(self, data) -> int:
+        self.crc = zlib_crc32(data, self.crc)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class _ZipWriter:
     """The stored (uncompressed) zip ``torch.save`` writes: each member's data starts at a multiple
     of 64 bytes (torch maps storages in place), with zip64 fields where a size or offset passes
     4 GiB. Tensor data is copied by :meth:`Tensor.copy_into` (in the kernel when it sits in a file);
-    its CRC-32 is then taken from the page cache and patched into the member's header."""
+    its CRC-32 is then taken from the page cache and patched into the member's header.
+
+    ``streaming`` (an upload, which cannot seek back): each member's CRC-32 is taken as its bytes go
+    out and written after them in a data descriptor (flag bit 3, APPNOTE 4.3.9), as zip writers to
+    pipes do; zipfile, torch.load and our reader take the CRC from the central directory."""
 
     _DOS_DATE, _DOS_TIME = (1 << 5) | 1, 0  # 1980-01-01 00:00, as zipfile writes for torch's fixed date
     _MAX32 = 0xFFFFFFFF
 
-    def __init__(self, f, path: str):
-        self.f, self.path = f, path
+    def __init__(self, f, path: str, streaming: bool = False):
+        self.f, self.path, self.streaming = f, path, streaming
+        self.flags = 0x08 if streaming else 0
         self.members: list[tuple[bytes, int, int, int]] = []
 
     def add(self, name: str, data: bytes | Tensor) -> None:
@@ -92,7 +120,7 @@ class _ZipWriter:
         pad = (-(start + 30 + len(raw) + len(extra) + 4)) % _ALIGN
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # the 'FB' padding field, as torch's miniz writes
         size32 = self._MAX32 if big else nbytes
-        f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if big else 20, 0, 0, self._DOS_TIME, self._DOS_DATE,
+        f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if big else 20, self.flags, 0, self._DOS_TIME, self._DOS_DATE,
                             0, size32, size32, len(raw), len(extra)) + raw + extra)
         begin = f.tell()
         if begin % _ALIGN:  # pragma: no cover - guards the arithmetic above
@@ -100,16 +128,23 @@ class _ZipWriter:
         if isinstance(data, bytes):
             f.write(data)
             crc = zlib_crc32(data, 0)
+        elif self.streaming:
+            counted = _Crc32Out(f)
+            data.copy_into(cast(BinaryIO, counted))
+            crc = counted.crc
         else:
             data.copy_into(f)
             f.flush()
             zip_crc = mapped_checksums(f.fileno(), begin, nbytes, crc32=True, crc32c=False).crc32
             assert zip_crc is not None  # asked for (crc32=True)
             crc = zip_crc
-        end = f.tell()
-        f.seek(start + 14)
-        f.write(struct.pack("<I", crc))
-        f.seek(end)
+        if self.streaming:
+            f.write(struct.pack("<IIQQ" if big else "<IIII", 0x08074B50, crc, nbytes, nbytes))
+        else:
+            end = f.tell()
+            f.seek(start + 14)
+            f.write(struct.pack("<I", crc))
+            f.seek(end)
         self.members.append((raw, start, nbytes, crc))
 
     def finish(self) -> None:
@@ -120,7 +155,7 @@ class _ZipWriter:
             wide += [offset] if offset >= m32 else []
             extra = struct.pack(f"<HH{len(wide)}Q", 1, 8 * len(wide), *wide) if wide else b""
             version = 45 if wide else 20
-            f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, 0, 0, self._DOS_TIME,
+            f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, self.flags, 0, self._DOS_TIME,
                                 self._DOS_DATE, crc, min(size, m32), min(size, m32), len(raw), len(extra),
                                 0, 0, 0, 0, min(offset, m32)) + raw + extra)
         end, count = f.tell(), len(self.members)
