@@ -571,6 +571,19 @@ def region(path: os.PathLike | str | RemotePath, offset: int, length: int, **che
     return FileRegion(os.fspath(local(path)), offset, length, **checks)
 
 
+def read_ranges(f: BinaryIO, path: object, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Bytes ``[a, b)`` at each range of ``f``, the open file of ``path``: for an object, all the
+    GETs at once (:meth:`RemotePath.read_ranges`), where its read-ahead file would fetch a whole
+    block for each of a zip's 30-byte local headers."""
+    if isinstance(path, RemotePath):
+        return path.read_ranges(ranges)
+    out = []
+    for a, b in ranges:
+        f.seek(a)
+        out.append(f.read(b - a))
+    return out
+
+
 def open_input(path: os.PathLike | str) -> BinaryIO:
     """A file open for reading, local or remote (remote: read-ahead blocks of :data:`HEADER_BLOCK`)."""
     p = as_path(path)

@@ -115,7 +115,7 @@ def read(path: Path) -> TensorDict:
                     seen.add(key)
                     members.append((key, info))
                 # the local headers, then the .npy headers of the stored members: remote, each batch one round trip
-                heads = _peek(f, path, [(i.header_offset, i.header_offset + _LOCAL.size) for _, i in members])
+                heads = storage.read_ranges(f, path, [(i.header_offset, i.header_offset + _LOCAL.size) for _, i in members])
                 starts = []
                 for (key, info), local in zip(members, heads, strict=True):
                     try:
@@ -124,7 +124,7 @@ def read(path: Path) -> TensorDict:
                         raise CorruptFileError(path, str(e), key) from None
                 stored = [(s, i) for s, (_, i) in zip(starts, members, strict=True)
                           if i.compress_type == zipfile.ZIP_STORED]
-                prefixes = iter(_peek(f, path, [(s, s + min(i.file_size, _PEEK)) for s, i in stored]))
+                prefixes = iter(storage.read_ranges(f, path, [(s, s + min(i.file_size, _PEEK)) for s, i in stored]))
                 tensors = []
                 for (key, info), start in zip(members, starts, strict=True):
                     try:
@@ -132,7 +132,7 @@ def read(path: Path) -> TensorDict:
                         if info.compress_type == zipfile.ZIP_STORED:
                             prefix = next(prefixes)
                             if len(prefix) < min(info.file_size, _npy_header_length(prefix)):  # a long header
-                                prefix, = _peek(f, path, [(start, start + min(info.file_size, _MAX_HEADER + 12))])
+                                prefix, = storage.read_ranges(f, path, [(start, start + min(info.file_size, _MAX_HEADER + 12))])
                         tensors.append(_member(path, zf, info, key, start, prefix))
                     except _Bad as e:
                         raise CorruptFileError(path, str(e), key) from None
@@ -148,17 +148,6 @@ def _npy_header_length(prefix: bytes) -> int:
     if len(prefix) >= 12 and prefix[6] in (2, 3):
         return 12 + struct.unpack_from("<I", prefix, 8)[0]
     return 0
-
-
-def _peek(f, path, ranges: list[tuple[int, int]]) -> list[bytes]:
-    """Bytes ``[a, b)`` of the file at each range (remote: concurrent GETs, one round trip)."""
-    if isinstance(path, storage.RemotePath):
-        return path.read_ranges(ranges)
-    out = []
-    for a, b in ranges:
-        f.seek(a)
-        out.append(f.read(b - a))
-    return out
 
 
 def _data_start(info: zipfile.ZipInfo, local: bytes, size: int) -> int:

@@ -242,19 +242,24 @@ def _locate_remote(p: storage.RemotePath, step: int | None) -> Located:
     return Located(2, prefix)
 
 
+def _listed(d: object, paths: list[str], find: Callable[[str], Located | None]) -> list[tuple[str, Path]]:
+    """(label, concrete path) of every checkpoint a state file lists (``find``: where one is, or None)."""
+    out = []
+    for s in paths:
+        found = find(s)
+        if found is None:
+            raise ReadError(d, f"the '{STATE_FILE}' file lists checkpoint '{s}', which is not there")
+        out.append((_label(found), found.concrete))
+    return out
+
+
 def _expand_remote(p: storage.RemotePath, step: int | None) -> list[tuple[str, Path]]:
     if step is not None:
         loc = _locate_remote(p, step)
         return [(_label(loc), loc.concrete)]
     d = p if p.is_dir() else p.parent
     st = _remote_state(d)
-    out = []
-    for s in state_paths(d, st):
-        found = _remote_located(d, s)
-        if found is None:
-            raise ReadError(d, f"the '{STATE_FILE}' file lists checkpoint '{s}', which is not there")
-        out.append((_label(found), found.concrete))
-    return out
+    return _listed(d, state_paths(d, st), lambda s: _remote_located(d, s))
 
 
 def _detect_remote(p: storage.RemotePath) -> bool:
@@ -301,13 +306,7 @@ def expand(path: os.PathLike | str, step: int | None = None, all_steps: bool = F
     if st is None:
         loc = locate(p)
         return [(_label(loc), loc.concrete)]
-    out = []
-    for s in state_paths(d, st):
-        found = _locate_in_state(d, s)
-        if found is None:
-            raise ReadError(d, f"the '{STATE_FILE}' file lists checkpoint '{s}', which is not there")
-        out.append((_label(found), found.concrete))
-    return out
+    return _listed(d, state_paths(d, st), lambda s: _locate_in_state(d, s))
 
 
 def _label(loc: Located) -> str:

@@ -81,18 +81,6 @@ _EMBEDDED_BLOCK = 64 << 10
 storage are a few KB, and a block of the default size would fetch the neighbouring items' data."""
 
 
-def _peek(f, path: Where, ranges: list[tuple[int, int]]) -> list[bytes]:
-    """Bytes ``[a, b)`` of the file at each range: remote, all GETs at once (a read-ahead file
-    would fetch a whole block for each of a zip's 30-byte local headers)."""
-    if isinstance(path, storage.RemotePath):
-        return path.read_ranges(ranges)
-    out = []
-    for a, b in ranges:
-        f.seek(a)
-        out.append(f.read(b - a))
-    return out
-
-
 @dataclass(frozen=True)
 class _Blob:
     """Where a storage's bytes are: ``nbytes`` at ``offset`` of the file, or inside a compressed member."""
@@ -230,7 +218,7 @@ def _load_zip(path: Where, start: int = 0, length: int | None = None, stubs: boo
             else:
                 blobs[key] = _Blob(path, 0, info.file_size, member=member, big_endian=byteorder == "big")
         # the records' local headers (their name and extra lengths): remote, one round trip for all
-        heads = _peek(raw, path, [(start + i.header_offset, start + i.header_offset + 30) for _, _, i in records])
+        heads = storage.read_ranges(raw, path, [(start + i.header_offset, start + i.header_offset + 30) for _, _, i in records])
         for (key, member, info), header in zip(records, heads, strict=True):
             if len(header) != 30 or header[:4] != b"PK\x03\x04":
                 raise CorruptFileError(path, f"bad local header for {member}")
@@ -281,7 +269,7 @@ def _load_legacy(path: Where, stubs: bool = False) -> _Loaded:
                 raise CorruptFileError(path, f"storage '{key}' is listed but no tensor uses it")
             if ref.dtype is None:
                 raise CorruptFileError(path, f"storage '{key}' is untyped, which a legacy file never holds")
-            head, = _peek(f, path, [(pos, pos + 8)])  # remote: one small GET per storage
+            head, = storage.read_ranges(f, path, [(pos, pos + 8)])  # remote: one small GET per storage
             if len(head) != 8:
                 raise CorruptFileError(path, f"file is truncated (storage '{key}')")
             count = struct.unpack(">q" if big else "<q", head)[0]
