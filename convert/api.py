@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import google_crc32c
 
-from . import compare, dtypes, fileio, registry, storage
+from . import compare, dtypes, fileio, outputs, registry, storage
 from .copying import digest_many
 from .errors import ConvertError, ReadError, UsageError, VerificationError, WriteError
 from .formats.base import Format, Writer, WriteReport
@@ -204,8 +204,8 @@ def _write(tds: list[TensorDict], path: PathLike | storage.RemotePath, info: reg
         raise WriteError(path, f"is a folder that holds no {info.name} output; remove it or name another output")
     seen: list[dict[str, int]] = [{} for _ in tds]
     verified = False
-    # remote: uploads completed once the writer returned (storage.readable), the commit objects last
-    staged = storage.atomic_output(path, force, writer.commit) if remote else fileio.atomic_output(path, force)
+    # remote: uploads completed once the writer returned (outputs.readable), the commit objects last
+    staged = outputs.atomic_output(path, force, writer.commit) if remote else fileio.atomic_output(path, force)
     with staged as tmp, open_files():
         try:
             will_verify = verify and fmt.read is not None and not registry.missing(info, "read")
@@ -224,7 +224,7 @@ def _write(tds: list[TensorDict], path: PathLike | storage.RemotePath, info: reg
                     for name in s:
                         digest(td[name])
             elif will_verify:
-                got = _read_back(fmt, writer, _adapter_path(storage.readable(tmp)), series, kwargs)
+                got = _read_back(fmt, writer, _adapter_path(outputs.readable(tmp)), series, kwargs)
                 if len(got) != len(tds):
                     raise VerificationError(path, f"holds {len(got)} checkpoints, wrote {len(tds)}")
                 for td, s, g in zip(tds, seen, got, strict=True):
@@ -232,7 +232,7 @@ def _write(tds: list[TensorDict], path: PathLike | storage.RemotePath, info: reg
                 verified = True
             for name, data in (companions(path) if companions else {}).items():
                 if remote:  # beside the output, not in it: an object of its own, before the output's finish
-                    with storage.atomic_output(path.parent / name, force=True) as record:
+                    with outputs.atomic_output(path.parent / name, force=True) as record:
                         record.write_bytes(data)
                 else:
                     (tmp.parent / name).write_bytes(data)

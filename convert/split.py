@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import api, registry, storage
+from . import api, outputs, registry, storage
 from .errors import ConvertError, UsageError, VerificationError, WriteError
 from .formats.base import ShardWriter
 from .ir import FileRegion, Tensor, TensorDict, digest
@@ -154,12 +154,12 @@ def _write_shard(td: TensorDict, writer, plan: Plan, out: storage.AnyPath, k: in
     if entries is not None:
         return entries  # done by an earlier attempt with the same plan
     tensors = [td[n] for n in plan.shards[k]]
-    with storage.atomic_output(out / name, force=True) as tmp:  # an old attempt's shard, unreceipted, is replaced
+    with outputs.atomic_output(out / name, force=True) as tmp:  # an old attempt's shard, unreceipted, is replaced
         try:
             entries = writer.shards.write_shard(tensors, tmp, td)
         except OSError as e:
             raise WriteError(out / name, f"cannot write: {e.strerror or e}") from None
-        written = storage.readable(tmp)  # remote: the upload completed, read back by ranged GETs
+        written = outputs.readable(tmp)  # remote: the upload completed, read back by ranged GETs
         for t, (ename, offset, size, crc) in zip(tensors, entries, strict=True):
             back = storage.region(written, offset, size, label=ename).digest(size)
             if ename != t.name or back != crc:
@@ -167,7 +167,7 @@ def _write_shard(td: TensorDict, writer, plan: Plan, out: storage.AnyPath, k: in
             if t.dtype.kind != "string" and size == t.nbytes and crc != digest(t):
                 raise VerificationError(out / name, "holds other values than the source", t.name)
     text = json.dumps({"plan": plan.digest, "shard": name, "entries": entries}) + "\n"
-    with storage.atomic_output(_receipt_path(out, name), force=True) as tmp:
+    with outputs.atomic_output(_receipt_path(out, name), force=True) as tmp:
         tmp.write_text(text, "utf-8")
     return entries
 
@@ -184,7 +184,7 @@ def _finalize(td: TensorDict, info, writer, plan: Plan, out: storage.AnyPath) ->
         if target.is_file() and target.read_bytes() == data:
             continue
         try:
-            with storage.atomic_output(target, force=True) as tmp:
+            with outputs.atomic_output(target, force=True) as tmp:
                 tmp.write_bytes(data)
         except ConvertError:  # another worker that found every receipt too may have written it meanwhile
             if not (target.is_file() and target.read_bytes() == data):

@@ -60,13 +60,13 @@ def s3(s3_server):
 @pytest.fixture
 def commit_order(monkeypatch):
     """The names of the remote uploads in the order they are completed (made visible)."""
-    from convert import storage
+    from convert import outputs
 
     order: list[str] = []
-    real = storage._Upload.commit
+    real = outputs._Upload.commit
 
     def commit(self):
         order.append(self.target.name)
         real(self)
-    monkeypatch.setattr(storage._Upload, "commit", commit)
+    monkeypatch.setattr(outputs._Upload, "commit", commit)
     return order

@@ -22,7 +22,7 @@ import safetensors.numpy
 from blocking import blocker
 
 import convert
-from convert import storage
+from convert import outputs, storage
 from convert.errors import CorruptFileError, ReadError, WriteError
 from convert.formats import safetensors as safetensors_format
 from convert.ir import FileRegion, Tensor, TensorDict
@@ -118,7 +118,7 @@ def test_single_object_output_appears_only_when_complete(s3, tmp_path):
                Tensor("b", convert.dtypes.by_name("int32"), (10,),
                       storage.region(f"s3://{bucket}/src.safetensors", *where["b"]))]
     fs = s3.fs()
-    with storage.atomic_output(url) as tmp:
+    with outputs.atomic_output(url) as tmp:
         _write_by_hand(tmp, tensors)
         fs.invalidate_cache()
         assert not fs.exists(url), "visible before the writer was done"
@@ -129,7 +129,7 @@ def test_single_object_output_appears_only_when_complete(s3, tmp_path):
     assert s3.pending_uploads(bucket) == []
     assert sorted(fs.find(bucket)) == [f"{bucket}/out/model.safetensors", f"{bucket}/src.safetensors"]
     with pytest.raises(WriteError, match="already exists"):
-        with storage.atomic_output(url):
+        with outputs.atomic_output(url):
             pass
 
 
@@ -137,7 +137,7 @@ def test_a_failing_writer_leaves_nothing(s3):
     bucket = s3.new_bucket()
     url = f"s3://{bucket}/out/model"
     with pytest.raises(RuntimeError, match="writer broke"):
-        with storage.atomic_output(url, commit=["index.json"]) as tmp:
+        with outputs.atomic_output(url, commit=["index.json"]) as tmp:
             with (tmp / "shard-1.bin").open("wb") as f:
                 f.write(os.urandom(6 << 20))  # more than a part: a real multipart upload
             with (tmp / "shard-2.bin").open("wb") as f:
@@ -151,11 +151,11 @@ def test_commit_object_is_completed_last_and_a_failed_verification_removes_all(s
     bucket = s3.new_bucket()
     url = f"s3://{bucket}/out/model"
     with pytest.raises(convert.errors.VerificationError):
-        with storage.atomic_output(url, commit=["*.index.json"]) as tmp:
+        with outputs.atomic_output(url, commit=["*.index.json"]) as tmp:
             (tmp / "model.safetensors.index.json").write_text("{}")  # opened first, completed last
             (tmp / "model-00001-of-00002.safetensors").write_bytes(b"1" * 10)
             (tmp / "model-00002-of-00002.safetensors").write_bytes(b"2" * 10)
-            back = storage.readable(tmp)
+            back = outputs.readable(tmp)
             assert isinstance(back, storage.RemotePath) and back.is_dir()
             assert (back / "model.safetensors.index.json").read_text() == "{}"
             assert s3.fs().exists(f"{bucket}/out/.model.convert-journal.json")
@@ -169,10 +169,10 @@ def test_commit_object_is_completed_last_and_a_failed_verification_removes_all(s
 def test_force_replaces_a_folder_output_without_a_mix(s3):
     bucket = s3.new_bucket()
     url = f"s3://{bucket}/out/ckpt"
-    with storage.atomic_output(url, commit=["checkpoint"]) as tmp:
+    with outputs.atomic_output(url, commit=["checkpoint"]) as tmp:
         (tmp / "old.index").write_bytes(b"old")
         (tmp / "checkpoint").write_text('model_checkpoint_path: "old"\n')
-    with storage.atomic_output(url, force=True, commit=["checkpoint"]) as tmp:
+    with outputs.atomic_output(url, force=True, commit=["checkpoint"]) as tmp:
         (tmp / "new.index").write_bytes(b"new")
         (tmp / "checkpoint").write_text('model_checkpoint_path: "new"\n')
     fs = s3.fs()
@@ -182,16 +182,16 @@ def test_force_replaces_a_folder_output_without_a_mix(s3):
 
 _KILLED_WRITER = """
 import sys, time, os
-from convert import storage
+from convert import outputs, storage
 from convert.formats import safetensors as safetensors_format
 storage.configure(sys.argv[1])
 stage = sys.argv[3]
-with storage.atomic_output(sys.argv[2], commit=["checkpoint"]) as tmp:
+with outputs.atomic_output(sys.argv[2], commit=["checkpoint"]) as tmp:
     (tmp / "model.ckpt.data-00000-of-00001").write_bytes(os.urandom(6 << 20))
     (tmp / "model.ckpt.index").write_bytes(b"index")
     (tmp / "checkpoint").write_text("state")
     if stage == "verify":
-        storage.readable(tmp)
+        outputs.readable(tmp)
     print("ready", flush=True)
     time.sleep(60)
 """
@@ -213,7 +213,7 @@ def test_a_killed_writer_leaves_no_commit_object_and_the_next_one_cleans_up(s3, 
         assert fs.find(bucket) == [] and len(s3.pending_uploads(bucket)) == 3
     else:  # killed while verifying: complete but unverified, its journal says what to remove
         assert f"{bucket}/out/.ckpt.convert-journal.json" in fs.find(bucket)
-    with storage.atomic_output(url, commit=["checkpoint"]) as tmp:
+    with outputs.atomic_output(url, commit=["checkpoint"]) as tmp:
         (tmp / "checkpoint").write_text("second run")
     fs.invalidate_cache()
     assert fs.find(bucket) == [f"{bucket}/out/ckpt/checkpoint"] and s3.pending_uploads(bucket) == []
@@ -278,10 +278,10 @@ except MissingDependencyError as e:
 
 def test_local_outputs_go_through_fileio(tmp_path):
     td = TensorDict.from_arrays({"x": np.arange(3, dtype=np.float32)})
-    with storage.atomic_output(tmp_path / "a.safetensors") as tmp:
+    with outputs.atomic_output(tmp_path / "a.safetensors") as tmp:
         assert isinstance(tmp, Path) and ".convert-tmp-" in str(tmp.parent)
         safetensors_format.write(td, tmp)
-        assert storage.readable(tmp) == tmp
+        assert outputs.readable(tmp) == tmp
     assert np.array_equal(safetensors.numpy.load_file(str(tmp_path / "a.safetensors"))["x"], np.arange(3))
 
 

@@ -75,7 +75,7 @@ def _write_checkpoints(tds: Sequence[TensorDict], path: os.PathLike | str, opts:
     as the latest. Returns notes on graphs left out or rewritten."""
     if opts:
         raise UsageError(f"tf-ckpt writer does not take option(s) {', '.join(sorted(opts))}")
-    out = storage.as_path(path)  # remote: the RemotePath of storage.atomic_output, each file an upload
+    out = storage.as_path(path)  # remote: the RemotePath of outputs.atomic_output, each file an upload
     remote = isinstance(out, storage.RemotePath)
     prefixes = [_prefix_for(td) for td in tds]
     if len(set(prefixes)) != len(prefixes):

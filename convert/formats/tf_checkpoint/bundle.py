@@ -16,7 +16,7 @@ copies their bytes in bulk and checks their crc on the way.
 
 Remote checkpoints (:mod:`convert.storage`): a prefix may be a URL string, read by ranged GETs
 (:class:`~convert.storage.RemoteRegion` s); a writer's prefix may be a
-:class:`~convert.storage.RemotePath` given by ``storage.atomic_output``, each file an upload.
+:class:`~convert.storage.RemotePath` given by ``outputs.atomic_output``, each file an upload.
 """
 
 from __future__ import annotations

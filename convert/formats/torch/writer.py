@@ -25,7 +25,7 @@ def write(td: TensorDict, path: os.PathLike | str, **_opts) -> None:
     Args:
         td: the tensors (every dtype but string).
         path: the output file (must not exist); a :class:`~convert.storage.RemotePath` of
-            ``storage.atomic_output`` for a remote output (an upload, written in one pass).
+            ``outputs.atomic_output`` for a remote output (an upload, written in one pass).
 
     Example:
         >>> write(TensorDict.from_arrays({"w": np.ones((2, 2), np.float32)}), "model.pt")  # doctest: +SKIP
