@@ -199,26 +199,43 @@ def test_a_second_conversion_of_the_same_output_started_mid_run(project, force):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_ctrl_c_inside_make_leaves_no_target_looking_up_to_date_and_a_rerun_completes(big_project):
-    """SIGINT to make's process group (what a terminal's Ctrl-C does) while several conversions
-    write into the folder: make fails, every interrupted convert says so in one line and removes
-    its staging folder, every target present is complete (so make is right to trust it), and
-    the same make command then builds the rest."""
+    """SIGINT to make's process group (what a terminal's Ctrl-C does) while two conversions write
+    into the folder: make fails, every interrupted convert says so in one line and removes its
+    staging folder, every target present is complete (so make is right to trust it), and the same
+    make command then builds the rest.
+
+    Two conversions writing at the same moment is a short window on a busy machine (most of a
+    convert is Python's start-up), so each convert seen writing is stopped (SIGSTOP) where it is
+    until a second one is; Ctrl-C then reaches both mid-write, and SIGCONT lets them handle it."""
     project = big_project
     proc = subprocess.Popen(["make", "-C", str(project), "-j2", "all"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=default_sigint,
                             start_new_session=True)
+    frozen: set[int] = set()
     try:
         def midway() -> bool:
-            # some targets built, and every convert running is writing (past Python's start-up
-            # and its imports, where Ctrl-C gives the interpreter's own traceback)
             built = [t for s in STEMS for t in targets(s) if os.path.lexists(project / "out" / t)]
-            writing = {int(STAGE.fullmatch(n)[0].rsplit("-", 2)[1]) for n in staged(project / "out")}
-            return len(built) >= 3 and len(writing) >= 2 and writing == convert_pids(proc.pid)
+            if len(built) < 3:
+                return False
+            for pid in writing(project / "out") - frozen:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    continue
+                frozen.add(pid)
+            # a convert stopped just after its rename is no longer writing: let it go on
+            for pid in frozen - writing(project / "out"):
+                os.kill(pid, signal.SIGCONT)
+                frozen.discard(pid)
+            return len(frozen) >= 2
         assert wait_for(midway), "never two conversions writing at once after the first targets"
+        assert frozen == convert_pids(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert "interrupted" in err and "Traceback" not in err, err
@@ -238,6 +255,11 @@ def test_ctrl_c_inside_make_leaves_no_target_looking_up_to_date_and_a_rerun_comp
     assert_all_built(project)
     # the rerun converted exactly what was missing
     assert sorted(re.findall(r"-o (?:\S*/)?out/(\S+) ", res.stdout)) == sorted(missing)
+
+
+def writing(out: Path) -> set[int]:
+    """The pids of the converts with a staging folder in out (its name holds the pid)."""
+    return {int(STAGE.fullmatch(n)[0].rsplit("-", 2)[1]) for n in staged(out)}
 
 
 def convert_pids(pgid: int) -> set[int]:
