@@ -205,8 +205,7 @@ def _write(tds: list[TensorDict], path: PathLike | storage.RemotePath, info: reg
     seen: list[dict[str, int]] = [{} for _ in tds]
     verified = False
     # remote: uploads completed once the writer returned (outputs.readable), the commit objects last
-    staged = outputs.atomic_output(path, force, writer.commit) if remote else fileio.atomic_output(path, force)
-    with staged as tmp, open_files():
+    with outputs.atomic_output(path, force, writer.commit) as tmp, open_files():
         try:
             will_verify = verify and fmt.read is not None and not registry.missing(info, "read")
             recorded = [_recording(td, s, progress, will_verify) for td, s in zip(tds, seen, strict=True)]
@@ -289,14 +288,20 @@ def _rename_path(e: ConvertError, old: str, new: str) -> None:
 
 
 class _Recording(Source):
-    """Passes a tensor's data through unchanged, noting its digest for verification and
-    telling ``progress`` how many bytes went by."""
+    """Passes a tensor's data through unchanged, noting its digest for verification (under every
+    name in ``names``: tensors of one source share one recording, so a writer that keeps shared
+    storage still sees them as one) and telling ``progress`` how many bytes went by."""
 
-    __slots__ = ("tensor", "seen", "progress", "verify")  # one per tensor
+    __slots__ = ("tensor", "names", "seen", "progress", "verify")  # one per source
 
     def __init__(self, tensor: Tensor, seen: dict[str, int], progress: Callable[[int], None] | None,
                  verify: bool):
         self.tensor, self.seen, self.progress, self.verify = tensor, seen, progress, verify
+        self.names = [tensor.name]
+
+    def _seen(self, crc: int) -> None:
+        for name in self.names:
+            self.seen[name] = crc
 
     def chunks(self, nbytes, size=CHUNK):
         crc = 0
@@ -305,11 +310,11 @@ class _Recording(Source):
             if self.progress:
                 self.progress(len(piece))
             yield piece
-        self.seen[self.tensor.name] = crc
+        self._seen(crc)
 
     def copy_into(self, out, nbytes, progress=None, verified_after=False):
         crc = self.tensor.source.copy_into(out, nbytes, self.progress, self.verify)
-        self.seen[self.tensor.name] = crc
+        self._seen(crc)
         return crc
 
     def region(self):
@@ -319,13 +324,13 @@ class _Recording(Source):
         return self.verify
 
     def copied(self, crc32c):
-        self.seen[self.tensor.name] = crc32c
+        self._seen(crc32c)
         if self.progress:
             self.progress(self.tensor.nbytes)
 
     def array(self, dtype, shape):
         arr = self.tensor.numpy()
-        self.seen[self.tensor.name] = array_digest(arr)
+        self._seen(array_digest(arr))
         if self.progress and arr.dtype.kind != "O":
             self.progress(arr.nbytes)
         return arr
@@ -333,7 +338,16 @@ class _Recording(Source):
 
 def _recording(td: TensorDict, seen: dict[str, int], progress: Callable[[int], None] | None,
                verify: bool) -> TensorDict:
-    return td.replace(t.with_source(_Recording(t, seen, progress, verify)) for t in td.values())
+    shared: dict[int, _Recording] = {}
+    out = []
+    for t in td.values():
+        rec = shared.get(id(t.source))
+        if rec is not None and rec.tensor.dtype == t.dtype and rec.tensor.shape == t.shape:
+            rec.names.append(t.name)
+        else:
+            rec = shared[id(t.source)] = _Recording(t, seen, progress, verify)
+        out.append(t.with_source(rec))
+    return td.replace(out)
 
 
 def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path: Path) -> None:

@@ -345,6 +345,17 @@ def test_tied_weights_read_and_written_shared(tmp_path):
     assert torch.equal(ref["head.weight"], emb.weight.data)
     assert len([n for n in zipfile.ZipFile(out).namelist() if "/data/" in n]) == 2
 
+    # through the pipeline (each tensor passes through a recording source for verification), and
+    # renamed by a mapping: still one storage
+    piped = tmp_path / "tied_piped.pt"
+    rules = tmp_path / "rename.yaml"
+    rules.write_text("schema: 1\nunmatched: keep\nrules:\n  - match: 'emb\\.weight'\n    to: tok.weight\n")
+    convert.convert(src, piped, to="torch", maps=[str(rules)])
+    ref = torch.load(piped, weights_only=True)
+    assert ref["tok.weight"].data_ptr() == ref["head.weight"].data_ptr()
+    assert torch.equal(ref["tok.weight"], emb.weight.data) and torch.equal(ref["other"], torch.ones(2))
+    assert len([n for n in zipfile.ZipFile(piped).namelist() if "/data/" in n]) == 2
+
 
 def test_legacy_layout_values_and_views(tmp_path):
     base = torch.arange(20, dtype=torch.int64).reshape(4, 5)
