@@ -998,3 +998,118 @@ def test_deflate_bomb_storage_is_read_within_its_tensor(tmp_path):
     assert path.stat().st_size < 4096
     td = convert.read(path, "torch")
     assert run_guarded(lambda: td["w"].numpy(), max_bytes=8 << 20) is None
+
+
+# --- the unpickler's fast path equals the pure-Python unpickler ------------------------------------
+
+def _pure_load(data: bytes, stubbed: bool):
+    """The pure-Python restricted unpickler alone, as torch_pickle.load ran it before its fast path."""
+    from convert.formats.torch import torch_pickle as tp
+
+    storages: dict = {}
+    u = tp.RestrictedUnpickler(io.BytesIO(data), storages=storages, stubbed={} if stubbed else None)
+    try:
+        obj = u.load()
+        tp.check_object_graph(obj)
+    except Exception as e:  # noqa: BLE001 - compared by kind and message
+        return "error", _error_kind(e)
+    return "ok", _canonical(obj), sorted(map(repr, storages.values())), u.stubbed
+
+
+def _fast_load(data: bytes, stubbed: bool):
+    from convert.formats.torch import torch_pickle as tp
+
+    storages: dict = {}
+    marks = {} if stubbed else None
+    try:
+        obj = tp.load(io.BytesIO(data), storages=storages, stubbed=marks)
+    except Exception as e:  # noqa: BLE001
+        return "error", _error_kind(e)
+    return "ok", _canonical(obj), sorted(map(repr, storages.values())), marks
+
+
+def _error_kind(e: Exception) -> tuple[str, str]:
+    from convert.formats.torch import torch_pickle as tp
+
+    if isinstance(e, tp.DamagedPickle):
+        e = e.cause
+    return type(e).__name__, str(e)
+
+
+def _canonical(obj, depth=0):
+    """What an unpickled object holds, as plain values (our stand-ins by their fields)."""
+    if depth > 50:
+        return "..."
+    if isinstance(obj, dict):
+        extra = {k: _canonical(v, depth + 1) for k, v in vars(obj).items()} if hasattr(obj, "__dict__") else {}
+        return (type(obj).__name__, [(_canonical(k, depth + 1), _canonical(v, depth + 1)) for k, v in obj.items()], extra)
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(map(repr, obj)) if isinstance(obj, (set, frozenset)) else [_canonical(v, depth + 1) for v in obj]
+        return (type(obj).__name__, items)
+    if hasattr(obj, "__dataclass_fields__"):
+        return (type(obj).__name__, {k: _canonical(getattr(obj, k), depth + 1) for k in obj.__dataclass_fields__})
+    return (type(obj).__name__, repr(obj))
+
+
+class _Hyper:  # a class of the training code: a placeholder when read
+    def __init__(self):
+        self.lr, self.layers = 0.1, [3, 4]
+
+
+def _rich_pickles() -> dict[str, bytes]:
+    """data.pkl of torch.save for what checkpoints hold, and of convert's writer."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    big = OrderedDict((f"layer{i}.weight", torch.full((2, 3), float(i))) for i in range(300))  # LONG_BINPUT
+    w = torch.arange(12.0).reshape(3, 4)
+    objects = {
+        "state_dict": net.state_dict(),  # with _metadata (a BUILD after the items)
+        "training": {"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 7,
+                     "step": 70_000, "loss": -1.5, "name": "ré", "flags": (True, False, None),
+                     "hparams": _Hyper(), "big": 2 ** 70, "neg": -300},
+        "many": big,
+        "views_and_dtypes": OrderedDict([("w", w), ("t", w.t()), ("row", w[1]), ("u16", torch.ones(3, dtype=torch.uint16)),
+                                          ("bf", torch.ones(2, dtype=torch.bfloat16)), ("p", torch.nn.Parameter(torch.ones(2)))]),
+        "empty": OrderedDict(),
+        "list": [torch.ones(1), torch.zeros(2)],
+    }
+    out = {}
+    for name, obj in objects.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        with zipfile.ZipFile(buf) as zf:
+            out[name] = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+    from convert.formats.torch.pickle_writer import StorageOut, state_dict_pickle
+    f32 = convert.dtypes.from_numpy(np.dtype("float32"))
+    out["convert_writer"] = state_dict_pickle([(f"n{i}", StorageOut(str(i), f32, 4), (2, 2)) for i in range(400)])
+    return out
+
+
+def test_fast_unpickling_equals_the_pure_unpickler_on_real_pickles():
+    pickles = _rich_pickles()
+    for name, data in pickles.items():
+        for stubbed in (True, False):
+            want, got = _pure_load(data, stubbed), _fast_load(data, stubbed)
+            assert got == want, (name, stubbed)
+    assert _fast_load(pickles["training"], True)[0] == "ok"  # the placeholder case is read, not refused
+    assert _fast_load(pickles["training"], False)[0] == "error"
+
+
+def test_fast_unpickling_equals_the_pure_unpickler_on_damaged_pickles():
+    """Every truncation and 2,000 one-byte changes of small pickles: the same value, or the same error."""
+    rng = np.random.default_rng(3)
+    pickles = _rich_pickles()
+    checked = 0
+    for name in ("state_dict", "views_and_dtypes", "training"):
+        data = pickles[name]
+        variants = [data[:n] for n in range(0, len(data), max(1, len(data) // 300))]
+        for _ in range(700):
+            b = bytearray(data)
+            b[rng.integers(len(b))] = rng.integers(256)
+            variants.append(bytes(b))
+        for v in variants:
+            assert _fast_load(v, True) == _pure_load(v, True), (name, v[:60])
+            checked += 1
+    assert checked > 2500

@@ -29,6 +29,13 @@ below or record arguments in a placeholder. This mirrors ``torch.load(weights_on
 allowlist (torch/_weights_only_unpickler.py) without importing torch, and goes further than it
 where that refuses the whole file.
 
+A pickle held in memory (a zip's ``data.pkl``) is first run by :func:`_load_fast`: the opcodes a
+state_dict is made of, dispatched in one loop, which hands the rest to this unpickler, at the first
+opcode it does not take, with the state exactly as the unpickler would have it there. CPython's C
+unpickler is not used: its ``find_class`` can be restricted, but on a ``LONG_BINPUT`` index it
+grows and clears its memo up to that index (a ten-byte pickle costs gigabytes), and its ``BUILD``
+writes into the ``__dict__`` of anything on the stack, our shared stand-ins included.
+
 The writer (:func:`state_dict_pickle`) emits, opcode by opcode, the protocol-2 pickle
 ``torch.save`` writes for a flat ``OrderedDict`` of tensors (no torch needed).
 """
@@ -40,6 +47,7 @@ import functools
 import io
 import pickle
 import reprlib
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -324,6 +332,12 @@ def _dtype_of(storage) -> DTypeRef:
 
 
 def _ints(value, what: str) -> tuple[int, ...]:
+    if type(value) is tuple:  # the common case, checked without a generator (twice per tensor)
+        for v in value:
+            if type(v) is not int or v < 0:
+                break
+        else:
+            return value
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in value):
         raise PickleFormatError(f"bad tensor {what}: {_short(value)}")
     return tuple(value)
@@ -513,8 +527,11 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch: ClassVar[dict[int, Callable[[Any], Any]]] = dict(pickle._Unpickler.dispatch)
     # pickle._Unpickler's pure-Python state, which its stubs do not declare
     stack: list[Any]
+    metastack: list[list[Any]]
+    memo: dict[int, Any]
     proto: int
     append: Callable[[Any], None]
+    read: Callable[[int], bytes]
 
     def __init__(self, file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True,
                  stubbed: dict[str, int] | None = None):
@@ -637,6 +654,180 @@ class RestrictedUnpickler(pickle._Unpickler):
     del _op
 
 
+# ---- the fast path: the opcodes of a state_dict, dispatched in one loop --------------------------
+
+_UNPACK_U32 = struct.Struct("<I").unpack_from
+_UNPACK_U16 = struct.Struct("<H").unpack_from
+_UNPACK_I32 = struct.Struct("<i").unpack_from
+_TUPLE_N = {0x85: 1, 0x86: 2, 0x87: 3}  # TUPLE1, TUPLE2, TUPLE3
+
+
+def _load_fast(u: RestrictedUnpickler, data: bytes, pos: int) -> tuple[bool, Any, int]:
+    """Run ``data`` from ``pos`` through the opcodes a state_dict's pickle is made of (those
+    ``torch.save`` and :func:`~convert.formats.torch.pickle_writer.state_dict_pickle` emit), each as
+    ``pickle._Unpickler`` runs it, in one loop instead of one Python method call per opcode and per
+    read. With the cheaper checks beside it (:func:`_ints`, the flat case of
+    :func:`check_object_graph`), a 50,000-tensor ``data.pkl`` is read in 2.06 s instead of 3.14 s
+    (torch.save's) and 1.52 s instead of 2.39 s (ours); the rest is the stand-ins' own work.
+
+    It is a subset of :class:`RestrictedUnpickler`, not a second unpickler: globals, persistent ids
+    and ``REDUCE`` go through its ``find_class``, ``persistent_load`` and the same checks as its
+    ``load_reduce``, and anything else (another opcode, a truncated argument, an empty stack, a
+    memo index not put) stops the loop *before* the opcode, with the stack, mark stack and memo
+    left in ``u`` as the pure-Python unpickler keeps them, for it to go on from there
+    (:func:`_resume`). Returns ``(True, value, end)`` at ``STOP``, else ``(False, None, pos)``.
+    """
+    stack: list = []
+    metastack: list[list] = []
+    memo = u.memo
+    end = len(data)
+    unpack_u32, unpack_u16, unpack_i32 = _UNPACK_U32, _UNPACK_U16, _UNPACK_I32
+    start = pos
+    while pos < end:
+        start = pos
+        op = data[pos]
+        pos += 1
+        # the most frequent first (torch.save puts every object in the memo)
+        if op == 0x72:  # LONG_BINPUT
+            if pos + 4 > end or not stack:
+                break
+            memo[unpack_u32(data, pos)[0]] = stack[-1]
+            pos += 4
+        elif op == 0x68:  # BINGET
+            if pos >= end or data[pos] not in memo:
+                break
+            stack.append(memo[data[pos]])
+            pos += 1
+        elif op == 0x4B:  # BININT1
+            if pos >= end:
+                break
+            stack.append(data[pos])
+            pos += 1
+        elif op == 0x28:  # MARK
+            metastack.append(stack)
+            stack = []
+        elif op == 0x58:  # BINUNICODE
+            if pos + 4 > end:
+                break
+            (n,) = unpack_u32(data, pos)
+            if pos + 4 + n > end:
+                break
+            try:
+                stack.append(str(data[pos + 4:pos + 4 + n], "utf-8", "surrogatepass"))
+            except UnicodeDecodeError:
+                break
+            pos += 4 + n
+        elif op == 0x74:  # TUPLE
+            if not metastack:
+                break
+            items = tuple(stack)
+            stack = metastack.pop()
+            stack.append(items)
+        elif op == 0x52:  # REDUCE, as RestrictedUnpickler.load_reduce
+            if len(stack) < 2 or not isinstance(stack[-1], tuple) or not callable(stack[-2]):
+                break
+            args = stack.pop()
+            func: Any = stack[-1]
+            stack[-1] = func(*args)
+        elif op in _TUPLE_N:
+            k = _TUPLE_N[op]
+            if len(stack) < k:
+                break
+            items = tuple(stack[-k:])
+            del stack[-k:]
+            stack.append(items)
+        elif op == 0x4D:  # BININT2
+            if pos + 2 > end:
+                break
+            stack.append(unpack_u16(data, pos)[0])
+            pos += 2
+        elif op == 0x71:  # BINPUT
+            if pos >= end or not stack:
+                break
+            memo[data[pos]] = stack[-1]
+            pos += 1
+        elif op == 0x89:  # NEWFALSE
+            stack.append(False)
+        elif op == 0x29:  # EMPTY_TUPLE
+            stack.append(())
+        elif op == 0x51:  # BINPERSID
+            if not stack:
+                break
+            stack[-1] = u.persistent_load(stack[-1])
+        elif op == 0x6A:  # LONG_BINGET
+            if pos + 4 > end or unpack_u32(data, pos)[0] not in memo:
+                break
+            stack.append(memo[unpack_u32(data, pos)[0]])
+            pos += 4
+        elif op == 0x63:  # GLOBAL
+            nl1 = data.find(b"\n", pos)
+            nl2 = data.find(b"\n", nl1 + 1) if nl1 >= 0 else -1
+            if nl2 < 0:
+                break
+            try:
+                module, name = data[pos:nl1].decode("utf-8"), data[nl1 + 1:nl2].decode("utf-8")
+            except UnicodeDecodeError:
+                break
+            stack.append(u.find_class(module, name))
+            pos = nl2 + 1
+        elif op == 0x4A:  # BININT
+            if pos + 4 > end:
+                break
+            stack.append(unpack_i32(data, pos)[0])
+            pos += 4
+        elif op == 0x7D:  # EMPTY_DICT (torch.save of a plain dict)
+            stack.append({})
+        elif op == 0x88:  # NEWTRUE
+            stack.append(True)
+        elif op == 0x75:  # SETITEMS
+            if not metastack or not metastack[-1] or len(stack) % 2:
+                break
+            pairs = stack
+            stack = metastack.pop()
+            target = stack[-1]
+            for i in range(0, len(pairs), 2):
+                target[pairs[i]] = pairs[i + 1]
+        elif op == 0x73:  # SETITEM
+            if len(stack) < 3:
+                break
+            value = stack.pop()
+            key = stack.pop()
+            stack[-1][key] = value
+        elif op == 0x80:  # PROTO
+            if pos >= end or not 2 <= data[pos] <= pickle.HIGHEST_PROTOCOL:
+                break
+            u.proto = data[pos]
+            pos += 1
+        elif op == 0x2E:  # STOP
+            if not stack:
+                break
+            return True, stack.pop(), pos
+        else:
+            break
+        start = pos
+    u.stack, u.metastack = stack, metastack
+    return False, None, start
+
+
+def _resume(u: RestrictedUnpickler, file) -> Any:
+    """Go on with ``u``'s stack, mark stack and memo from ``file``'s position: ``pickle._Unpickler.load``
+    without the reset of that state."""
+    u._unframer = pickle._Unframer(u._file_read, u._file_readline)  # type: ignore[attr-defined]
+    u.read = u._unframer.read  # type: ignore[attr-defined]  # pickle's private unframer
+    u.readinto = u._unframer.readinto  # type: ignore[attr-defined]
+    u.readline = u._unframer.readline  # type: ignore[attr-defined]
+    u.append = u.stack.append
+    read, dispatch = u.read, u.dispatch
+    try:
+        while True:
+            key = read(1)
+            if not key:
+                raise EOFError
+            dispatch[key[0]](u)
+    except pickle._Stop as stop:  # type: ignore[attr-defined]
+        return stop.value
+
+
 def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: bool = True,
          stubbed: dict[str, int] | None = None):
     """Unpickle one object from ``file`` (positioned just after it on return).
@@ -655,9 +846,16 @@ def load(file, *, storages: dict[str, StorageRef] | None = None, allow_globals: 
     try:
         # a BytesIO already never reads past its end, nor allocates what a length claims: the guard
         # would only add a Python call per opcode argument (1.8 M of them for 50,000 tensors)
-        source = file if type(file) is io.BytesIO else _Bounded(file)
-        obj = RestrictedUnpickler(source, storages=storages, allow_globals=allow_globals,
-                                  stubbed=stubbed).load()
+        if type(file) is io.BytesIO:  # the whole pickle in memory (a zip's data.pkl): the fast path first
+            u = RestrictedUnpickler(file, storages=storages, allow_globals=allow_globals, stubbed=stubbed)
+            data = file.getvalue()
+            done, obj, pos = _load_fast(u, data, file.tell())
+            file.seek(pos)
+            if not done:
+                obj = _resume(u, file)
+        else:
+            obj = RestrictedUnpickler(_Bounded(file), storages=storages, allow_globals=allow_globals,
+                                      stubbed=stubbed).load()
     except (RefusedGlobal, PickleFormatError, OSError):
         raise
     except Exception as e:  # noqa: BLE001 - pickle's machinery on malformed bytes: KeyError, IndexError, struct.error...
@@ -697,8 +895,12 @@ def check_object_graph(root) -> None:
     containers (a tree without sharing is exactly as large as its slots, which the file had to spell out).
 
     One iterative pass over the distinct containers (lists, tuples, dicts and their keys, sets,
-    an OrderedDict's ``__dict__``); tensors, storages and scalars are leaves.
+    an OrderedDict's ``__dict__``); tensors, storages and scalars are leaves. A flat state_dict
+    (names to tensors, nothing else) is one level deep and holds no container: passed at once.
     """
+    if ((type(root) is dict or type(root) is OrderedDict and not root.__dict__) and all(type(k) is str for k in root)
+            and all(type(v) is TensorRef for v in root.values())):
+        return
     size: dict[int, int] = {}  # id -> nodes of the subtree, once finished
     on_path: set[int] = set()
     keep = []  # the objects whose ids are in use: they must stay alive while we look
