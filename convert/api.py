@@ -6,6 +6,7 @@ Data flows one way: path -> adapter.read -> TensorDict -> selection, mapping, ca
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -208,7 +209,8 @@ def _write(tds: list[TensorDict], path: PathLike | storage.RemotePath, info: reg
     with outputs.atomic_output(path, force, writer.commit) as tmp, open_files():
         try:
             will_verify = verify and fmt.read is not None and not registry.missing(info, "read")
-            recorded = [_recording(td, s, progress, will_verify) for td, s in zip(tds, seen, strict=True)]
+            recorded = [_recording(td, s, progress, will_verify, writer.keeps_shared_storage)
+                        for td, s in zip(tds, seen, strict=True)]
             reported: WriteReport
             if series:
                 assert writer.series is not None
@@ -289,8 +291,8 @@ def _rename_path(e: ConvertError, old: str, new: str) -> None:
 
 class _Recording(Source):
     """Passes a tensor's data through unchanged, noting its digest for verification (under every
-    name in ``names``: tensors of one source share one recording, so a writer that keeps shared
-    storage still sees them as one) and telling ``progress`` how many bytes went by."""
+    name in ``names``: for a writer that keeps shared storage, tensors of one source share one
+    recording, see :func:`_recording`) and telling ``progress`` how many bytes went by."""
 
     __slots__ = ("tensor", "names", "seen", "progress", "verify")  # one per source
 
@@ -337,17 +339,28 @@ class _Recording(Source):
 
 
 def _recording(td: TensorDict, seen: dict[str, int], progress: Callable[[int], None] | None,
-               verify: bool) -> TensorDict:
+               verify: bool, shared_storage: bool) -> TensorDict:
+    """``td`` with every tensor's data passing through a :class:`_Recording`. For a writer that
+    keeps shared storage (``shared_storage``), tensors of one source share one recording: the writer
+    sees them as one and writes their bytes once, and ``progress`` hears them once for every name."""
     shared: dict[int, _Recording] = {}
     out = []
     for t in td.values():
-        rec = shared.get(id(t.source))
+        rec = shared.get(id(t.source)) if shared_storage else None
         if rec is not None and rec.tensor.dtype == t.dtype and rec.tensor.shape == t.shape:
             rec.names.append(t.name)
         else:
             rec = shared[id(t.source)] = _Recording(t, seen, progress, verify)
         out.append(t.with_source(rec))
+    if progress is not None:
+        for rec in shared.values():
+            if len(rec.names) > 1:
+                rec.progress = functools.partial(_times, progress, len(rec.names))
     return td.replace(out)
+
+
+def _times(progress: Callable[[int], None], k: int, n: int) -> None:
+    progress(n * k)
 
 
 def _verify(expected: TensorDict, seen: Mapping[str, int], got: TensorDict, path: Path) -> None:

@@ -350,7 +350,9 @@ def test_tied_weights_read_and_written_shared(tmp_path):
     piped = tmp_path / "tied_piped.pt"
     rules = tmp_path / "rename.yaml"
     rules.write_text("schema: 1\nunmatched: keep\nrules:\n  - match: 'emb\\.weight'\n    to: tok.weight\n")
-    convert.convert(src, piped, to="torch", maps=[str(rules)])
+    ticks: list[tuple[int, int]] = []
+    convert.convert(src, piped, to="torch", maps=[str(rules)], progress=lambda done, total: ticks.append((done, total)))
+    assert ticks[-1] == (ticks[-1][1], sum(t.nbytes for t in td.values()))  # the tied bytes count for both names
     ref = torch.load(piped, weights_only=True)
     assert ref["tok.weight"].data_ptr() == ref["head.weight"].data_ptr()
     assert torch.equal(ref["tok.weight"], emb.weight.data) and torch.equal(ref["other"], torch.ones(2))
