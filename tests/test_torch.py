@@ -651,6 +651,26 @@ def test_write_is_deterministic_aligned_and_loadable(tmp_path):
     assert torch.equal(model(x), fresh(x))
 
 
+
+def test_many_tensors_of_every_dtype_and_shape_read_back_by_torch(tmp_path):
+    """The writer writes the opcodes a storage class and a shape repeat as bytes once they are in
+    its memo: torch reads every tensor back, whatever the order of dtypes, shapes and ranks."""
+    rng = np.random.default_rng(11)
+    kinds = [d for d in convert.dtypes.TABLE if d.torch is not None]
+    shapes = [(), (0,), (3,), (2, 3), (3, 2), (1, 2, 3), (2, 1, 1, 2), (1, 1, 2, 1, 2)]
+    arrays = {}
+    for i in range(600):
+        d, shape = kinds[int(rng.integers(len(kinds)))], shapes[int(rng.integers(len(shapes)))]
+        arrays[f"t{i}.{d.name}"] = (rng.standard_normal(shape) * 3).astype(d.numpy)
+    out = tmp_path / "all.pt"
+    pt.write(TensorDict.from_arrays(arrays), out)
+    back = torch.load(out, weights_only=True)
+    assert list(back) == list(arrays)
+    for name, arr in arrays.items():
+        got = back[name]
+        assert tuple(got.shape) == arr.shape and str(got.dtype) == f"torch.{name.split('.')[1]}", name
+        assert got.reshape(-1).view(torch.uint8).numpy().tobytes() == arr.tobytes(), name
+
 def test_write_does_not_mutate_and_keeps_metadata(tmp_path):
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
     td = TensorDict([Tensor.from_array("x/y.z", arr, {"role": "weight"})], {"source.format": "tf", "tf.prefix": "m"})

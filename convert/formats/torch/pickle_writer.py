@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import io
 import pickle
 import struct
@@ -79,6 +80,11 @@ class _Emitter:
     def op(self, code: bytes):
         self.out.write(code)
 
+    def since(self, start: builtins.int) -> bytes:
+        """The bytes written from offset ``start`` on."""
+        with self.out.getbuffer() as view:
+            return bytes(view[start:])
+
 
 def state_dict_pickle(entries: Iterable[tuple[str, StorageOut, tuple[int, ...]]]) -> bytes:
     """The ``data.pkl`` torch.save writes for an ``OrderedDict`` name -> contiguous tensor.
@@ -92,12 +98,24 @@ def state_dict_pickle(entries: Iterable[tuple[str, StorageOut, tuple[int, ...]]]
     e = _Emitter()
     e.glob("collections", "OrderedDict")
     e.op(pickle.EMPTY_TUPLE + pickle.REDUCE)
-    batch = 0
-    for name, storage, shape in entries:
-        if batch == 0:
-            e.op(pickle.MARK)
-        e.string(name)
-        storage_class = legacy.get(storage.dtype.name)
+    write = e.out.write
+    # The runs of opcodes that are the same for every tensor of a storage class once their globals
+    # and strings are in the memo (then they are all BINGETs): emitted opcode by opcode until then,
+    # then written as the bytes they came to; likewise each shape's (shape, strides). 50,000 tensors:
+    # 0.30 s instead of 0.88 s.
+    runs: dict[tuple, bytes] = {}
+
+    def run(key: tuple, emit) -> None:
+        done = runs.get(key)
+        if done is not None:
+            write(done)
+            return
+        start, memo = e.out.tell(), len(e.memo)
+        emit()
+        if len(e.memo) == memo:  # nothing new put: the same bytes every time from now on
+            runs[key] = e.since(start)
+
+    def head(storage_class: str | None) -> None:
         e.glob("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
         e.op(pickle.MARK)
         # persistent id ('storage', storage_type, key, location, numel)
@@ -107,20 +125,41 @@ def state_dict_pickle(entries: Iterable[tuple[str, StorageOut, tuple[int, ...]]]
             e.glob("torch", storage_class)
         else:
             e.glob("torch.storage", "UntypedStorage")
-        e.string(storage.key)
-        e.string("cpu", memo=True)
-        e.int(storage.numel)
-        e.op(pickle.TUPLE + pickle.BINPERSID)
-        e.int(0)
-        e.int_tuple(shape)
-        e.int_tuple(contiguous_strides(shape))
+
+    def tail(storage_class: str | None, dtype: dtypes.DType) -> None:
         e.op(pickle.NEWFALSE)
         e.glob("collections", "OrderedDict")
         e.op(pickle.EMPTY_TUPLE + pickle.REDUCE)
         if not storage_class:
-            assert storage.dtype.torch is not None  # the core refused, before writing, what torch cannot hold
-            e.glob("torch", storage.dtype.torch)
+            assert dtype.torch is not None  # the core refused, before writing, what torch cannot hold
+            e.glob("torch", dtype.torch)
         e.op(pickle.TUPLE + pickle.REDUCE)
+
+    def cpu() -> None:
+        e.string("cpu", memo=True)
+
+    shapes: dict[tuple[int, ...], bytes] = {}
+    batch = 0
+    for name, storage, shape in entries:
+        if batch == 0:
+            e.op(pickle.MARK)
+        e.string(name)
+        storage_class = legacy.get(storage.dtype.name)
+        run(("head", storage_class), functools.partial(head, storage_class))
+        e.string(storage.key)
+        run(("cpu",), cpu)
+        e.int(storage.numel)
+        e.op(pickle.TUPLE + pickle.BINPERSID)
+        e.int(0)
+        layout = shapes.get(shape)
+        if layout is None:
+            start = e.out.tell()
+            e.int_tuple(shape)
+            e.int_tuple(contiguous_strides(shape))
+            layout = shapes[shape] = e.since(start)  # ints and tuples: never in the memo
+        else:
+            write(layout)
+        run(("tail", storage_class, storage.dtype.name), functools.partial(tail, storage_class, storage.dtype))
         batch += 1
         if batch == 1000:  # pickle's own batch size for SETITEMS
             e.op(pickle.SETITEMS)
