@@ -212,21 +212,29 @@ def test_ctrl_c_inside_make_leaves_no_target_looking_up_to_date_and_a_rerun_comp
                             stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=default_sigint,
                             start_new_session=True)
     frozen: set[int] = set()
+    publishing: set[int] = set()  # converts seen past their rename: left to finish
+    out = project / "out"
     try:
         def midway() -> bool:
-            built = [t for s in STEMS for t in targets(s) if os.path.lexists(project / "out" / t)]
+            built = [t for s in STEMS for t in targets(s) if os.path.lexists(out / t)]
             if len(built) < 3:
                 return False
-            for pid in writing(project / "out") - frozen:
+            for pid, name in writing(out).items():
+                if pid in frozen or pid in publishing:
+                    continue
                 try:
                     os.kill(pid, signal.SIGSTOP)
                 except ProcessLookupError:
                     continue
+                if not _stopped(pid):
+                    continue  # it ended first
+                if os.path.lexists(out / name):
+                    # its output is in place already (its staging folder goes last): not mid-write,
+                    # and make, interrupted, deletes the target of a job it has not seen end
+                    os.kill(pid, signal.SIGCONT)
+                    publishing.add(pid)
+                    continue
                 frozen.add(pid)
-            # a convert stopped just after its rename is no longer writing: let it go on
-            for pid in frozen - writing(project / "out"):
-                os.kill(pid, signal.SIGCONT)
-                frozen.discard(pid)
             return len(frozen) >= 2
         assert wait_for(midway), "never two conversions writing at once after the first targets"
         assert frozen == convert_pids(proc.pid)
@@ -257,9 +265,28 @@ def test_ctrl_c_inside_make_leaves_no_target_looking_up_to_date_and_a_rerun_comp
     assert sorted(re.findall(r"-o (?:\S*/)?out/(\S+) ", res.stdout)) == sorted(missing)
 
 
-def writing(out: Path) -> set[int]:
-    """The pids of the converts with a staging folder in out (its name holds the pid)."""
-    return {int(STAGE.fullmatch(n)[0].rsplit("-", 2)[1]) for n in staged(out)}
+def writing(out: Path) -> dict[int, str]:
+    """pid -> output name of the converts with a staging folder in out (its name holds both)."""
+    found = {}
+    for n in staged(out):
+        m = STAGE.fullmatch(n)
+        found[int(n.rsplit("-", 2)[1])] = m[1]
+    return found
+
+
+def _stopped(pid: int, timeout: float = 10.0) -> bool:
+    """Wait until ``pid`` is stopped (state T); False if it has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in "TtZX":
+            return state in "Tt"
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
 
 
 def convert_pids(pgid: int) -> set[int]:
