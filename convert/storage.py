@@ -552,6 +552,15 @@ def region(path: os.PathLike | str | RemotePath, offset: int, length: int, **che
     return FileRegion(os.fspath(local(path)), offset, length, **checks)
 
 
+def read_at(path: os.PathLike | str | RemotePath, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a local file or of an object (one ranged GET, not a read-ahead block)."""
+    if isinstance(path, RemotePath):
+        return path.read_range(start, end)
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
 def read_ranges(f: BinaryIO, path: object, ranges: list[tuple[int, int]]) -> list[bytes]:
     """Bytes ``[a, b)`` at each range of ``f``, the open file of ``path``: for an object, all the
     GETs at once (:meth:`RemotePath.read_ranges`), where its read-ahead file would fetch a whole

@@ -211,11 +211,7 @@ def detect(path: Path) -> bool:
         meta = _metadata_file(path)
         if meta.name != METADATA or not meta.is_file():
             return False
-        if isinstance(meta, remote_storage.RemotePath):
-            head = meta.read_range(0, 256)  # one small GET
-        else:
-            with meta.open("rb") as f:
-                head = f.read(256)
+        head = remote_storage.read_at(meta, 0, 256)
     except (OSError, ReadError):  # ReadError: a remote path's
         return False
     return head.startswith(b"\x80") and _MODULE.encode() in head
@@ -335,12 +331,7 @@ class _ItemSource(Source):
     def _open(self) -> Source:
         item, name = self.item, self.label
         with _translated(item.path, "not a torch.save tensor item", name):
-            if isinstance(item.path, remote_storage.RemotePath):
-                head = item.path.read_range(item.offset, item.offset + 10)
-            else:
-                with open(item.path, "rb") as f:
-                    f.seek(item.offset)
-                    head = f.read(10)
+            head = remote_storage.read_at(item.path, item.offset, item.offset + 10)
             if head[8:10] == b'{"':  # a safetensors header where the archive should be
                 raise ReadError(item.path, "saved with serialization_format=SAFETENSORS, which is not supported "
                                 "(torch's own dcp_to_torch_save cannot read it either)", name)

@@ -77,11 +77,7 @@ _MIN_INFO = 8 + 4 + 4 + 8  # name length, rank, type, offset
 
 def detect(path: Path) -> bool:
     try:
-        p = storage.as_path(path)
-        if isinstance(p, storage.RemotePath):
-            return p.read_range(0, 4) == MAGIC  # one small GET, not a read-ahead block
-        with p.open("rb") as f:
-            return f.read(4) == MAGIC
+        return storage.read_at(storage.as_path(path), 0, 4) == MAGIC
     except (OSError, ReadError):  # ReadError: a remote path's
         return False
 

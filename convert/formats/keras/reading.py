@@ -303,12 +303,7 @@ def check_members(zf: zipfile.ZipFile, path: Path) -> None:
 def member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
     """Where a stored member's bytes start: after its local header (whose name and extra
     field lengths may differ from the central directory's)."""
-    if isinstance(path, storage.RemotePath):
-        head = path.read_range(info.header_offset, info.header_offset + 30)
-    else:
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            head = f.read(30)
+    head = storage.read_at(path, info.header_offset, info.header_offset + 30)
     if len(head) != 30 or head[:4] != b"PK\x03\x04":
         raise CorruptFileError(path, f"archive member '{info.filename}' has no local header")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
